@@ -1,0 +1,218 @@
+"""Causal multi-head attention with grouped KV heads, RoPE or NoPE, and a static KV cache.
+
+Backends, first that applies: flash-attn-4 (CuTe DSL; Hopper and Blackwell, fp16/bf16),
+flash-attn 2 (Ampere and newer, fp16/bf16), torch `scaled_dot_product_attention` (anything
+else, and every call that continues a non-empty KV cache). The choice and its reason are
+logged once per (backend, reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybrid.cache import KVCache
+from hybrid.errors import invalid
+from hybrid.layers.registry import Layer, register
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "fa4", "fa2", "sdpa")
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """n_kv_heads None means n_heads (plain MHA); head_dim None means d_model // n_heads;
+    rope False is NoPE (the paper's hybrids use NoPE attention)."""
+
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope: bool = True
+    rope_theta: float = 10000.0
+    backend: str = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def head_size(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.n_heads
+
+    def validate(self, d_model: int) -> None:
+        if not isinstance(self.n_heads, int) or self.n_heads < 1:
+            raise invalid("attention.n_heads", self.n_heads, "a positive integer")
+        kv = self.kv_heads
+        if not isinstance(kv, int) or kv < 1 or self.n_heads % kv:
+            raise invalid(
+                "attention.n_kv_heads",
+                self.n_kv_heads,
+                f"a positive divisor of attention.n_heads={self.n_heads}",
+            )
+        if self.head_dim is None and d_model % self.n_heads:
+            raise invalid(
+                "attention.n_heads",
+                self.n_heads,
+                f"a divisor of d_model={d_model}, or set attention.head_dim",
+            )
+        head_dim = self.head_size(d_model)
+        if not isinstance(head_dim, int) or head_dim < 1 or (self.rope and head_dim % 2):
+            raise invalid("attention.head_dim", self.head_dim, "a positive integer, even with RoPE")
+        if self.rope_theta <= 0:
+            raise invalid("attention.rope_theta", self.rope_theta, "a positive number")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise invalid("attention.backend", self.backend, str(ATTENTION_BACKENDS))
+
+
+def _import_fa4() -> Callable | None:
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def _import_fa2() -> Callable | None:
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def _flash_eligibility(device: torch.device, dtype: torch.dtype) -> tuple[int | None, str]:
+    """(major compute capability or None, why not) for the FlashAttention backends."""
+    if device.type != "cuda":
+        return None, f"device is {device.type}"
+    if dtype not in _FLASH_DTYPES:
+        return None, f"FlashAttention needs fp16/bf16, activations are {dtype}"
+    return torch.cuda.get_device_capability(device)[0], ""
+
+
+@cache
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend, reason) for prefill on `device` in `dtype`; logs each new choice once."""
+    major, why_not = _flash_eligibility(device, dtype)
+    if requested == "sdpa":
+        choice = ("sdpa", "requested")
+    elif major is None:
+        choice = ("sdpa", why_not)
+    elif requested in ("auto", "fa4") and major in (9, 10) and _import_fa4() is not None:
+        choice = ("fa4", f"flash-attn-4 on sm{major}x")
+    elif requested in ("auto", "fa2") and major >= 8 and _import_fa2() is not None:
+        choice = ("fa2", f"flash-attn 2 on sm{major}x")
+    else:
+        choice = ("sdpa", f"no usable flash-attn for sm{major}x")
+    if requested not in ("auto", choice[0]):
+        raise RuntimeError(f"attention.backend={requested!r} is unavailable here: {choice[1]}")
+    log.info("attention backend: %s (%s)", *choice)
+    return choice
+
+
+def rope_rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary embedding, rotate-half convention: x (Bt, T, heads, D), positions (T,)."""
+    head_dim = x.shape[-1]
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=cdt) / head_dim)
+    angles = positions.to(cdt)[:, None] * inv_freq[None, :]
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
+    xf = x.to(cdt)
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+@register("attention", symbol="*", config=AttentionConfig)
+class Attention(Layer):
+    is_mixer = True
+
+    def __init__(self, d_model: int, config: AttentionConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.n_heads, self.kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.head_size(d_model)
+        width = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv = nn.Linear(d_model, width, bias=False, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(
+            self.n_heads * self.head_dim, d_model, bias=False, device=device, dtype=dtype
+        )
+        self.out_proj.is_residual_out = True
+
+    def allocate_cache(self, batch, max_seqlen, *, device, dtype) -> KVCache:
+        return KVCache.empty(
+            batch, self.kv_heads, max_seqlen, self.head_dim, device=device, dtype=dtype
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        batch, length, _ = x.shape
+        offset = cache.length if cache is not None else 0
+        q, k, v = self._split_qkv(x)
+        if self.config.rope:
+            positions = torch.arange(offset, offset + length, device=x.device)
+            q = rope_rotate(q, positions, self.config.rope_theta)
+            k = rope_rotate(k, positions, self.config.rope_theta)
+        backend, _ = select_backend(self.config.backend, x.device, x.dtype)
+        if cache is not None:
+            keys, values = cache.append(k.transpose(1, 2), v.transpose(1, 2))
+        if backend != "sdpa" and offset == 0:
+            out = self._flash(backend, q, k, v)
+        elif cache is None:
+            out = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), offset)
+        else:
+            out = self._sdpa(q, keys, values, offset)
+        return self.out_proj(out.reshape(batch, length, self.n_heads * self.head_dim))
+
+    def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(Bt, T, d) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""
+        q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        return (
+            q.unflatten(-1, (self.n_heads, self.head_dim)),
+            k.unflatten(-1, (self.kv_heads, self.head_dim)),
+            v.unflatten(-1, (self.kv_heads, self.head_dim)),
+        )
+
+    def _flash(self, backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        fn = _import_fa4() if backend == "fa4" else _import_fa2()
+        out = fn(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _sdpa(self, q: Tensor, keys: Tensor, values: Tensor, offset: int) -> Tensor:
+        """q (Bt, T, H, D) against keys/values (Bt, H_kv, offset + T, D), causal."""
+        length = q.shape[1]
+        if offset == 0:
+            mask, causal = None, length > 1
+        else:
+            rows = torch.arange(length, device=q.device)[:, None] + offset
+            mask = torch.arange(keys.shape[2], device=q.device)[None, :] <= rows
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=causal,
+            enable_gqa=self.kv_heads != self.n_heads,
+        )
+        return out.transpose(1, 2)
+
+    def step(self, x: Tensor, cache: KVCache) -> Tensor:
+        return self.forward(x.unsqueeze(1), cache).squeeze(1)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d_model = self.qkv.in_features
+        projections = 2 * d_model * (self.qkv.out_features + self.out_proj.in_features)
+        mean_keys = (seq_len + 1) / 2  # causal prefill
+        scores_and_mix = 2 * 2 * self.n_heads * self.head_dim * mean_keys
+        return int(projections + scores_and_mix)
+
+    def state_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * context * self.kv_heads * self.head_dim * itemsize

@@ -1,0 +1,175 @@
+"""HybridLM: embedding -> pre-norm residual blocks (one per pattern character) -> final
+RMSNorm -> head tied to the embedding. Whole-sequence forward for training, and
+prefill/step/generate over an `InferenceCache` for decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hybrid.cache import InferenceCache
+from hybrid.config import ModelConfig
+from hybrid.layers import build
+from hybrid.layers.norms import RMSNorm
+from hybrid.layers.registry import Layer
+
+DECODE_ROOM = 1024  # tokens `prefill` leaves for decoding when max_seqlen is not given
+
+
+class Block(nn.Module):
+    """x + layer(RMSNorm(x))."""
+
+    def __init__(self, layer: Layer, d_model: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
+        self.layer = layer
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        return x + self.layer(self.norm(x), cache)
+
+    def step(self, x: Tensor, cache) -> Tensor:
+        return x + self.layer.step(self.norm(x), cache)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model, **factory)
+        self.blocks = nn.ModuleList(
+            Block(
+                build(spec, config.d_model, **factory), config.d_model, config.norm_eps, **factory
+            )
+            for spec in config.layers
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps, **factory)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Embedding N(0, 0.02); every projection that writes into the residual stream is
+        re-drawn with PyTorch's default (Kaiming-uniform) and divided by √n_layers, as
+        mamba_ssm does for out_proj; everything else keeps its layer's own init."""
+        if self.embedding.weight.device.type == "meta":
+            return
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        scale = 1.0 / math.sqrt(len(self.blocks))
+        for module in self.modules():
+            if getattr(module, "is_residual_out", False):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                module.weight.mul_(scale)
+
+    def forward(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
+        """tokens (Bt, L) -> logits (Bt, L, vocab); with a cache, continue from it."""
+        if cache is not None:
+            self._check_room(cache, tokens.shape[1])
+        x = self.embedding(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.seqlen += tokens.shape[1]
+        return self.lm_head(self.norm(x))
+
+    def allocate_cache(
+        self, batch: int, max_seqlen: int, *, dtype: torch.dtype | None = None
+    ) -> InferenceCache:
+        device = self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        return InferenceCache(
+            [
+                b.layer.allocate_cache(batch, max_seqlen, device=device, dtype=dtype)
+                for b in self.blocks
+            ],
+            max_seqlen=max_seqlen,
+        )
+
+    def prefill(
+        self, tokens: Tensor, max_seqlen: int | None = None
+    ) -> tuple[Tensor, InferenceCache]:
+        """Run the prompt, returning (logits (Bt, L, vocab), a cache ready for `step`).
+
+        max_seqlen bounds prompt plus generated tokens (default: prompt + DECODE_ROOM); only
+        attention's KV cache grows with it.
+        """
+        cache = self.allocate_cache(tokens.shape[0], max_seqlen or tokens.shape[1] + DECODE_ROOM)
+        return self.forward(tokens, cache), cache
+
+    def step(self, token: Tensor, cache: InferenceCache) -> Tensor:
+        """One token per sequence (Bt,) -> next-token logits (Bt, vocab)."""
+        self._check_room(cache, 1)
+        x = self.embedding(token)
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            x = block.step(x, layer_cache)
+        cache.seqlen += 1
+        return self.lm_head(self.norm(x))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample continuations (Bt, L) -> (Bt, L + max_new_tokens); temperature 0 is greedy."""
+        logits, cache = self.prefill(prompt, prompt.shape[1] + max_new_tokens)
+        tokens = [prompt]
+        next_logits = logits[:, -1]
+        for i in range(max_new_tokens):
+            token = sample(next_logits, temperature, top_k, generator)
+            tokens.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                next_logits = self.step(token, cache)
+        return torch.cat(tokens, dim=1)
+
+    def _check_room(self, cache: InferenceCache, n_new: int) -> None:
+        if cache.seqlen + n_new > cache.max_seqlen:
+            raise ValueError(
+                f"cache holds max_seqlen={cache.max_seqlen} tokens, {cache.seqlen} used; "
+                f"{n_new} more do not fit"
+            )
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (tied weights once); non_embedding drops the embedding/head matrix."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embedding.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def state_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Inference-cache bytes per sequence at `context` tokens."""
+        return sum(b.layer.state_bytes(context, dtype) for b in self.blocks)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward matmul FLOPs per token when prefilling `seq_len` tokens, head included."""
+        head = 2 * self.config.d_model * self.config.vocab_size
+        return head + sum(b.layer.flops_per_token(seq_len) for b in self.blocks)
+
+
+def sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token (Bt,) from logits (Bt, vocab)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is invalid; allowed: >= 0 (0 is greedy)")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

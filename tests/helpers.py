@@ -1,0 +1,85 @@
+"""Random Mamba-3 op inputs and error measures shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State, Mamba3Weights
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ over the whole tensor."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def angle_err(actual: Tensor, expected: Tensor) -> float:
+    """Largest circular distance between two angle tensors (radians)."""
+    diff = torch.remainder(actual.double() - expected.double() + torch.pi, 2 * torch.pi)
+    return (diff - torch.pi).abs().max().item()
+
+
+def random_inputs(
+    batch=2,
+    length=29,
+    heads=4,
+    headdim=8,
+    d_state=16,
+    rank=1,
+    groups=2,
+    angles=4,
+    dtype=torch.float64,
+    requires_grad=False,
+) -> Mamba3Inputs:
+    def r(*shape):
+        return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
+
+    return Mamba3Inputs(
+        x=r(batch, length, heads, headdim),
+        z=r(batch, length, heads, headdim),
+        b=r(batch, length, rank, groups, d_state),
+        c=r(batch, length, rank, groups, d_state),
+        dt=r(batch, length, heads),
+        a=r(batch, length, heads),
+        trap=r(batch, length, heads),
+        angle=r(batch, length, angles),
+    )
+
+
+def random_weights(
+    heads=4,
+    headdim=8,
+    d_state=16,
+    rank=1,
+    mimo=False,
+    out_norm=False,
+    dtype=torch.float64,
+    requires_grad=False,
+) -> Mamba3Weights:
+    def r(*shape, shift=0.0, scale=1.0):
+        t = torch.randn(*shape, dtype=dtype) * scale + shift
+        return t.requires_grad_(requires_grad)
+
+    return Mamba3Weights(
+        dt_bias=r(heads, shift=-2.0),
+        b_norm=r(d_state, shift=1.0, scale=0.2),
+        c_norm=r(d_state, shift=1.0, scale=0.2),
+        b_bias=r(heads, rank, d_state),
+        c_bias=r(heads, rank, d_state),
+        d=r(heads),
+        mimo_x=r(heads, rank, headdim) if mimo else None,
+        mimo_z=r(heads, rank, headdim) if mimo else None,
+        mimo_o=r(heads, rank, headdim) if mimo else None,
+        out_norm=r(heads, headdim, shift=1.0, scale=0.2) if out_norm else None,
+    )
+
+
+def random_state(
+    batch=2, heads=4, headdim=8, d_state=16, rank=1, angles=4, dtype=torch.float64
+) -> Mamba3State:
+    return Mamba3State(
+        angle=torch.rand(batch, heads, angles, dtype=dtype) * 6.0,
+        ssm=torch.randn(batch, heads, headdim, d_state, dtype=dtype),
+        k=torch.randn(batch, rank, heads, d_state, dtype=dtype),
+        x=torch.randn(batch, heads, headdim, dtype=dtype),
+    )

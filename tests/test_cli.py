@@ -1,0 +1,49 @@
+"""The `hybrid` command line: describe prints real figures; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+from hybrid.cli import main
+from hybrid.config import ModelConfig
+from hybrid.model import HybridLM
+
+
+def test_describe_prints_the_models_own_figures(capsys):
+    assert (
+        main(
+            [
+                "describe",
+                "--pattern",
+                "M-*-",
+                "--d-model",
+                "64",
+                "--set",
+                "attention.n_heads=4",
+                "--set",
+                "mamba3.d_state=32",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    config = ModelConfig.from_pattern(
+        "M-*-", d_model=64, attention={"n_heads": 4}, mamba3={"d_state": 32}
+    )
+    model = HybridLM(config, device="meta")
+    assert f"{model.num_params():,}" in out
+    assert f"{model.state_bytes(2048):,}" in out
+    assert "attention ratio over mixers 0.500" in out
+
+
+def test_layers_lists_the_registry(capsys):
+    assert main(["layers"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("M  mamba3")
+
+
+def test_bad_values_exit_2_with_the_reason(capsys):
+    assert (
+        main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "mamba3.headdim=48"]) == 2
+    )
+    assert "mamba3.headdim=48 is invalid" in capsys.readouterr().err
+    assert main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "oops"]) == 2
+    assert "LAYER.FIELD=VALUE" in capsys.readouterr().err
