@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        args.run(args)
+        with torch.no_grad():
+            args.run(args)
     except ValueError as error:
         print(f"hybrid: error: {error}", file=sys.stderr)
         return 2
