@@ -1,0 +1,86 @@
+"""Timing and device ceilings shared by the benchmarks: CUDA-event medians with the
+interquartile range, and the card's measured bf16 matmul rate and copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    iqr_ms: float
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:9.3f} ±{self.iqr_ms:6.3f}"
+
+
+def time_ms(
+    fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
+) -> Timing:
+    """Median and interquartile range of `reps` timed calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return Timing(statistics.median(samples), q3 - q1)
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture `fn` (after warm-up on a side stream) and return the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    matmul_tflops: float  # bf16 (CUDA) or fp32 (CPU), 2·n³ per product
+    copy_gbs: float  # device-to-device copy, bytes read + written
+
+    def __str__(self) -> str:
+        return f"matmul {self.matmul_tflops:.1f} TFLOP/s, copy {self.copy_gbs:.0f} GB/s"
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """Measured here, in this run: a large random matmul and a large copy."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm = time_ms(lambda: a @ b, device, reps=10)
+    src = torch.randn((1 << 28) if cuda else (1 << 24), device=device)
+    dst = torch.empty_like(src)
+    cp = time_ms(lambda: dst.copy_(src), device, reps=10)
+    return Ceilings(2 * n**3 / mm.median_ms / 1e9, 2 * src.nbytes / cp.median_ms / 1e6)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"

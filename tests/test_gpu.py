@@ -1,0 +1,95 @@
+"""CUDA checks (marker `gpu`; skipped without a CUDA device): the chunked Mamba-3 path on the
+GPU against the oracle, the FlashAttention backends against SDPA, and cached decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_inputs, random_state, random_weights, rel_err
+
+from hybrid.config import LayerSpec, ModelConfig
+from hybrid.kernels.chunked import mamba3_chunked
+from hybrid.kernels.mamba3_common import Mamba3Options
+from hybrid.kernels.reference import mamba3_reference
+from hybrid.layers import build
+from hybrid.layers.attention import AttentionConfig, _import_fa2, _import_fa4, select_backend
+from hybrid.model import HybridLM
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def _to(obj, device):
+    return type(obj)(*(None if t is None else t.to(device) for t in obj))
+
+
+@pytest.mark.parametrize(("rank", "rotation"), [(1, "pairwise"), (4, "halves")])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_chunked_on_cuda_matches_reference(rank, rotation, dtype, tol):
+    inputs = random_inputs(length=150, rank=rank, dtype=dtype)
+    weights = random_weights(rank=rank, mimo=rank > 1, out_norm=True, dtype=dtype)
+    state = random_state(rank=rank, dtype=dtype)
+    options = Mamba3Options(rotation=rotation)
+    expected, expected_state = mamba3_reference(inputs, weights, options, state)
+    cuda_state = type(state)(*(t.to(CUDA) for t in state.tensors()))
+    actual, actual_state = mamba3_chunked(
+        _to(inputs, CUDA), _to(weights, CUDA), options, cuda_state, chunk_size=64
+    )
+    assert rel_err(actual.cpu(), expected) <= tol
+    assert rel_err(actual_state.ssm.cpu(), expected_state.ssm) <= tol
+
+
+def _flash_backend_or_skip() -> str:
+    major = torch.cuda.get_device_capability()[0]
+    if major in (9, 10) and _import_fa4() is not None:
+        return "fa4"
+    if major >= 8 and _import_fa2() is not None:
+        return "fa2"
+    pytest.skip("no flash-attn package for this GPU (install the `cuda` extra)")
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flash_attention_matches_sdpa(kv_heads):
+    backend = _flash_backend_or_skip()
+    assert select_backend("auto", CUDA, torch.bfloat16)[0] == backend
+    torch.manual_seed(0)
+    flash = build(
+        LayerSpec("attention", AttentionConfig(n_heads=8, n_kv_heads=kv_heads, head_dim=128)), 1024
+    )
+    flash = flash.to(CUDA, torch.bfloat16)
+    sdpa = build(
+        LayerSpec(
+            "attention",
+            AttentionConfig(n_heads=8, n_kv_heads=kv_heads, head_dim=128, backend="sdpa"),
+        ),
+        1024,
+    )
+    sdpa = sdpa.to(CUDA, torch.bfloat16)
+    sdpa.load_state_dict(flash.state_dict())
+    x = torch.randn(2, 1000, 1024, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    out_flash = flash(x)
+    out_sdpa = sdpa(x)
+    assert rel_err(out_flash.float(), out_sdpa.float()) <= 1e-2
+    probe = torch.randn_like(out_flash)
+    (g_flash,) = torch.autograd.grad((out_flash * probe).sum(), flash.qkv.weight)
+    (g_sdpa,) = torch.autograd.grad((out_sdpa * probe).sum(), sdpa.qkv.weight)
+    assert rel_err(g_flash.float(), g_sdpa.float()) <= 2e-2
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_hybrid_decode_on_cuda_matches_forward(dtype, tol):
+    torch.manual_seed(0)
+    config = ModelConfig.from_pattern(
+        "M-M-*-M-",
+        d_model=256,
+        vocab_size=512,
+        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2, "pregate_norm": True},
+        attention={"n_heads": 4, "n_kv_heads": 2},
+    )
+    model = HybridLM(config, device=CUDA, dtype=dtype).eval()
+    tokens = torch.randint(0, 512, (4, 100), device=CUDA)
+    with torch.no_grad():
+        full = model(tokens)
+        logits, cache = model.prefill(tokens[:, :70])
+        steps = [logits] + [model.step(tokens[:, t], cache)[:, None] for t in range(70, 100)]
+    assert rel_err(torch.cat(steps, dim=1).float(), full.float()) <= tol
