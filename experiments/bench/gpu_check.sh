@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv,nohea
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 
 status=()
-python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::UserWarning tests 2>&1 | tee "$out/gpu_tests.log"
 status+=("gpu tests|$(tail -n 1 "$out/gpu_tests.log")")
 for bench in experiments/bench/*.py; do
   name=$(basename "$bench" .py)
