@@ -1,20 +1,25 @@
-"""`hybrid` command line. Subcommands so far: `layers` (the registry) and `describe`
-(size, state and FLOPs of a pattern without allocating it)."""
+"""`hybrid` command line: `layers` (the registry), `describe` (size, state and FLOPs of a
+pattern without allocating it), `train` (train one model on a corpus and report perplexity)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
+from hybrid.data import CorpusSpec
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
+from hybrid.token_cache import prepare_data
+from hybrid.train import TrainConfig, TrainingDiverged, train
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -37,13 +42,14 @@ def _cmd_layers(_: argparse.Namespace) -> None:
         print(f"{e.symbol}  {name:<10} {kind:<5} {defaults}")
 
 
-def _cmd_describe(args: argparse.Namespace) -> None:
-    config = ModelConfig.from_pattern(
-        args.pattern,
-        d_model=args.d_model,
-        vocab_size=args.vocab_size,
-        **_parse_overrides(args.set),
+def _model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    return ModelConfig.from_pattern(
+        args.pattern, d_model=args.d_model, vocab_size=vocab_size, **_parse_overrides(args.set)
     )
+
+
+def _cmd_describe(args: argparse.Namespace) -> None:
+    config = _model_config(args, args.vocab_size)
     model = HybridLM(config, device="meta")
     rows = [
         ("pattern", config.pattern),
@@ -56,6 +62,93 @@ def _cmd_describe(args: argparse.Namespace) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _count(text: str) -> int:
+    """Integers that may be written as 2e6 or 2_000_000."""
+    value = float(text.replace("_", ""))
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainConfig field, with its default and type."""
+    for f in dataclasses.fields(TrainConfig):
+        kind = {
+            "int": _count,
+            "int | None": _count,
+            "float": float,
+            "float | None": float,
+            "str": str,
+        }[f.type]
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=f.default,
+            help=f"train.{f.name} (default {f.default})",
+        )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    corpus = CorpusSpec(
+        args.corpus,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        max_documents=args.max_documents,
+    )
+    train_config = TrainConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    )
+    model_config = _model_config(args, vocab_size=256)  # validate before touching the data
+    data = prepare_data(corpus, args.tokenizer)
+    model_config = dataclasses.replace(model_config, vocab_size=data.tokenizer.vocab_size)
+    print(
+        f"corpus {data.corpus.name}: {len(data.corpus.train)} train / "
+        f"{len(data.corpus.val)} val documents, {len(data.train):,} / {len(data.val):,} "
+        f"{data.tokenizer.name} tokens, content hash {data.corpus.content_hash[:16]}"
+    )
+    print(
+        f"model {model_config.pattern}: d_model {model_config.d_model}, "
+        f"{HybridLM(model_config, device='meta').num_params():,} non-embedding parameters"
+    )
+
+    def show(event: str, values: dict[str, float]) -> None:
+        if event == "train":
+            tqdm.write(
+                f"step {values['step']:>6.0f}  tokens {values['tokens']:>12,.0f}  "
+                f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  "
+                f"{values['tokens_per_s']:>9,.0f} tok/s"
+            )
+        else:
+            tqdm.write(
+                f"step {values['step']:>6.0f}  val_loss {values['val_loss']:.4f}  "
+                f"val_perplexity {values['val_perplexity']:.3f}  "
+                f"val_bpb {values['val_bpb']:.4f}"
+            )
+
+    result = train(
+        model_config,
+        data,
+        train_config,
+        device=args.device,
+        callbacks=[show],
+        checkpoint=args.checkpoint,
+    )
+    print("final: " + "  ".join(f"{k} {v:.6g}" for k, v in result.metrics.items()))
+    if args.metrics_json:
+        args.metrics_json.write_text(
+            json.dumps(
+                {
+                    "metrics": result.metrics,
+                    "curve": result.curve,
+                    "model": model_config.to_dict(),
+                    "train": dataclasses.asdict(train_config),
+                    "data": data.key,
+                },
+                indent=1,
+            )
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,17 +170,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer option, e.g. mamba3.mimo_rank=4 (repeatable)",
     )
     describe.set_defaults(run=_cmd_describe)
+
+    train_cmd = sub.add_parser("train", help="train one model on a corpus, report perplexity")
+    train_cmd.add_argument("--pattern", required=True, help="e.g. 'M-M-*-'")
+    train_cmd.add_argument("--d-model", type=int, required=True)
+    train_cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LAYER.FIELD=VALUE",
+        help="layer option, e.g. mamba3.d_state=64 (repeatable)",
+    )
+    train_cmd.add_argument(
+        "--corpus", required=True, help="shakespeare, austen, a local file/folder, or hub:NAME"
+    )
+    train_cmd.add_argument("--text-field", default="text", help="json/parquet/hub text column")
+    train_cmd.add_argument("--val-fraction", type=float, default=0.05)
+    train_cmd.add_argument("--max-documents", type=_count, default=None)
+    train_cmd.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
+    _add_train_options(train_cmd)
+    train_cmd.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
+    train_cmd.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="save here every --checkpoint-every steps; resume from it",
+    )
+    train_cmd.add_argument(
+        "--metrics-json",
+        type=Path,
+        default=None,
+        help="write the final metrics and the loss curve here",
+    )
+    train_cmd.set_defaults(run=_cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with torch.no_grad():
-            args.run(args)
-    except ValueError as error:
+        args.run(args)
+    except ValueError as error:  # bad input: one line, exit 2
         print(f"hybrid: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"hybrid: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

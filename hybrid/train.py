@@ -1,0 +1,325 @@
+"""Training for a fixed budget and evaluation (perplexity, bits per byte).
+
+AdamW with decay on matrix weights only, warm-up then cosine / WSD / constant learning rate,
+gradient clipping, bf16 autocast on CUDA (fp32 on CPU), a budget in tokens, steps and/or
+seconds (whichever ends first), fixed seeds for init and data order, a tqdm bar, callbacks
+for the loss curve, and a hard stop with `TrainingDiverged` on a non-finite loss or gradient.
+With a checkpoint path the run saves itself every `checkpoint_every` steps and a re-run
+resumes where it stopped, seeing the same batches (they are a function of seed and step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hybrid.config import ModelConfig
+from hybrid.errors import invalid
+from hybrid.model import HybridLM
+from hybrid.token_cache import TokenData, train_batch, validation_windows
+
+SCHEDULES = ("cosine", "wsd", "constant")
+Callback = Callable[[str, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being finite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Budget: any of tokens / steps / seconds; the first one reached ends the run.
+    warmup and decay_fraction are fractions of the budget; lr decays to lr·min_lr_ratio."""
+
+    batch_size: int = 32
+    seq_len: int = 512
+    tokens: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 0
+    eval_tokens: int = 1 << 18
+    eval_every: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "eval_tokens", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise invalid(f"train.{name}", value, "a positive integer")
+        budget = {k: getattr(self, k) for k in ("tokens", "steps", "seconds")}
+        if all(v is None for v in budget.values()):
+            raise invalid("train.tokens/steps/seconds", None, "at least one budget")
+        for name, value in budget.items():
+            if value is not None and not value > 0:
+                raise invalid(f"train.{name}", value, "a positive number")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise invalid("train.lr", self.lr, "a positive finite number")
+        if self.schedule not in SCHEDULES:
+            raise invalid("train.schedule", self.schedule, str(SCHEDULES))
+        for name in ("min_lr_ratio", "warmup", "decay_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise invalid(f"train.{name}", getattr(self, name), "a fraction in [0, 1]")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise invalid("train.eval_every", self.eval_every, "a positive integer or null")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int | None:
+        """Steps the token/step budget allows (None when only `seconds` bounds the run)."""
+        limits = [self.steps] if self.steps else []
+        if self.tokens:
+            limits.append(math.ceil(self.tokens / self.tokens_per_step))
+        return min(limits) if limits else None
+
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of the budget spent: the larger of the step and the time fraction."""
+        fractions = [step / self.total_steps] if self.total_steps else []
+        if self.seconds:
+            fractions.append(elapsed_s / self.seconds)
+        return max(fractions)
+
+    def lr_at(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.lr * progress / self.warmup
+        floor = self.min_lr_ratio
+        if self.schedule == "cosine":
+            span = (progress - self.warmup) / max(1e-12, 1 - self.warmup)
+            return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(span, 1))))
+        if self.schedule == "wsd" and progress > 1 - self.decay_fraction:
+            span = (progress - (1 - self.decay_fraction)) / max(1e-12, self.decay_fraction)
+            return self.lr * (1 - (1 - floor) * min(span, 1))
+        return self.lr
+
+
+@dataclass
+class TrainResult:
+    model: HybridLM
+    metrics: dict[str, float]
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay the weights of linear maps (the tied embedding/head too); nothing else."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = list(model.parameters())  # each tied tensor once
+    return [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: HybridLM, data: TokenData, seq_len: int, max_tokens: int, batch_size: int
+) -> dict[str, float]:
+    """val_loss (nats/token), val_perplexity = exp(val_loss) and val_bpb over the fixed
+    validation windows (the first `max_tokens` targets of the validation split)."""
+    device = next(model.parameters()).device
+    windows = validation_windows(data.val, seq_len, max_tokens, data.corpus.name)
+    token_bytes = torch.from_numpy(data.tokenizer.token_bytes)
+    was_training = model.training
+    model.eval()
+    nll, count, n_bytes = 0.0, 0, 0
+    for batch in windows.split(batch_size):
+        inputs, targets = batch[:, :-1].to(device), batch[:, 1:]
+        with _autocast(device):
+            logits = model(inputs)
+        nll += F.cross_entropy(
+            logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
+        ).item()
+        count += targets.numel()
+        n_bytes += int(token_bytes[targets].sum())
+    model.train(was_training)
+    loss = nll / count
+    return {
+        "val_loss": loss,
+        "val_perplexity": math.exp(loss),
+        "val_bpb": nll / math.log(2) / n_bytes,
+        "val_tokens": float(count),
+    }
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        torch.save(state, f)
+    os.replace(f.name, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def _run_identity(model_config: ModelConfig, config: TrainConfig, data: TokenData) -> dict:
+    return {"model": model_config.to_dict(), "train": dataclasses.asdict(config), "data": data.key}
+
+
+def train(
+    model_config: ModelConfig,
+    data: TokenData,
+    config: TrainConfig,
+    *,
+    device: torch.device | str | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Build the model (seeded), train it on `data` for the budget, evaluate it."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model_config.vocab_size < data.tokenizer.vocab_size:
+        raise invalid(
+            "vocab_size",
+            model_config.vocab_size,
+            f">= the tokenizer's {data.tokenizer.vocab_size} ({data.tokenizer.name})",
+        )
+    validation_windows(data.val, config.seq_len, config.eval_tokens, data.corpus.name)
+    train_batch(data.train, 1, config.seq_len, config.data_seed, 0)  # fail before training
+
+    torch.manual_seed(config.seed)
+    model = HybridLM(model_config, device=device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda",
+    )
+    identity = _run_identity(model_config, config, data)
+    step, elapsed_before, curve, done = 0, 0.0, [], False
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["identity"] != identity:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} belongs to a different run "
+                "(model, training config or data differ); move it away"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before, curve, done = (
+            state["step"],
+            state["elapsed_s"],
+            state["curve"],
+            state["done"],
+        )
+
+    def save(finished: bool) -> None:
+        if checkpoint is not None:
+            _save(
+                checkpoint,
+                {
+                    "identity": identity,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "elapsed_s": elapsed,
+                    "curve": curve,
+                    "done": finished,
+                },
+            )
+
+    def emit(event: str, values: dict[str, float]) -> None:
+        for callback in callbacks:
+            callback(event, values)
+
+    model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    started, first_step = time.perf_counter(), step
+    elapsed = elapsed_before
+    bar = tqdm(
+        total=config.total_steps,
+        initial=step,
+        unit="step",
+        disable=not progress,
+        desc="training",
+        dynamic_ncols=True,
+    )
+    while not done and config.progress(step, elapsed) < 1:
+        lr = config.lr_at(config.progress(step, elapsed))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = (
+            t.to(device, non_blocking=True)
+            for t in train_batch(
+                data.train, config.batch_size, config.seq_len, config.data_seed, step
+            )
+        )
+        with _autocast(device):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+        loss_value, grad_value = loss.item(), grad_norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss={loss_value}, grad norm={grad_value} "
+                f"(lr={lr:.3g}); lower train.lr or check the data"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        elapsed = elapsed_before + now - started
+        rate = (step - first_step) * config.tokens_per_step / max(now - started, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        if step % config.log_every == 0 or config.progress(step, elapsed) >= 1:
+            entry = {
+                "step": step,
+                "tokens": step * config.tokens_per_step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_value,
+                "tokens_per_s": rate,
+                "elapsed_s": elapsed,
+            }
+            curve.append(entry)
+            emit("train", entry)
+        if config.eval_every and step % config.eval_every == 0:
+            emit(
+                "eval",
+                {
+                    "step": step,
+                    **evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size),
+                },
+            )
+        if step % config.checkpoint_every == 0:
+            save(finished=False)
+    bar.close()
+    save(finished=True)
+    metrics = evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size)
+    metrics.update(
+        steps=float(step),
+        tokens=float(step * config.tokens_per_step),
+        train_seconds=elapsed,
+        tokens_per_s=curve[-1]["tokens_per_s"] if curve else 0.0,
+    )
+    emit("eval", {"step": step, **metrics})
+    return TrainResult(model, metrics, curve)
