@@ -1,5 +1,6 @@
 """`hybrid` command line: `layers` (the registry), `describe` (size, state and FLOPs of a
-pattern without allocating it), `train` (train one model on a corpus and report perplexity)."""
+pattern without allocating it), `data` (prepare a corpus and its token cache), `train` (train
+one model on a corpus and report perplexity)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
-from hybrid.token_cache import prepare_data
+from hybrid.token_cache import TokenData, prepare_data
 from hybrid.train import TrainConfig, TrainingDiverged, train
 
 
@@ -72,6 +73,31 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pattern", required=True, help="e.g. 'M-M-M-*-'")
+    parser.add_argument("--d-model", type=int, required=True)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LAYER.FIELD=VALUE",
+        help="layer option, e.g. mamba3.mimo_rank=4 (repeatable)",
+    )
+
+
+def _add_corpus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus", required=True, help="shakespeare, austen, a local file/folder, or hub:NAME"
+    )
+    parser.add_argument("--text-field", default="text", help="json/parquet/hub text column")
+    parser.add_argument("--hub-config", default=None, help="hub data set configuration")
+    parser.add_argument("--hub-split", default="train", help="hub data set split")
+    parser.add_argument("--streaming", action="store_true", help="stream a hub data set")
+    parser.add_argument("--max-documents", type=_count, default=None)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainConfig field, with its default and type."""
     for f in dataclasses.fields(TrainConfig):
@@ -90,24 +116,42 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    corpus = CorpusSpec(
+def _corpus_spec(args: argparse.Namespace) -> CorpusSpec:
+    return CorpusSpec(
         args.corpus,
         text_field=args.text_field,
-        val_fraction=args.val_fraction,
+        hub_config=args.hub_config,
+        hub_split=args.hub_split,
+        streaming=args.streaming,
         max_documents=args.max_documents,
+        val_fraction=args.val_fraction,
     )
+
+
+def _print_data(data: TokenData) -> None:
+    corpus = data.corpus
+    print(
+        f"corpus {corpus.name}: {len(corpus.train)} train / {len(corpus.val)} val documents, "
+        f"{corpus.train_chars:,} / {corpus.val_chars:,} characters, "
+        f"{len(data.train):,} / {len(data.val):,} {data.tokenizer.name} tokens "
+        f"(vocab {data.tokenizer.vocab_size}); content hash {corpus.content_hash[:16]}; "
+        f"token cache {data.directory}"
+    )
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    _print_data(prepare_data(_corpus_spec(args), args.tokenizer))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    corpus = _corpus_spec(args)
     train_config = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     )
     model_config = _model_config(args, vocab_size=256)  # validate before touching the data
     data = prepare_data(corpus, args.tokenizer)
     model_config = dataclasses.replace(model_config, vocab_size=data.tokenizer.vocab_size)
-    print(
-        f"corpus {data.corpus.name}: {len(data.corpus.train)} train / "
-        f"{len(data.corpus.val)} val documents, {len(data.train):,} / {len(data.val):,} "
-        f"{data.tokenizer.name} tokens, content hash {data.corpus.content_hash[:16]}"
-    )
+    _print_data(data)
     print(
         f"model {model_config.pattern}: d_model {model_config.d_model}, "
         f"{HybridLM(model_config, device='meta').num_params():,} non-embedding parameters"
@@ -158,36 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         run=_cmd_layers
     )
     describe = sub.add_parser("describe", help="parameters, state bytes and FLOPs of a pattern")
-    describe.add_argument("--pattern", required=True, help="e.g. 'M-M-M-*-'")
-    describe.add_argument("--d-model", type=int, required=True)
+    _add_model_options(describe)
     describe.add_argument("--vocab-size", type=int, default=256)
     describe.add_argument("--context", type=int, default=2048, help="tokens (default 2048)")
-    describe.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="LAYER.FIELD=VALUE",
-        help="layer option, e.g. mamba3.mimo_rank=4 (repeatable)",
-    )
     describe.set_defaults(run=_cmd_describe)
 
+    data = sub.add_parser("data", help="prepare a corpus, its split and its token cache")
+    _add_corpus_options(data)
+    data.set_defaults(run=_cmd_data)
+
     train_cmd = sub.add_parser("train", help="train one model on a corpus, report perplexity")
-    train_cmd.add_argument("--pattern", required=True, help="e.g. 'M-M-*-'")
-    train_cmd.add_argument("--d-model", type=int, required=True)
-    train_cmd.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="LAYER.FIELD=VALUE",
-        help="layer option, e.g. mamba3.d_state=64 (repeatable)",
-    )
-    train_cmd.add_argument(
-        "--corpus", required=True, help="shakespeare, austen, a local file/folder, or hub:NAME"
-    )
-    train_cmd.add_argument("--text-field", default="text", help="json/parquet/hub text column")
-    train_cmd.add_argument("--val-fraction", type=float, default=0.05)
-    train_cmd.add_argument("--max-documents", type=_count, default=None)
-    train_cmd.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
+    _add_model_options(train_cmd)
+    _add_corpus_options(train_cmd)
     _add_train_options(train_cmd)
     train_cmd.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
     train_cmd.add_argument(

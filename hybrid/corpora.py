@@ -14,6 +14,7 @@ already downloaded files.
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import json
@@ -124,11 +125,12 @@ def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, object]:
     serialisations, each prefixed by its uncompressed length."""
     import rdata
 
-    with tempfile.NamedTemporaryFile(suffix=".rds") as index_file, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Unknown file type", UserWarning)
-        index_file.write(rdx)
-        index_file.flush()
-        index = rdata.read_rds(index_file.name)
+    def parse(raw: bytes) -> object:
+        with warnings.catch_warnings():  # headerless serialisations are RDS, as rdata guesses
+            warnings.filterwarnings("ignore", "Unknown file type", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    index = parse(gzip.decompress(rdx))
     objects = {}
     for name, (start, length) in index["variables"].items():
         chunk = rdb[int(start) : int(start) + int(length)]
@@ -136,7 +138,7 @@ def _read_lazyload_db(rdx: bytes, rdb: bytes) -> dict[str, object]:
         raw = zlib.decompress(chunk[4:])
         if len(raw) != size:
             raise ValueError(f"corrupt lazy-load entry {name!r}")
-        objects[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(raw))
+        objects[str(name)] = parse(raw)
     return objects
 
 

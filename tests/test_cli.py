@@ -47,3 +47,11 @@ def test_bad_values_exit_2_with_the_reason(capsys):
     assert "mamba3.headdim=48 is invalid" in capsys.readouterr().err
     assert main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "oops"]) == 2
     assert "LAYER.FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)
+    assert main(["data", "--corpus", str(tmp_path), "--val-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "3 train / 1 val documents" in out and "bytes tokens (vocab 256)" in out

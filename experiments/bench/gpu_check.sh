@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On a bare offline GPU host, from anywhere: unpack the carried packages (.cute/ from
-# `../shared/tools/gpu-wheels.sh cute`, or .whl/), run the `gpu`-marked tests and every
-# benchmark, and end with a short table. Logs and JSON go to $OUT (default /tmp/gpu_check).
+# `../shared/tools/gpu-wheels.sh cute`, or .whl/ from `... search`; one call carries at most
+# 64 MiB, so one or the other), use a carried corpus cache .data/ (prepare it here with
+# `HYBRID_CACHE=.data hybrid data --corpus shakespeare`: the host cannot download it), run the
+# `gpu`-marked tests and every benchmark, and end with a short table. Logs and JSON go to $OUT
+# (default /tmp/gpu_check). Tests whose packages were not carried skip and say so.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/gpu_check}
@@ -17,6 +20,8 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+
+[ -d .data ] && export HYBRID_CACHE="$PWD/.data"
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"

@@ -1,0 +1,105 @@
+"""Training throughput of ~20M-parameter models through the real training loop
+(`hybrid.train.train`, bf16 autocast on CUDA): a 3:1 Mamba-3:attention hybrid and a pure
+Mamba-3 model on the chunked PyTorch path, against a pure Transformer of about the same size
+as the peer in the same run. Steady-state tokens/s is measured between the first and the
+last logged step (compilation and warm-up excluded); model FLOP utilisation uses each
+model's `flops_per_token` × 3 against the matmul rate measured in the same run.
+
+    python experiments/bench/train_throughput.py            # GPU figures in BENCHMARKS.md
+    python experiments/bench/train_throughput.py --quick    # small, any device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_device, measure_ceilings
+
+from hybrid.config import ModelConfig
+from hybrid.data import CorpusSpec
+from hybrid.model import HybridLM
+from hybrid.token_cache import prepare_data
+from hybrid.train import TrainConfig, train
+
+MODELS = {  # name: (pattern, d_model, attention heads)
+    "hybrid 3:1": ("M-M-M-*-M-M-M-*-M-M-", 384, 6),
+    "mamba3": ("M-" * 10, 384, 6),
+    "transformer": ("*-" * 12, 384, 6),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--out", type=Path, help="write all figures as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = measure_ceilings(device)
+    data = prepare_data(CorpusSpec(args.corpus))
+    if args.quick:
+        batch, seq_len, steps, log_every, scale = 4, 64, 12, 4, 1 / 6
+    else:
+        batch, seq_len, steps, log_every, scale = 32, 512, 80, 20, 1
+    print(f"device: {describe_device(device)}; {peak}; batch {batch} x {seq_len} tokens")
+    rows = []
+    for name, (pattern, d_model, heads) in MODELS.items():
+        config = ModelConfig.from_pattern(
+            pattern,
+            d_model=int(d_model * scale) // 64 * 64 or 64,
+            attention={"n_heads": max(1, int(heads * scale))},
+        )
+        train_config = TrainConfig(
+            batch_size=batch,
+            seq_len=seq_len,
+            steps=steps,
+            log_every=log_every,
+            eval_tokens=batch * seq_len,
+        )
+        result = train(config, data, train_config, device=device, progress=False)
+        first, last = result.curve[0], result.curve[-1]
+        rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+        flops = 3 * HybridLM(config, device="meta").flops_per_token(seq_len)
+        rows.append(
+            {
+                "model": name,
+                "pattern": config.pattern,
+                "d_model": config.d_model,
+                "params": HybridLM(config, device="meta").num_params(),
+                "tokens_per_s": rate,
+                "mfu_pct": 100 * rate * flops / (peak.matmul_tflops * 1e12),
+                "step_ms": 1e3 * batch * seq_len / rate,
+                "final_loss": last["loss"],
+            }
+        )
+    peer = next(r for r in rows if r["model"] == "transformer")["tokens_per_s"]
+    print(
+        f"\n{'model':<13}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
+        f"{'MFU %':>7}{'vs transformer':>16}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<13}{r['pattern']:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
+            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{r['tokens_per_s'] / peer:>15.2f}x"
+        )
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": describe_device(device),
+                    "matmul_tflops": peak.matmul_tflops,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
