@@ -1,12 +1,14 @@
-"""`hybrid` command line: `layers` (the registry), `describe` (size, state and FLOPs of a
-pattern without allocating it), `data` (prepare a corpus and its token cache), `train` (train
-one model on a corpus and report perplexity)."""
+"""`hybrid` command line: `search` (run or resume a search space), `ui` (the MLflow UI on its
+store), `train` (one model on a corpus), `data` (prepare a corpus and its token cache),
+`describe` (size, state and FLOPs of a pattern, nothing allocated), `layers` (the registry)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,9 @@ from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
+from hybrid.search.space import load_space
+from hybrid.search.study import SearchOutcome, run_search
+from hybrid.search.tracking import find_parent_run
 from hybrid.token_cache import TokenData, prepare_data
 from hybrid.train import TrainConfig, TrainingDiverged, train
 
@@ -195,12 +200,109 @@ def _cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
+    pareto = outcome.front.pareto
+    header = ["trial", "pattern", *metrics, "params", "sampled"]
+    table = [
+        [
+            str(r["trial"]),
+            r["pattern"],
+            *(f"{r[m]:.5g}" for m in metrics),
+            f"{r['params']:,}",
+            r["point"],
+        ]
+        for r in pareto
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    print(
+        f"\nPareto set: {len(pareto)} of {len(outcome.front.rows)} feasible trials "
+        f"(hypervolume {outcome.front.hypervolume:.6g})"
+    )
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    space = load_space(args.space)
+    outcome = run_search(
+        space,
+        n_trials=args.trials,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+    )
+    _print_front(outcome, space.metric_names)
+    uri = args.tracking_uri or space.spec.tracking.uri
+    print(
+        f"\nMLflow: parent run {outcome.parent_run_id} in {uri}; browse with: "
+        f"hybrid ui {args.space}"
+    )
+
+
+def _cmd_ui(args: argparse.Namespace) -> None:
+    uri = args.tracking_uri or "sqlite:///mlflow.db"
+    parent = None
+    if args.space:
+        space = load_space(args.space)
+        uri = args.tracking_uri or space.spec.tracking.uri
+        parent = find_parent_run(uri, space.spec.search.study_name or space.name)
+    base = f"http://127.0.0.1:{args.port}"
+    if parent is not None:
+        experiment_id, run_id = parent
+        print(f"study parent run: {base}/#/experiments/{experiment_id}/runs/{run_id}")
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(command, check=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("layers", help="list registered layers, symbols and defaults").set_defaults(
         run=_cmd_layers
     )
+    search = sub.add_parser("search", help="run or resume the search a YAML file describes")
+    search.add_argument("space", help="search-space YAML, e.g. experiments/quickstart.yaml")
+    search.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="completed trials wanted (default: search.n_trials)",
+    )
+    search.add_argument(
+        "--storage",
+        default=None,
+        help="journal:PATH, sqlite:///PATH or postgresql://... "
+        "(default: search.storage, else journal:./NAME.optuna.log)",
+    )
+    search.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: tracking.uri, sqlite:///mlflow.db)",
+    )
+    search.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
+    search.set_defaults(run=_cmd_search)
+
+    ui = sub.add_parser("ui", help="the MLflow UI on a study's store, on 127.0.0.1")
+    ui.add_argument("space", nargs="?", help="search-space YAML (finds its store and study)")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=_cmd_ui)
+
     describe = sub.add_parser("describe", help="parameters, state bytes and FLOPs of a pattern")
     _add_model_options(describe)
     describe.add_argument("--vocab-size", type=int, default=256)

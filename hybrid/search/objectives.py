@@ -1,0 +1,169 @@
+"""One trial: the point's plan, its constraints, then either the result of an earlier trial
+of the same architecture, or build -> train -> evaluate -> measure; memory is freed after.
+
+Infeasible points are not trained: their constraint values tell the sampler why, their
+static metrics (params, state bytes, FLOPs) are exact and their trained or measured metrics
+are +inf, and they never enter the front. A trial that raises (out of memory, divergence,
+anything) is recorded as failed, with its reason, on the trial and on its MLflow run.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import optuna
+import torch
+
+from hybrid.model import HybridLM
+from hybrid.search.latency import decode_latency, device_name, prefill_latency
+from hybrid.search.space import SearchSpace, TrialPlan
+from hybrid.search.tracking import StudyTracker
+from hybrid.token_cache import TokenData
+from hybrid.train import train
+
+STATIC_METRICS = ("params", "state_bytes", "flops_per_token")
+
+
+def static_metrics(space: SearchSpace, plan: TrialPlan) -> dict[str, float]:
+    """Exact figures of the architecture, with no weights allocated."""
+    model = HybridLM(plan.model, device="meta")
+    c = space.spec.constraints
+    out = {
+        "params": model.num_params(),
+        "flops_per_token": model.flops_per_token(space.spec.data.seq_len),
+        "state_bytes_at_constraint": model.state_bytes(c.state_context),
+    }
+    for objective in space.spec.objectives:
+        if objective.metric == "state_bytes":
+            out["state_bytes"] = model.state_bytes(objective.context)
+    return {k: float(v) for k, v in out.items()}
+
+
+def constraint_values(space: SearchSpace, static: dict[str, float]) -> dict[str, float]:
+    """Optuna's convention: feasible when every value is <= 0."""
+    c = space.spec.constraints
+    values = {}
+    if c.max_params is not None:
+        values["max_params"] = static["params"] - c.max_params
+    if c.min_params is not None:
+        values["min_params"] = c.min_params - static["params"]
+    if c.max_state_bytes is not None:
+        values["max_state_bytes"] = static["state_bytes_at_constraint"] - c.max_state_bytes
+    return values
+
+
+class TrialRunner:
+    """The Optuna objective of a study."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        data: TokenData,
+        device: torch.device,
+        tracker: StudyTracker | None = None,
+    ) -> None:
+        self.space, self.data, self.device, self.tracker = space, data, device, tracker
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        plan = self.space.suggest(trial)
+        static = static_metrics(self.space, plan)
+        constraints = constraint_values(self.space, static)
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        feasible = all(v <= 0 for v in constraints.values())
+        facts = {
+            "pattern": plan.pattern,
+            "arch_key": plan.key,
+            "feasible": feasible,
+            "device": device_name(self.device),
+            "model": plan.model.to_dict(),
+        }
+        for key, value in facts.items():
+            trial.set_user_attr(key, value)
+        run_id = None
+        if self.tracker is not None:
+            run_id = self.tracker.start_trial(
+                trial.number, plan, {"feasible": feasible, "device": facts["device"]}
+            )
+            trial.set_user_attr("mlflow_run_id", run_id)
+        try:
+            metrics, tags = self._metrics(trial, plan, static, feasible, run_id)
+        except BaseException as error:
+            reason = f"{type(error).__name__}: {error}"[:5000]
+            trial.set_user_attr("fail_reason", reason)
+            if self.tracker is not None and run_id is not None:
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                self.tracker.finish_trial(run_id, {}, status, {"fail_reason": reason})
+            raise
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        trial.set_user_attr("metrics", metrics)
+        if self.tracker is not None and run_id is not None:
+            self.tracker.finish_trial(run_id, metrics, "FINISHED", tags)
+        return [metrics[m] for m in self.space.metric_names]
+
+    def _metrics(
+        self,
+        trial: optuna.Trial,
+        plan: TrialPlan,
+        static: dict[str, float],
+        feasible: bool,
+        run_id: str | None,
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        earlier = self._same_architecture(trial, plan.key)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            return dict(earlier.user_attrs["metrics"]), {"duplicate_of": str(earlier.number)}
+        if not feasible:
+            measured = {m: math.inf for m in self.space.metric_names if m not in static}
+            return {**static, **measured}, {"skipped": "infeasible: not trained"}
+        callbacks = []
+        if self.tracker is not None and run_id is not None:
+            callbacks.append(
+                lambda event, values: (
+                    event == "train" and self.tracker.log_curve_point(run_id, values)
+                )
+            )
+        result = train(
+            plan.model,
+            self.data,
+            plan.train,
+            device=self.device,
+            callbacks=callbacks,
+            progress=False,
+        )
+        metrics = {**static, **result.metrics}
+        del result
+        metrics.update(self._latencies(plan))
+        return metrics, {}
+
+    def _latencies(self, plan: TrialPlan) -> dict[str, float]:
+        out = {}
+        for o in self.space.spec.objectives:
+            if o.metric == "prefill_latency_ms":
+                lat = prefill_latency(plan.model, o.batch, o.prompt_len, self.device, o.dtype)
+            elif o.metric == "decode_latency_ms":
+                lat = decode_latency(plan.model, o.batch, o.context, self.device, o.dtype)
+            else:
+                continue
+            out[o.metric], out[f"{o.metric}_iqr"] = lat.median_ms, lat.iqr_ms
+        return out
+
+    @staticmethod
+    def _same_architecture(trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+        """A finished, trained trial of the same architecture and recipe, if any."""
+        for other in trial.study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
+        ):
+            attrs = other.user_attrs
+            if (
+                attrs.get("arch_key") == key
+                and "duplicate_of" not in attrs
+                and attrs.get("feasible", True)
+                and "metrics" in attrs
+            ):
+                return other
+        return None
