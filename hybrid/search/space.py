@@ -98,8 +98,12 @@ class Range(_Model, Generic[T]):
 
 
 def _kind_of(value: Any) -> str:
-    if isinstance(value, dict):
-        return "choices" if "choices" in value else "range"
+    """Which member of a dimension union a raw value (validation) or a model (serialisation)
+    is."""
+    if isinstance(value, Choices) or (isinstance(value, dict) and "choices" in value):
+        return "choices"
+    if isinstance(value, Range | dict):
+        return "range"
     return "value"
 
 

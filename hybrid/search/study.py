@@ -94,7 +94,9 @@ def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("feasible", True) and all(math.isfinite(v) for v in t.values)
+        if t.user_attrs.get("feasible", True)
+        and "duplicate_of" not in t.user_attrs  # each architecture once
+        and all(math.isfinite(v) for v in t.values)
     ]
     points = [to_minimisation(t.values, directions) for t in trials]
     ranks = pareto_ranks(points)
@@ -160,7 +162,7 @@ class FrontUpdater:
             run_id = t.user_attrs.get("mlflow_run_id")
             if run_id is None or t.state != TrialState.COMPLETE:
                 continue
-            rank = ranks.get(t.number)
+            rank = ranks.get(t.user_attrs.get("duplicate_of", t.number))
             label = str(rank) if rank is not None else "infeasible"
             if self.tagged.get(run_id) != label:
                 self.tracker.set_trial_tags(
@@ -267,7 +269,7 @@ def run_search(
 
     def stop_when_done(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if (target and done >= target) or failures["n"] >= max(3, remaining or 10):
+        if (target and done >= target) or failures["n"] >= max(5, 2 * (remaining or 10)):
             study.stop()  # the failure cap keeps a broken set-up from looping forever
 
     runner = TrialRunner(space, data, device, tracker)

@@ -1,0 +1,212 @@
+"""Search-space files: every problem reported with its YAML path, all at once, before any
+study exists; valid files round-trip; trials map to models deterministically."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from hybrid.cli import main
+from hybrid.model import HybridLM
+from hybrid.search.space import SpaceError, make_pattern, parse_space
+
+BASE = {
+    "name": "t",
+    "model": {
+        "d_model": 64,
+        "n_mixers": 4,
+        "mamba3": {"d_state": 16, "headdim": 16, "mimo_rank": {"choices": [1, 2]}},
+        "attention": {"n_heads": 4},
+        "mlp": {"hidden": 128},
+        "layout": {
+            "attention_ratio": {"low": 0.0, "high": 0.5, "step": 0.25},
+            "placement": {"choices": ["even", "front"]},
+        },
+    },
+    "data": {"corpus": "shakespeare", "seq_len": 64},
+    "train": {"steps": 10, "lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
+    "objectives": [{"metric": "val_perplexity"}, {"metric": "params"}],
+    "search": {"n_trials": 4, "seed_designs": ["mamba3", "M-M-*-M-"]},
+}
+
+
+def _text(mutate=None) -> str:
+    spec = copy.deepcopy(BASE)
+    if mutate:
+        mutate(spec)
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def _problems(mutate) -> list[str]:
+    with pytest.raises(SpaceError) as error:
+        parse_space(_text(mutate))
+    return error.value.problems
+
+
+def _set(path: str, value):
+    def mutate(spec):
+        *parents, last = path.split(".")
+        node = spec
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last] = value
+
+    return mutate
+
+
+BAD = [
+    (_set("model.mamba3.d_stat", 8), "model.mamba3.d_stat: Extra inputs are not permitted"),
+    (_set("train.learning_rate", 1.0), "train.learning_rate: Extra inputs are not permitted"),
+    (_set("model.attention.n_heads", "four"), "model.attention.n_heads: Input should be a valid"),
+    (
+        _set("model.mamba3.mimo_rank", {"choices": []}),
+        "model.mamba3.mimo_rank.choices: List should have at least 1 item",
+    ),
+    (
+        _set("model.layout.attention_ratio", {"low": 0.6, "high": 0.5}),
+        "model.layout.attention_ratio: Value error, low=0.6 > high=0.5",
+    ),
+    (
+        _set("model.layout.attention_ratio", {"choices": [0.0, 1.5]}),
+        "model.layout.attention_ratio: [0.0, 1.5] must lie in [0, 1]",
+    ),
+    (
+        _set("model.layout", {"patterns": ["M-*-", "--"]}),
+        "model.layout.patterns[1]: '--' has no mixer",
+    ),
+    (_set("model.layout", {"patterns": ["M-X-"]}), "model.layout.patterns[0]: pattern='M-X-'"),
+    (
+        _set("objectives", [{"metric": "val_perplexity"}, {"metric": "speed"}]),
+        "objectives[1].metric: Input should be 'val_perplexity'",
+    ),
+    (
+        _set("objectives", [{"metric": "val_perplexity"}]),
+        "objectives: List should have at least 2 items",
+    ),
+    (_set("constraints", {"max_params": 1000}), "constraints: no point of the space meets them"),
+    (
+        _set("model.mamba3.headdim", {"choices": [16, 48]}),
+        "model: mamba3.headdim=48 is invalid; allowed: a divisor of d_inner",
+    ),
+    (
+        _set("search.seed_designs", ["transformer"]),
+        "search.seed_designs[0]: 'transformer': needs 4 attention mixer(s) of 4",
+    ),
+    (_set("search.sampler", "cmaes"), "search.sampler: Input should be 'tpe'"),
+    (_set("train.steps", None), "train: train.tokens/steps/seconds=None is invalid"),
+    (_set("model.mamba3.mimo_rank", {"lo": 1}), "model.mamba3.mimo_rank.low: Field required"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), BAD, ids=[b[1][:40] for b in BAD])
+def test_each_problem_names_its_yaml_path(mutate, expected):
+    problems = _problems(mutate)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_all_problems_are_reported_together():
+    def many(spec):
+        spec["model"]["d_modle"] = 1
+        spec["model"]["attention"]["n_heads"] = "x"
+        spec["search"]["sampler"] = "nope"
+
+    problems = _problems(many)
+    assert len(problems) == 3
+    assert {p.split(":")[0] for p in problems} == {
+        "model.d_modle",
+        "model.attention.n_heads",
+        "search.sampler",
+    }
+
+
+def test_cli_exits_2_and_writes_no_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_text(_set("model.mamba3.mimo_rank", {"choices": []})))
+    assert main(["search", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.mamba3.mimo_rank.choices" in err
+    assert list(tmp_path.iterdir()) == [bad]  # no journal, no MLflow store
+
+
+def test_valid_file_round_trips():
+    space = parse_space(_text())
+    dumped = yaml.safe_dump(space.spec.model_dump(mode="json"), sort_keys=False)
+    again = parse_space(dumped)
+    assert again.spec == space.spec
+    assert list(again.dimensions) == [
+        "model.mamba3.mimo_rank",
+        "model.layout.attention_ratio",
+        "model.layout.placement",
+        "train.lr",
+    ]
+
+
+def test_scientific_notation_is_a_number():
+    space = parse_space(_text(_set("train.tokens", "PLACEHOLDER")).replace("PLACEHOLDER", "2e6"))
+    assert space.fixed["train.tokens"] == 2_000_000
+
+
+def test_trial_to_model_is_deterministic_and_shown():
+    space = parse_space(_text())
+    params = {
+        "model.mamba3.mimo_rank": 2,
+        "model.layout.attention_ratio": 0.25,
+        "model.layout.placement": "front",
+        "train.lr": 2e-3,
+    }
+    a, b = space.plan(params), space.plan(dict(params))
+    assert a.pattern == b.pattern == "*-M-M-M-" and a.key == b.key
+    assert a.model.layers[2].config.mimo_rank == 2 and a.train.lr == 2e-3
+    assert space.plan({**params, "train.lr": 3e-3}).key != a.key
+
+
+@pytest.mark.parametrize(
+    ("n", "ratio", "placement", "pattern"),
+    [
+        (8, 0.125, "even", "MMMM*MMM"),
+        (8, 0.25, "even", "MM*MMM*M"),
+        (6, 0.5, "front", "***MMM"),
+        (6, 0.5, "back", "MMM***"),
+        (6, 1 / 3, "middle", "MM**MM"),
+        (4, 0.0, "even", "MMMM"),
+        (4, 1.0, "middle", "****"),
+    ],
+)
+def test_make_pattern(n, ratio, placement, pattern):
+    assert make_pattern(n, ratio, placement, mlp=False) == pattern
+    assert make_pattern(n, ratio, placement).replace("-", "") == pattern
+
+
+def test_matched_mlp_keeps_parameters_of_the_siso_twin():
+    space = parse_space(_text(_set("model.mlp", {"hidden": 128, "match_mimo_params": True})))
+    siso = space.plan(
+        {
+            "model.mamba3.mimo_rank": 1,
+            "model.layout.attention_ratio": 0.0,
+            "model.layout.placement": "even",
+            "train.lr": 1e-3,
+        }
+    )
+    mimo = space.plan(
+        {
+            "model.mamba3.mimo_rank": 2,
+            "model.layout.attention_ratio": 0.0,
+            "model.layout.placement": "even",
+            "train.lr": 1e-3,
+        }
+    )
+    n_siso = HybridLM(siso.model, device="meta").num_params()
+    n_mimo = HybridLM(mimo.model, device="meta").num_params()
+    assert mimo.model.layers[1].config.hidden < 128
+    assert n_mimo <= n_siso < n_mimo + 4 * 3 * 64 * 16  # within one 16-wide step per MLP
+
+
+def test_seed_designs_map_to_points():
+    space = parse_space(_text())
+    assert space.plan(space.seed_params("mamba3")).pattern == "M-M-M-M-"
+    assert space.plan(space.seed_params("M-M-*-M-")).pattern == "M-M-*-M-"
+    with pytest.raises(ValueError, match="not a point of this space"):
+        space.seed_params("M-*-M-M-")
