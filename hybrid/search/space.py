@@ -350,6 +350,7 @@ class SearchSpace:
     def __init__(self, spec: SpaceFile, text: str = "") -> None:
         self.spec, self.text = spec, text
         self.fixed: dict[str, Any] = {}
+        self.static_bounds: dict[str, int] = {}  # largest params/state/FLOPs seen by check()
         self.dimensions: dict[str, Dimension] = {}
         integer_paths = self._integer_paths()
         for path, value in itertools.chain(
@@ -508,6 +509,7 @@ class SearchSpace:
         feasible, smallest, checked = 0, None, 0
         c = self.spec.constraints
         seen: dict[str, tuple[int, int]] = {}
+        state_contexts = [o.context for o in self.spec.objectives if o.metric == "state_bytes"]
         for point in self._points():
             checked += 1
             try:
@@ -526,6 +528,12 @@ class SearchSpace:
             if arch not in seen:
                 model = HybridLM(plan.model, device="meta")
                 seen[arch] = (model.num_params(), model.state_bytes(c.state_context))
+                for metric, value in (
+                    ("params", seen[arch][0]),
+                    ("flops_per_token", model.flops_per_token(self.spec.data.seq_len)),
+                    *(("state_bytes", model.state_bytes(n)) for n in state_contexts),
+                ):
+                    self.static_bounds[metric] = max(self.static_bounds.get(metric, 0), value)
             params, state = seen[arch]
             smallest = params if smallest is None else min(smallest, params)
             feasible += (

@@ -22,7 +22,7 @@ from hybrid.search.figures import pareto_html, pareto_png
 from hybrid.search.latency import device_name
 from hybrid.search.objectives import TrialRunner
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
-from hybrid.search.space import SearchSpace
+from hybrid.search.space import SearchSpace, vocab_for
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import prepare_data
 
@@ -77,6 +77,25 @@ def point_label(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def reference_point(space: SearchSpace, first: list[float]) -> list[float]:
+    """A fixed hypervolume reference, in each objective's units: the uniform predictor for
+    validation metrics, 1.1x the space's largest static metric, 10x the first measured
+    latency; 0 for maximised objectives (every metric here is positive)."""
+    vocab = vocab_for(space.spec.data.tokenizer)
+    uniform = {"val_perplexity": vocab, "val_loss": math.log(vocab), "val_bpb": math.log2(vocab)}
+    out = []
+    for metric, direction, value in zip(space.metric_names, space.directions, first, strict=True):
+        if direction == "maximize":
+            out.append(0.0)
+        elif metric in uniform:
+            out.append(float(uniform[metric]))
+        elif metric in space.static_bounds:
+            out.append(1.1 * space.static_bounds[metric])
+        else:
+            out.append(10.0 * value)
+    return out
+
+
 @dataclass
 class Front:
     """Feasible completed trials with their ranks; rank 0 is the Pareto set."""
@@ -115,11 +134,9 @@ def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
     rows.sort(key=lambda r: (r["pareto_rank"], r[metrics[0]]))
     reference = study.user_attrs.get("hv_reference")
     if reference is None and points:
-        given = space.spec.search.hv_reference
-        reference = (
-            list(to_minimisation(given, directions)) if given else [m + abs(m) for m in points[0]]
-        )  # 2x the first feasible trial
-        study.set_user_attr("hv_reference", reference)
+        given = space.spec.search.hv_reference or reference_point(space, trials[0].values)
+        reference = list(to_minimisation(given, directions))
+        study.set_user_attr("hv_reference", reference)  # fixed: the hypervolume only grows
     volume = hypervolume(points, reference) if points else 0.0
     return Front(rows, volume)
 
