@@ -72,3 +72,13 @@ class InferenceCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers if c is not None)
+
+    def rewind(self, seqlen: int) -> None:
+        """Forget the positions after `seqlen` (KV caches only: an SSM state cannot be
+        rewound). Lets a benchmark time many steps at one context length."""
+        if not 0 <= seqlen <= self.seqlen:
+            raise ValueError(f"seqlen={seqlen} is invalid; allowed: 0..{self.seqlen}")
+        self.seqlen = seqlen
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.length = seqlen

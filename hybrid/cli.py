@@ -1,5 +1,6 @@
 """`hybrid` command line: `search` (run or resume a search space), `ui` (the MLflow UI on its
-store), `train` (one model on a corpus), `data` (prepare a corpus and its token cache),
+store), `bench` (latency and memory, no training), `train` (one model on a corpus), `data`
+(prepare a corpus and its token cache),
 `describe` (size, state and FLOPs of a pattern, nothing allocated), `layers` (the registry)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -21,6 +23,8 @@ from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
+from hybrid.search.bench import bench_rows, print_rows, space_architectures, write_json
+from hybrid.search.latency import DTYPES
 from hybrid.search.space import load_space
 from hybrid.search.study import SearchOutcome, run_search
 from hybrid.search.tracking import find_parent_run
@@ -269,6 +273,58 @@ def _cmd_ui(args: argparse.Namespace) -> None:
         subprocess.run(command, check=False)
 
 
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _bench(
+    args: argparse.Namespace,
+    configs: list[tuple[str, ModelConfig]],
+    batches: list[int],
+    contexts: list[int],
+) -> None:
+    device = _device(args.device)
+    rows = bench_rows(
+        configs, batches, contexts, args.prompt_len, args.dtype, device, use_cache=not args.no_cache
+    )
+    print_rows(rows, device)
+    write_json(rows, args.json)
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> None:
+    config = _model_config(args, args.vocab_size)
+    _bench(args, [(config.pattern, config)], args.batch or [1], args.context or [2048])
+
+
+def _cmd_bench_sweep(args: argparse.Namespace) -> None:
+    space = load_space(args.space)
+    decode = [o for o in space.spec.objectives if o.metric == "decode_latency_ms"]
+    batches = args.batch or ([decode[0].batch] if decode else [1])
+    contexts = args.context or ([decode[0].context] if decode else [2048])
+    _bench(args, space_architectures(space), batches, contexts)
+
+
+def _add_bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, action="append", help="repeatable (default 1)")
+    parser.add_argument(
+        "--context", type=int, action="append", help="decode context, repeatable (default 2048)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=512, help="prefill length (512)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="on CUDA; the CPU always measures float32",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="measure again instead of using $HYBRID_CACHE/latency.json",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every record here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=None)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=_cmd_ui)
+
+    bench = sub.add_parser("bench", help="latency and memory without training")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_model = bench_sub.add_parser("model", help="one architecture")
+    _add_model_options(bench_model)
+    bench_model.add_argument("--vocab-size", type=int, default=256)
+    _add_bench_options(bench_model)
+    bench_model.set_defaults(run=_cmd_bench_model)
+    bench_sweep = bench_sub.add_parser("sweep", help="every architecture of a search space")
+    bench_sweep.add_argument("space", help="search-space YAML")
+    _add_bench_options(bench_sweep)
+    bench_sweep.set_defaults(run=_cmd_bench_sweep)
 
     describe = sub.add_parser("describe", help="parameters, state bytes and FLOPs of a pattern")
     _add_model_options(describe)

@@ -102,3 +102,14 @@ def test_meta_device_builds_for_counting_without_memory():
     config = ModelConfig.from_pattern("M-" * 24, d_model=2048, vocab_size=50_000)
     model = HybridLM(config, device="meta")
     assert model.num_params() > 5e8
+
+
+def test_rewind_forgets_kv_positions_only():
+    model = _model("M-*-", MAMBA_SISO)
+    with torch.no_grad():
+        _, cache = model.prefill(torch.randint(0, 97, (1, 6)), max_seqlen=8)
+        model.step(torch.tensor([3]), cache)
+        cache.rewind(6)
+        assert cache.seqlen == 6 and cache.layers[2].length == 6
+        with pytest.raises(ValueError, match="seqlen=9"):
+            cache.rewind(9)

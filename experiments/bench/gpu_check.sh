@@ -29,9 +29,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', 
 status=()
 python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::UserWarning tests 2>&1 | tee "$out/gpu_tests.log"
 status+=("gpu tests|$(tail -n 1 "$out/gpu_tests.log")")
+# BENCHES="layers latency_check" runs only those; default: every benchmark
 for bench in experiments/bench/*.py; do
   name=$(basename "$bench" .py)
   [ "$name" = common ] && continue
+  [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]] && continue
   if python3 "$bench" --out "$out/$name.json" 2>&1 | tee "$out/$name.txt"; then
     status+=("bench $name|ok ($out/$name.json)")
   else

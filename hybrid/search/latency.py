@@ -1,33 +1,72 @@
-"""Prefill and decode latency of an architecture on the device this process owns.
+"""Latency and memory of an architecture, measured on the device this process owns.
 
-prefill: one forward of batch × prompt_len tokens; decode: one `step` per token after a
-prefill to `context` tokens. Warm-up first, then the median of repeated timings (CUDA events
-on a GPU, a monotonic clock on the CPU) with the interquartile range beside it. Every figure
-carries the device it was measured on, so CPU and GPU latencies are never mixed. On the CPU
-models run in float32 whatever dtype is asked (CPU bf16 timings say nothing about a GPU).
+- prefill: one forward of batch × prompt_len tokens (inference mode; bf16 on CUDA).
+- decode: one `step` of every layer, the cache update and the head, per generated token, after
+  a prefill to `context` tokens (run in pieces of 32k batch × tokens, so long contexts fit).
+  On CUDA the whole step is captured in a CUDA graph and its replays are timed (the SSM state
+  and the static KV cache are preallocated and updated in place: the replays are the real
+  step).
+- peak_memory_bytes: the most memory the prefill + decode used (CUDA allocator peak; on the CPU
+  the growth of the process's peak resident set, a lower bound where freed memory is reused).
+
+Method: warm-up, then `repeats` timings (CUDA events; a monotonic clock on the CPU), median
+and interquartile range. If the spread (IQR / median) is above `max_spread` the round is
+repeated, up to `max_rounds`, keeping the tightest; the spread is recorded either way, with
+the GPU name, its SM clock, the dtype, the versions and the backend of every layer kind.
+On the CPU models run in float32 whatever dtype is asked (CPU bf16 timings say nothing about
+a GPU) and every record says `device=cpu ...`. Results are cached by (architecture, request,
+device, software versions), so two trials of one architecture are measured once and a cache
+never crosses GPU types.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
 
 from hybrid.config import ModelConfig
+from hybrid.layers.attention import select_backend
 from hybrid.model import HybridLM
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+REPLAYS_PER_SAMPLE = 10  # decode graph replays timed together, so one sample is >> timer noise
+PREFILL_PIECE_TOKENS = 1 << 15  # tokens per forward when filling a decode context
 
 
 @dataclass(frozen=True)
-class Latency:
+class LatencyRequest:
+    kind: Literal["prefill", "decode"]
+    batch: int
+    length: int  # prompt_len for prefill, context for decode
+    dtype: str = "bfloat16"
+
+
+@dataclass(frozen=True)
+class Measurement:
     median_ms: float
     iqr_ms: float
+    spread: float  # iqr / median of the kept (tightest) round
+    rounds: int  # rounds run
+    samples: int
+    peak_memory_bytes: int | None
     device: str
     dtype: str
+    graphed: bool
+    sm_clock_mhz: int | None = None
+    backends: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 def device_name(device: torch.device) -> str:
@@ -36,65 +75,252 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _timed(fn, device: torch.device) -> float:
+def software_versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for package in ("triton", "hybrid-arch", "nvidia-cutlass-dsl", "flash-attn-4"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def cache_key(config: ModelConfig, request: LatencyRequest, device: torch.device) -> str:
+    """Architecture × request × device × software: what a latency depends on."""
+    blob = json.dumps(
+        {
+            "model": config.to_dict(),
+            "request": asdict(request),
+            "device": device_name(device),
+            "versions": software_versions(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class LatencyCache(Protocol):
+    def get(self, key: str) -> dict[str, Any] | None: ...
+    def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+
+class FileLatencyCache:
+    """A JSON file of measurements (for `hybrid bench`), rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._load().get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        data = self._load()
+        data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False) as f:
+            json.dump(data, f, indent=1)
+        os.replace(f.name, self.path)
+
+
+class StudyLatencyCache:
+    """Measurements kept in the study's own storage, shared by all of its workers."""
+
+    def __init__(self, study: Any) -> None:
+        self.study = study
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.study.user_attrs.get(f"latency:{key}")
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.study.set_user_attr(f"latency:{key}", value)
+
+
+def _sm_clock(device: torch.device) -> int | None:
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # needs NVML; absent on some hosts
+        return None
+
+
+def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    kinds = {spec.kind for spec in config.layers}
+    out = {}
+    if "mamba3" in kinds:
+        out["mamba3"] = "chunked scan / torch step"
+    if "attention" in kinds:
+        prefill = select_backend("auto", device, dtype)[0]
+        out["attention"] = f"{prefill} prefill / sdpa decode"
+    return out
+
+
+class _PeakMemory:
+    """Peak bytes used inside the block: CUDA allocator peak, or on Linux the peak resident
+    set (VmHWM, reset through /proc/self/clear_refs) above the resident set at entry."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.bytes = device, None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = self._reset_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.bytes = max(0, self._status("VmHWM") - self.base)
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field_name)
+
+    def _reset_rss(self) -> int | None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return self._status("VmRSS")
+        except OSError:
+            return None
+
+
+def _time(fn: Callable[[], Any], device: torch.device, n: int) -> float:
+    """Milliseconds of n calls of fn."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(n):
+            fn()
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(n):
+        fn()
     return (time.perf_counter() - t0) * 1e3
 
 
-def _summary(samples: list[float], device: torch.device, dtype: torch.dtype) -> Latency:
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return Latency(
-        statistics.median(samples), q3 - q1, device_name(device), str(dtype).removeprefix("torch.")
+def _rounds(
+    fn: Callable[[], Any],
+    device: torch.device,
+    per_sample: int,
+    repeats: int,
+    max_spread: float,
+    max_rounds: int,
+) -> tuple[float, float, float, int]:
+    """(median, IQR, spread) of the tightest of up to max_rounds rounds, and rounds run."""
+    best, rounds = None, 0
+    while rounds < max_rounds and (best is None or best[2] > max_spread):
+        rounds += 1
+        samples = [_time(fn, device, per_sample) / per_sample for _ in range(repeats)]
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        median = statistics.median(samples)
+        if best is None or (q3 - q1) / median < best[2]:
+            best = (median, q3 - q1, (q3 - q1) / median)
+    return (*best, rounds)
+
+
+def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -> Any:
+    """Prefill the cache to the whole context, PREFILL_PIECE_TOKENS (batch × length) at a
+    time, so a long context at a large batch fits in memory (the result is the same)."""
+    cache = model.allocate_cache(tokens.shape[0], max_seqlen)
+    piece = max(1, PREFILL_PIECE_TOKENS // tokens.shape[0])
+    for start in range(0, tokens.shape[1], piece):
+        model(tokens[:, start : start + piece], cache)
+    return cache
+
+
+def _capture(step: Callable[[], Any]) -> Callable[[], Any]:
+    """A CUDA graph of `step` (warmed up on a side stream first); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@torch.inference_mode()
+def measure(
+    config: ModelConfig,
+    request: LatencyRequest,
+    device: torch.device,
+    *,
+    cache: LatencyCache | None = None,
+    max_spread: float = 0.03,
+    max_rounds: int = 3,
+    repeats: int | None = None,
+    graphs: bool = True,
+) -> Measurement:
+    """Measure (or fetch from `cache`) one latency of one architecture."""
+    key = cache_key(config, request, device)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return Measurement(**hit)
+    cuda = device.type == "cuda"
+    dtype = DTYPES[request.dtype] if cuda else torch.float32
+    repeats = repeats or (30 if cuda else 9)
+    torch.manual_seed(0)
+    with _PeakMemory(device) as peak:
+        model = HybridLM(config, device=device, dtype=dtype).eval()
+        tokens = torch.randint(0, config.vocab_size, (request.batch, request.length), device=device)
+        graphed = False
+        if request.kind == "prefill":
+            model(tokens)
+            stats = _rounds(lambda: model(tokens), device, 1, repeats, max_spread, max_rounds)
+        else:
+            kv = _prefill_in_pieces(model, tokens, max_seqlen=request.length + 1)
+            token = tokens[:, -1].clone()
+
+            def step() -> None:
+                kv.rewind(request.length)  # every timed step attends `length` past tokens
+                model.step(token, kv)
+
+            graphed = cuda and graphs
+            timed = _capture(step) if graphed else step
+            for _ in range(2):
+                timed()
+            per_sample = REPLAYS_PER_SAMPLE if graphed else 1
+            stats = _rounds(timed, device, per_sample, repeats, max_spread, max_rounds)
+        if cuda:
+            torch.cuda.synchronize(device)
+    median, iqr, spread, rounds = stats
+    result = Measurement(
+        median_ms=median,
+        iqr_ms=iqr,
+        spread=spread,
+        rounds=rounds,
+        samples=repeats,
+        peak_memory_bytes=peak.bytes,
+        device=device_name(device),
+        dtype=str(dtype).removeprefix("torch."),
+        graphed=graphed,
+        sm_clock_mhz=_sm_clock(device) if cuda else None,
+        backends=_backends(config, device, dtype),
+        versions=software_versions(),
     )
+    if cache is not None:
+        cache.put(key, asdict(result))
+    return result
 
 
-def _model(config: ModelConfig, device: torch.device, dtype: str) -> tuple[HybridLM, torch.dtype]:
-    torch_dtype = DTYPES[dtype] if device.type == "cuda" else torch.float32
-    return HybridLM(config, device=device, dtype=torch_dtype).eval(), torch_dtype
-
-
-@torch.inference_mode()
-def prefill_latency(
-    config: ModelConfig,
-    batch: int,
-    prompt_len: int,
-    device: torch.device,
-    dtype: str = "bfloat16",
-    warmup: int = 2,
-    repeats: int = 7,
-) -> Latency:
-    model, torch_dtype = _model(config, device, dtype)
-    tokens = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
-    for _ in range(warmup):
-        model(tokens)
-    samples = [_timed(lambda: model(tokens), device) for _ in range(repeats)]
-    return _summary(samples, device, torch_dtype)
-
-
-@torch.inference_mode()
-def decode_latency(
-    config: ModelConfig,
-    batch: int,
-    context: int,
-    device: torch.device,
-    dtype: str = "bfloat16",
-    warmup: int = 3,
-    repeats: int = 15,
-) -> Latency:
-    """Milliseconds per generated token (one `step` of every sequence in the batch)."""
-    model, torch_dtype = _model(config, device, dtype)
-    prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
-    _, cache = model.prefill(prompt, max_seqlen=context + warmup + repeats)
-    token = torch.randint(0, config.vocab_size, (batch,), device=device)
-    for _ in range(warmup):
-        model.step(token, cache)
-    samples = [_timed(lambda: model.step(token, cache), device) for _ in range(repeats)]
-    return _summary(samples, device, torch_dtype)
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy rate (bytes read + written), the yardstick for decode."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = min(_time(lambda: dst.copy_(src), device, 5) / 5 for _ in range(3))
+    return 2 * src.nbytes / ms / 1e6

@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import gc
 import math
+from dataclasses import asdict
 
 import optuna
 import torch
 
 from hybrid.model import HybridLM
-from hybrid.search.latency import decode_latency, device_name, prefill_latency
+from hybrid.search.latency import LatencyRequest, StudyLatencyCache, device_name, measure
 from hybrid.search.space import SearchSpace, TrialPlan
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import TokenData
 from hybrid.train import train
 
 STATIC_METRICS = ("params", "state_bytes", "flops_per_token")
+# peak memory is measured during a decode run at the objective's batch and context
+LATENCY_KINDS = {
+    "prefill_latency_ms": "prefill",
+    "decode_latency_ms": "decode",
+    "peak_memory_bytes": "decode",
+}
 
 
 def static_metrics(space: SearchSpace, plan: TrialPlan) -> dict[str, float]:
@@ -137,19 +144,31 @@ class TrialRunner:
         )
         metrics = {**static, **result.metrics}
         del result
-        metrics.update(self._latencies(plan))
+        metrics.update(self._latencies(trial, plan))
         return metrics, {}
 
-    def _latencies(self, plan: TrialPlan) -> dict[str, float]:
-        out = {}
+    def _latencies(self, trial: optuna.Trial, plan: TrialPlan) -> dict[str, float]:
+        """The latency and memory objectives, through the study's latency cache."""
+        out: dict[str, float] = {}
+        cache = StudyLatencyCache(trial.study)
         for o in self.space.spec.objectives:
-            if o.metric == "prefill_latency_ms":
-                lat = prefill_latency(plan.model, o.batch, o.prompt_len, self.device, o.dtype)
-            elif o.metric == "decode_latency_ms":
-                lat = decode_latency(plan.model, o.batch, o.context, self.device, o.dtype)
-            else:
+            if o.metric not in LATENCY_KINDS:
                 continue
-            out[o.metric], out[f"{o.metric}_iqr"] = lat.median_ms, lat.iqr_ms
+            kind = LATENCY_KINDS[o.metric]
+            length = o.prompt_len if kind == "prefill" else o.context
+            m = measure(
+                plan.model,
+                LatencyRequest(kind, o.batch, length, o.dtype),
+                self.device,
+                cache=cache,
+                max_spread=o.max_spread,
+            )
+            if o.metric == "peak_memory_bytes":
+                out[o.metric] = float(m.peak_memory_bytes or 0)
+            else:
+                out[o.metric], out[f"{o.metric}_iqr"] = m.median_ms, m.iqr_ms
+                out[f"{o.metric}_spread"] = m.spread
+            trial.set_user_attr(f"{o.metric}_record", asdict(m))
         return out
 
     @staticmethod

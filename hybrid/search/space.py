@@ -48,6 +48,7 @@ METRICS = (
     "val_loss",
     "prefill_latency_ms",
     "decode_latency_ms",
+    "peak_memory_bytes",
     "state_bytes",
     "params",
     "flops_per_token",
@@ -184,6 +185,7 @@ class ObjectiveSection(_Model):
     context: int = Field(2048, ge=1)
     prompt_len: int = Field(512, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_spread: float = Field(0.03, gt=0, le=1)
 
 
 class ConstraintsSection(_Model):
@@ -475,7 +477,7 @@ class SearchSpace:
                     return point
         raise ValueError(f"pattern {design!r} is not a point of this space")
 
-    def _points(self) -> Iterator[dict[str, Any]]:
+    def points(self) -> Iterator[dict[str, Any]]:
         """Points varying the model dimensions (all of them when few, else a seeded sample),
         the training dimensions at their first value."""
         base = self._first()
@@ -510,7 +512,7 @@ class SearchSpace:
         c = self.spec.constraints
         seen: dict[str, tuple[int, int]] = {}
         state_contexts = [o.context for o in self.spec.objectives if o.metric == "state_bytes"]
-        for point in self._points():
+        for point in self.points():
             checked += 1
             try:
                 plan = self.plan(point)

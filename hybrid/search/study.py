@@ -27,7 +27,7 @@ from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import prepare_data
 
 STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
-LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms")
+LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms", "peak_memory_bytes")
 
 
 def default_storage(space: SearchSpace) -> str:
