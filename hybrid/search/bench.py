@@ -93,7 +93,7 @@ def print_rows(rows: list[dict[str, Any]], device: torch.device) -> None:
     for r in rows:
         peak = r["peak_memory_bytes"] / 1e6 if r["peak_memory_bytes"] is not None else float("nan")
         print(
-            f"{r['model'][:27]:<28}{r['params']:>12,}{r['batch']:>5}{r['context']:>7}"
+            f"{r['model'][:35]:<36}{r['params']:>12,}{r['batch']:>5}{r['context']:>7}"
             f"{r['prefill_ms']:>12.3f}{100 * r['prefill_spread']:>6.1f}"
             f"{r['decode_ms']:>11.4f}{100 * r['decode_spread']:>6.1f}{peak:>9.1f}"
             f"{r['state_bytes'] / 1e6:>10.2f}{r['decode_gbs']:>8.0f}"
