@@ -167,3 +167,5 @@ def test_decode_latency_is_repeatable_in_process():
     a, b = (measure(config, LatencyRequest("decode", 8, 2048), CUDA) for _ in range(2))
     assert a.graphed and a.device == torch.cuda.get_device_name()
     assert abs(a.median_ms - b.median_ms) / a.median_ms <= 0.05, (a, b)
+    prefill = measure(config, LatencyRequest("prefill", 8, 512), CUDA)
+    assert prefill.graphed and prefill.median_ms > 0 and prefill.peak_memory_bytes > 0

@@ -1,6 +1,8 @@
 """Latency and memory of an architecture, measured on the device this process owns.
 
-- prefill: one forward of batch × prompt_len tokens (inference mode; bf16 on CUDA).
+- prefill: one forward of batch × prompt_len tokens (inference mode; bf16 on CUDA), captured
+  in a CUDA graph on CUDA: launch overhead is host time that varies from process to process
+  (87% between 5 processes at batch 1 when timed eagerly on an H100), not the architecture's.
 - decode: one `step` of every layer, the cache update and the head, per generated token, after
   a prefill to `context` tokens (run in pieces of 32k batch × tokens, so long contexts fit).
   On CUDA the whole step is captured in a CUDA graph and its replays are timed (the SSM state
@@ -276,24 +278,26 @@ def measure(
     with _PeakMemory(device) as peak:
         model = HybridLM(config, device=device, dtype=dtype).eval()
         tokens = torch.randint(0, config.vocab_size, (request.batch, request.length), device=device)
-        graphed = False
+        graphed = cuda and graphs
         if request.kind == "prefill":
-            model(tokens)
-            stats = _rounds(lambda: model(tokens), device, 1, repeats, max_spread, max_rounds)
+
+            def work() -> None:
+                model(tokens)
+
+            per_sample = 1
         else:
             kv = _prefill_in_pieces(model, tokens, max_seqlen=request.length + 1)
             token = tokens[:, -1].clone()
 
-            def step() -> None:
+            def work() -> None:
                 kv.rewind(request.length)  # every timed step attends `length` past tokens
                 model.step(token, kv)
 
-            graphed = cuda and graphs
-            timed = _capture(step) if graphed else step
-            for _ in range(2):
-                timed()
             per_sample = REPLAYS_PER_SAMPLE if graphed else 1
-            stats = _rounds(timed, device, per_sample, repeats, max_spread, max_rounds)
+        timed = _capture(work) if graphed else work
+        for _ in range(2):
+            timed()
+        stats = _rounds(timed, device, per_sample, repeats, max_spread, max_rounds)
         if cuda:
             torch.cuda.synchronize(device)
     median, iqr, spread, rounds = stats
