@@ -23,7 +23,6 @@ from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import TokenData
 from hybrid.train import train
 
-STATIC_METRICS = ("params", "state_bytes", "flops_per_token")
 # peak memory is measured during a decode run at the objective's batch and context
 LATENCY_KINDS = {
     "prefill_latency_ms": "prefill",
