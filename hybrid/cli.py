@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
@@ -26,8 +28,17 @@ from hybrid.model import HybridLM
 from hybrid.search.bench import bench_rows, print_rows, space_architectures, write_json
 from hybrid.search.latency import DTYPES
 from hybrid.search.space import load_space
-from hybrid.search.study import SearchOutcome, run_search
+from hybrid.search.study import (
+    SearchOutcome,
+    compute_front,
+    default_storage,
+    initialise_study,
+    join_study,
+    load_data,
+    run_search,
+)
 from hybrid.search.tracking import find_parent_run
+from hybrid.search.worker import launch_workers, work
 from hybrid.token_cache import TokenData, prepare_data
 from hybrid.train import TrainConfig, TrainingDiverged, train
 
@@ -206,13 +217,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
     pareto = outcome.front.pareto
-    header = ["trial", "pattern", *metrics, "params", "sampled"]
+    extra = [] if "params" in metrics else ["params"]
+    header = ["trial", "pattern", *metrics, *extra, "sampled"]
     table = [
         [
             str(r["trial"]),
             r["pattern"],
             *(f"{r[m]:.5g}" for m in metrics),
-            f"{r['params']:,}",
+            *(f"{r[m]:,}" for m in extra),
             r["point"],
         ]
         for r in pareto
@@ -226,20 +238,79 @@ def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
+def _gpu_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    if text == "all":
+        return list(range(torch.cuda.device_count()))
+    return [int(g) for g in text.split(",")]
+
+
 def _cmd_search(args: argparse.Namespace) -> None:
     space = load_space(args.space)
-    outcome = run_search(
-        space,
-        n_trials=args.trials,
-        storage=args.storage,
-        tracking_uri=args.tracking_uri,
-        device=args.device,
-    )
-    _print_front(outcome, space.metric_names)
+    storage = args.storage or default_storage(space)
     uri = args.tracking_uri or space.spec.tracking.uri
+    gpus = _gpu_ids(args.gpus)
+    workers = len(gpus) if gpus is not None else args.workers
+    if gpus is not None and not gpus:
+        raise ValueError("--gpus all: no CUDA device is visible")
+    if args.init:
+        study, tracker = initialise_study(space, storage, args.tracking_uri, _device(args.device))
+        print(
+            f"study {study.study_name!r} ready in {storage}; MLflow parent run "
+            f"{tracker.parent_id} in {uri}. Start workers with: "
+            f"hybrid worker {args.space} --storage {storage}"
+        )
+        return
+    if workers > 1:
+        study = launch_workers(
+            args.space,
+            space,
+            workers=workers,
+            gpus=gpus,
+            storage=storage,
+            tracking_uri=args.tracking_uri,
+            target=args.trials or space.spec.search.n_trials,
+            device=_device(args.device),
+        )
+        outcome = SearchOutcome(
+            study, compute_front(study, space), study.user_attrs["mlflow_parent_run_id"], "", 0
+        )
+    else:
+        outcome = run_search(
+            space,
+            n_trials=args.trials,
+            storage=storage,
+            tracking_uri=args.tracking_uri,
+            device=args.device,
+        )
+    _print_front(outcome, space.metric_names)
     print(
         f"\nMLflow: parent run {outcome.parent_run_id} in {uri}; browse with: "
         f"hybrid ui {args.space}"
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    if args.gpu is not None:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    space = load_space(args.space)
+    device = _device(args.device)
+    data = load_data(space)
+    study, tracker = join_study(space, args.storage, args.tracking_uri, device)
+    ran = work(
+        space,
+        study,
+        tracker,
+        data,
+        device,
+        storage=args.storage,
+        target=args.trials or space.spec.search.n_trials,
+        progress=not args.quiet,
+    )
+    print(
+        f"worker done: {ran} trials run here; study {study.study_name!r} holds "
+        f"{len(study.get_trials(states=(TrialState.COMPLETE,)))} completed trials"
     )
 
 
@@ -351,7 +422,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: tracking.uri, sqlite:///mlflow.db)",
     )
     search.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
+    search.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this host (journal or postgresql storage)",
+    )
+    search.add_argument(
+        "--gpus", default=None, help="'all' or '0,1,...': one worker per GPU, pinned"
+    )
+    search.add_argument(
+        "--init",
+        action="store_true",
+        help="only create the study and its MLflow parent run (before "
+        "starting `hybrid worker`s on other hosts)",
+    )
     search.set_defaults(run=_cmd_search)
+
+    worker = sub.add_parser("worker", help="pull trials of an existing study until it is done")
+    worker.add_argument("space", help="search-space YAML")
+    worker.add_argument("--storage", required=True, help="journal:PATH or postgresql://...")
+    worker.add_argument("--tracking-uri", default=None)
+    worker.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="completed trials the study should reach (default: n_trials)",
+    )
+    worker.add_argument("--gpu", type=int, default=None, help="pin to this GPU")
+    worker.add_argument("--device", default=None)
+    worker.add_argument("--quiet", action="store_true", help="no progress bar")
+    worker.set_defaults(run=_cmd_worker)
 
     ui = sub.add_parser("ui", help="the MLflow UI on a study's store, on 127.0.0.1")
     ui.add_argument("space", nargs="?", help="search-space YAML (finds its store and study)")

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from dataclasses import asdict
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
 from hybrid.model import HybridLM
+from hybrid.search.heartbeat import fail_stale_trials
 from hybrid.search.latency import LatencyRequest, StudyLatencyCache, device_name, measure
 from hybrid.search.space import SearchSpace, TrialPlan
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import TokenData
 from hybrid.train import train
 
+WAIT_SECONDS = 2.0  # poll period while another worker trains the same architecture
 # peak memory is measured during a decode run at the objective's batch and context
 LATENCY_KINDS = {
     "prefill_latency_ms": "prefill",
@@ -89,9 +93,10 @@ class TrialRunner:
             trial.set_user_attr(key, value)
         run_id = None
         if self.tracker is not None:
-            run_id = self.tracker.start_trial(
-                trial.number, plan, {"feasible": feasible, "device": facts["device"]}
-            )
+            tags = {"feasible": feasible, "device": facts["device"]}
+            if "retry_of" in trial.user_attrs:  # re-run of a trial whose worker died
+                tags["retry_of"] = trial.user_attrs["retry_of"]
+            run_id = self.tracker.start_trial(trial.number, plan, tags)
             trial.set_user_attr("mlflow_run_id", run_id)
         try:
             metrics, tags = self._metrics(trial, plan, static, feasible, run_id)
@@ -170,18 +175,27 @@ class TrialRunner:
             trial.set_user_attr(f"{o.metric}_record", asdict(m))
         return out
 
-    @staticmethod
-    def _same_architecture(trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
-        """A finished, trained trial of the same architecture and recipe, if any."""
-        for other in trial.study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
-        ):
-            attrs = other.user_attrs
-            if (
-                attrs.get("arch_key") == key
-                and "duplicate_of" not in attrs
-                and attrs.get("feasible", True)
-                and "metrics" in attrs
+    def _same_architecture(self, trial: optuna.Trial, key: str) -> FrozenTrial | None:
+        """A finished, trained trial of the same architecture and recipe, if any. One still
+        running in another worker is waited for, so no architecture is trained twice at once
+        (its worker's heartbeat ends the wait if that worker dies)."""
+        grace = self.space.spec.search.grace_period
+        while True:
+            running = False
+            for other in trial.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
             ):
-                return other
-        return None
+                attrs = other.user_attrs
+                if (
+                    other.number == trial.number
+                    or attrs.get("arch_key") != key
+                    or ("duplicate_of" in attrs or not attrs.get("feasible", True))
+                ):
+                    continue
+                if other.state == TrialState.COMPLETE and "metrics" in attrs:
+                    return other
+                running |= other.state == TrialState.RUNNING and other.number < trial.number
+            if not running:
+                return None
+            time.sleep(WAIT_SECONDS)
+            fail_stale_trials(trial.study, grace)

@@ -203,6 +203,17 @@ class SearchSection(_Model):
     study_name: str | None = None
     seed_designs: list[str] = []
     hv_reference: list[float] | None = None
+    heartbeat_interval: float = Field(30.0, gt=0)
+    grace_period: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_covers_beats(self) -> SearchSection:
+        if self.grace_period < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period={self.grace_period} must be at least twice "
+                f"heartbeat_interval={self.heartbeat_interval}"
+            )
+        return self
 
 
 class TrackingSection(_Model):

@@ -7,7 +7,11 @@ designs are enqueued once, and the MLflow parent run is found again through the 
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import socket
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +19,10 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
 from hybrid.data import CorpusSpec
 from hybrid.search.figures import pareto_html, pareto_png
 from hybrid.search.latency import device_name
-from hybrid.search.objectives import TrialRunner
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
 from hybrid.search.space import SearchSpace, vocab_for
 from hybrid.search.tracking import StudyTracker
@@ -41,13 +43,18 @@ def open_storage(url: str) -> Any:
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    if url.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql")):
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3
+    if url.startswith(("sqlite:///", "postgresql+", "mysql")):
         return url
     raise ValueError(f"search.storage={url!r} is invalid; allowed: {', '.join(STORAGE_SCHEMES)}")
 
 
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    seed, kind = space.spec.seed, space.spec.search.sampler
+def make_sampler(space: SearchSpace, worker: str = "") -> optuna.samplers.BaseSampler:
+    """The YAML's sampler, seeded with `seed`; each worker of a shared study mixes its own
+    identity into the seed, or every worker would propose the same points."""
+    seed = space.spec.seed + (zlib.crc32(worker.encode()) if worker else 0)
+    kind = space.spec.search.sampler
     if kind == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, n_startup_trials=min(10, max(4, _target(space) // 3))
@@ -218,6 +225,84 @@ class SearchOutcome:
     trials_run: int
 
 
+def load_data(space: SearchSpace) -> Any:
+    """The corpus' token arrays (prepared before any trial, so a bad corpus fails first)."""
+    d = space.spec.data
+    return prepare_data(
+        CorpusSpec(
+            d.corpus,
+            text_field=d.text_field,
+            hub_config=d.hub_config,
+            hub_split=d.hub_split,
+            streaming=d.streaming,
+            max_documents=d.max_documents,
+            val_fraction=d.val_fraction,
+        ),
+        d.tokenizer,
+    )
+
+
+def study_name_of(space: SearchSpace) -> str:
+    return space.spec.search.study_name or space.name
+
+
+def initialise_study(
+    space: SearchSpace, storage: str, tracking_uri: str | None, device: torch.device
+) -> tuple[optuna.Study, StudyTracker]:
+    """Create (or resume) the study, its MLflow parent run and its seed designs, once,
+    before any worker starts: concurrent first-time set-up of one database is a known crash."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=open_storage(storage),
+        study_name=study_name_of(space),
+        directions=space.directions,
+        sampler=make_sampler(space),
+        load_if_exists=True,
+    )
+    _check_resume(study, space, device)
+    tracker = StudyTracker.open(
+        space,
+        study.study_name,
+        tracking_uri or space.spec.tracking.uri,
+        study.user_attrs.get("mlflow_parent_run_id"),
+    )
+    study.set_user_attr("mlflow_parent_run_id", tracker.parent_id)
+    if not study.user_attrs.get("seeded"):
+        for design in space.spec.search.seed_designs:
+            study.enqueue_trial(space.seed_params(design), skip_if_exists=True)
+        study.set_user_attr("seeded", True)
+    return study, tracker
+
+
+def join_study(
+    space: SearchSpace, storage: str, tracking_uri: str | None, device: torch.device
+) -> tuple[optuna.Study, StudyTracker]:
+    """Open a study that `initialise_study` created (a worker never creates one)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(
+            study_name=study_name_of(space),
+            storage=open_storage(storage),
+            sampler=make_sampler(space, f"{socket.gethostname()}:{os.getpid()}"),
+        )
+    except KeyError:
+        raise ValueError(
+            f"study {study_name_of(space)!r} does not exist in {storage}: create it first with "
+            f"`hybrid search SPACE.yaml --storage {storage} --init`"
+        ) from None
+    _check_resume(study, space, device)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None:
+        raise ValueError(
+            f"study {study.study_name!r} has no MLflow parent run: run "
+            "`hybrid search SPACE.yaml --init` against its storage first"
+        )
+    tracker = StudyTracker.open(
+        space, study.study_name, tracking_uri or space.spec.tracking.uri, parent
+    )
+    return study, tracker
+
+
 def run_search(
     space: SearchSpace,
     *,
@@ -227,83 +312,29 @@ def run_search(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> SearchOutcome:
-    """Run (or resume) the study until it has `n_trials` completed trials or times out."""
+    """Run (or resume) the study in this process until it has `n_trials` completed trials
+    or times out."""
+    from hybrid.search.worker import work
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = space.spec
-    data = prepare_data(
-        CorpusSpec(
-            spec.data.corpus,
-            text_field=spec.data.text_field,
-            hub_config=spec.data.hub_config,
-            hub_split=spec.data.hub_split,
-            streaming=spec.data.streaming,
-            max_documents=spec.data.max_documents,
-            val_fraction=spec.data.val_fraction,
-        ),
-        spec.data.tokenizer,
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_name = spec.search.study_name or space.name
-    study = optuna.create_study(
-        storage=open_storage(storage or default_storage(space)),
-        study_name=study_name,
-        directions=space.directions,
-        sampler=make_sampler(space),
-        load_if_exists=True,
-    )
-    _check_resume(study, space, device)
-    tracker = StudyTracker.open(
-        space,
-        study_name,
-        tracking_uri or spec.tracking.uri,
-        study.user_attrs.get("mlflow_parent_run_id"),
-    )
-    study.set_user_attr("mlflow_parent_run_id", tracker.parent_id)
-    if not study.user_attrs.get("seeded"):
-        for design in spec.search.seed_designs:
-            study.enqueue_trial(space.seed_params(design), skip_if_exists=True)
-        study.set_user_attr("seeded", True)
-
-    target = n_trials or spec.search.n_trials
-    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = max(0, target - completed) if target else None
-    bar = tqdm(
-        total=remaining,
-        desc=f"search {study_name}",
-        unit="trial",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    failures = {"n": 0}
-
-    def report(trial: optuna.trial.FrozenTrial, front: Front) -> None:
-        if trial.state == TrialState.COMPLETE:
-            bar.update(1)
-        else:
-            failures["n"] += 1
-            tqdm.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason')}")
-        bar.set_postfix(front=len(front.pareto), hv=f"{front.hypervolume:.4g}", refresh=False)
-
-    def stop_when_done(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if (target and done >= target) or failures["n"] >= max(5, 2 * (remaining or 10)):
-            study.stop()  # the failure cap keeps a broken set-up from looping forever
-
-    runner = TrialRunner(space, data, device, tracker)
-    updater = FrontUpdater(space, tracker, report)
+    data = load_data(space)
+    storage = storage or default_storage(space)
+    study, tracker = initialise_study(space, storage, tracking_uri, device)
     before = len(study.trials)
     status = "KILLED"
     try:
-        if remaining != 0:
-            study.optimize(
-                runner,
-                timeout=spec.search.timeout,
-                catch=(Exception,),
-                callbacks=[updater, stop_when_done],
-            )
+        work(
+            space,
+            study,
+            tracker,
+            data,
+            device,
+            storage=storage,
+            target=n_trials or space.spec.search.n_trials,
+            progress=progress,
+        )
         status = "FINISHED"
     finally:
-        bar.close()
         tracker.finish_study(status)
     return SearchOutcome(
         study,

@@ -1,0 +1,260 @@
+"""The trial loop every worker runs, and `hybrid search --workers N` launching one worker
+process per GPU on this host.
+
+Each worker, before every trial, fails the trials of dead workers (heartbeats), then claims a
+trial only while completed + running trials are short of the budget; the storage numbers
+trials atomically, so when two workers race for the last slot the later number gives its
+trial back. A study therefore ends with exactly `n_trials` completed trials however many
+workers share it, and a crashed worker only delays it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from hybrid.search.heartbeat import Heartbeat, fail_stale_trials
+from hybrid.search.objectives import TrialRunner
+from hybrid.search.space import SearchSpace
+from hybrid.search.study import Front, FrontUpdater, initialise_study, open_storage
+from hybrid.search.tracking import StudyTracker
+
+POLL_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def front_lock(storage: str) -> Iterator[None]:
+    """One writer at a time for the parent run's figures: a file lock beside a journal, an
+    advisory lock in PostgreSQL; SQLite has one process anyway."""
+    if storage.startswith("journal:"):
+        path = Path(storage.removeprefix("journal:") + ".front.lock")
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif storage.startswith("postgresql"):
+        import sqlalchemy
+
+        key = zlib.crc32(storage.encode()) & 0x7FFFFFFF
+        engine = sqlalchemy.create_engine(open_storage(storage), poolclass=sqlalchemy.NullPool)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+    else:
+        yield
+
+
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    done = sum(t.state == TrialState.COMPLETE for t in trials)
+    return done, len(trials) - done
+
+
+def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """True when trials numbered before this one already fill the budget (a lost race)."""
+    earlier = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if t.number < trial.number
+    ]
+    return len(earlier) >= target
+
+
+def _give_back(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Return a surplus trial: re-enqueue what was enqueued (a seed or a retry), then close
+    it as PRUNED so no count includes it."""
+    storage = study._storage
+    fixed = storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+    if fixed:
+        study.enqueue_trial(fixed, user_attrs=dict(storage.get_trial(trial._trial_id).user_attrs))
+    trial.set_user_attr("surplus", True)
+    study.tell(trial, state=TrialState.PRUNED)
+
+
+def work(
+    space: SearchSpace,
+    study: optuna.Study,
+    tracker: StudyTracker,
+    data: Any,
+    device: torch.device,
+    *,
+    storage: str,
+    target: int | None,
+    progress: bool = True,
+) -> int:
+    """Run trials until the study holds `target` completed ones (or the timeout passes);
+    returns how many trials this worker ran."""
+    search = space.spec.search
+    done, _ = _counts(study)
+    bar = tqdm(
+        total=max(0, target - done) if target else None,
+        desc=f"search {study.study_name}",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    failures, ran, started = 0, 0, time.time()
+
+    def report(trial: FrozenTrial, front: Front) -> None:
+        nonlocal failures
+        if trial.state == TrialState.COMPLETE:
+            bar.update(1)
+        else:
+            failures += 1
+            tqdm.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason')}")
+        bar.set_postfix(front=len(front.pareto), hv=f"{front.hypervolume:.4g}", refresh=False)
+
+    def child_failed(trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is not None:
+            tracker.finish_trial(
+                run_id,
+                {},
+                "FAILED",
+                {"fail_reason": f"worker lost: no heartbeat for over {search.grace_period:g} s"},
+            )
+
+    runner = TrialRunner(space, data, device, tracker)
+    updater = FrontUpdater(space, tracker, report)
+    try:
+        while True:
+            fail_stale_trials(study, search.grace_period, on_failed=child_failed)
+            done, running = _counts(study)
+            if (target and done >= target) or failures >= max(5, 2 * (target or 10)):
+                break
+            if search.timeout and time.time() - started > search.timeout:
+                break
+            if target and done + running >= target:
+                time.sleep(POLL_SECONDS)  # the others may still fail: wait, then look again
+                continue
+            trial = study.ask()
+            if target and _surplus(study, trial, target):
+                _give_back(study, trial)
+                continue
+            ran += 1
+            try:
+                with Heartbeat(study._storage, trial._trial_id, search.heartbeat_interval):
+                    values = runner(trial)
+            except Exception:
+                study.tell(trial, state=TrialState.FAIL)
+            except BaseException:  # Ctrl-C / SIGTERM: close the trial, then stop
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                study.tell(trial, values)
+            with front_lock(storage):
+                updater(study, study._storage.get_trial(trial._trial_id))
+    finally:
+        bar.close()
+    return ran
+
+
+def _terminate(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+    deadline = time.time() + 60
+    for p in processes:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def launch_workers(
+    space_file: str,
+    space: SearchSpace,
+    *,
+    workers: int,
+    gpus: list[int] | None,
+    storage: str,
+    tracking_uri: str | None,
+    target: int | None,
+    device: torch.device,
+) -> tuple[optuna.Study, str]:
+    """Initialise the study here, then run `workers` `hybrid worker` processes (one per GPU
+    when `gpus` is given, pinned with CUDA_VISIBLE_DEVICES) behind one progress bar.
+    Ctrl-C stops them all; their logs go to ./hybrid-workers/STUDY/."""
+    if storage.startswith("sqlite") and workers > 1:
+        raise ValueError(
+            f"search.storage={storage!r}: SQLite allows one writer at a time, so {workers} "
+            "workers would fail on locked writes; allowed: journal:PATH (one host, or a shared "
+            "file system) or postgresql://... (any number of hosts)"
+        )
+    study, tracker = initialise_study(space, storage, tracking_uri, device)
+    logs = Path("hybrid-workers") / study.study_name
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    processes = []
+    for i in range(workers):
+        worker_env = dict(env)
+        if gpus is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = str(gpus[i])
+        command = [
+            sys.executable,
+            "-m",
+            "hybrid.cli",
+            "worker",
+            space_file,
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking_uri or space.spec.tracking.uri,
+            "--quiet",
+        ]
+        if target:
+            command += ["--trials", str(target)]
+        log = (logs / f"worker-{i}.log").open("w")
+        processes.append(
+            subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=worker_env,
+                start_new_session=True,
+            )
+        )
+    done, _ = _counts(study)
+    bar = tqdm(
+        total=target,
+        initial=done,
+        desc=f"search {study.study_name} ({workers} workers)",
+        unit="trial",
+        dynamic_ncols=True,
+    )
+    status = "KILLED"
+    try:
+        while any(p.poll() is None for p in processes):
+            time.sleep(POLL_SECONDS)
+            done, running = _counts(study)
+            bar.n = done
+            bar.set_postfix(running=running, refresh=True)
+        status = "FINISHED"
+    finally:
+        _terminate(processes)
+        bar.close()
+        tracker.finish_study(status)
+    failed = [i for i, p in enumerate(processes) if p.returncode != 0]
+    if failed:
+        print(f"workers {failed} exited with an error: see {logs}/worker-N.log", file=sys.stderr)
+    return study

@@ -1,0 +1,200 @@
+"""Distributed search: worker processes on PostgreSQL and journal studies, a worker killed
+mid-trial, SQLite refused for several workers, and a client we did not write reading the
+study. PostgreSQL comes from `.ci/run` (a throwaway cluster on 127.0.0.1) through
+`HYBRID_TEST_POSTGRES`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+POSTGRES = os.environ.get("HYBRID_TEST_POSTGRES")
+needs_postgres = pytest.mark.skipif(
+    POSTGRES is None and not os.environ.get("CI"),
+    reason="set HYBRID_TEST_POSTGRES (CI starts a throwaway cluster and never skips this)",
+)
+
+
+def _space(folder: Path, name: str, steps: int, n_trials: int) -> Path:
+    corpus = folder / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(
+            f"Act {i}. " + "Now is the winter of our discontent. " * 40
+        )
+    spec = {
+        "name": name,
+        "model": {
+            "d_model": 32,
+            "n_mixers": 3,
+            "mamba3": {"d_state": 16, "headdim": 16, "chunk_size": 16},
+            "attention": {"n_heads": 2},
+            "mlp": {"hidden": 64},
+            "layout": {
+                "attention_ratio": {"choices": [0.0, 0.34, 0.67, 1.0]},
+                "placement": {"choices": ["front", "back", "even"]},
+            },
+        },
+        "data": {"corpus": str(corpus), "seq_len": 32, "val_fraction": 0.25},
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "eval_tokens": 256,
+            "lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+        },
+        "objectives": [{"metric": "val_perplexity"}, {"metric": "params"}],
+        "search": {
+            "sampler": "random",
+            "n_trials": n_trials,
+            "heartbeat_interval": 0.5,
+            "grace_period": 3,
+        },
+        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _hybrid(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hybrid.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def _run(*args: str, cwd: Path, timeout: float = 300) -> str:
+    process = _hybrid(*args, cwd=cwd)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out
+    return out
+
+
+def _children(folder: Path, study: optuna.Study) -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
+    )
+
+
+def _unique_postgres_url(name: str) -> str:
+    """One study name per test run, so reruns on a kept database never collide."""
+    return POSTGRES, f"{name}-{os.getpid()}-{int(time.time())}"
+
+
+@needs_postgres
+def test_three_workers_on_postgres(tmp_path):
+    storage, name = _unique_postgres_url("three")
+    path = _space(tmp_path, name, steps=20, n_trials=7)
+    out = _run("search", str(path), "--workers", "3", "--storage", storage, cwd=tmp_path)
+    assert "Pareto set" in out
+    study = optuna.load_study(
+        study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg://")
+    )
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 7
+    trained = [t.user_attrs["arch_key"] for t in complete if "duplicate_of" not in t.user_attrs]
+    assert len(trained) == len(set(trained))  # no architecture trained twice
+    logs = sorted((tmp_path / "hybrid-workers" / name).glob("worker-*.log"))
+    assert len(logs) == 3 and all("worker done" in log.read_text() for log in logs)
+    assert sum(int(log.read_text().split("worker done: ")[1].split()[0]) for log in logs) >= 7
+    children = _children(tmp_path, study)
+    ran = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert len(children) == len(ran)
+    assert {r.info.status for r in children} <= {"FINISHED", "FAILED"}
+
+
+@pytest.mark.parametrize("store", ["journal", pytest.param("postgres", marks=needs_postgres)])
+def test_a_killed_worker_trial_is_rerun_with_the_same_parameters(tmp_path, store):
+    if store == "journal":
+        storage, name = f"journal:{tmp_path / 'study.log'}", "killed"
+    else:
+        storage, name = _unique_postgres_url("killed")
+    path = _space(tmp_path, name, steps=400, n_trials=3)
+    _run("search", str(path), "--storage", storage, "--init", cwd=tmp_path)
+    load = storage.replace("postgresql://", "postgresql+psycopg://")
+    if store == "journal":
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        load = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+    victim = _hybrid("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
+    deadline = time.time() + 120
+    while True:  # wait until it is inside a trial (its MLflow child exists), then kill it
+        running = optuna.load_study(study_name=name, storage=load).get_trials(
+            states=(TrialState.RUNNING,)
+        )
+        if running and "mlflow_run_id" in running[0].user_attrs:
+            break
+        assert time.time() < deadline and victim.poll() is None, victim.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed = running[0]
+
+    _run("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
+    study = optuna.load_study(study_name=name, storage=load)
+    lost = study.trials[killed.number]
+    assert lost.state == TrialState.FAIL and "worker lost" in lost.user_attrs["fail_reason"]
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state == TrialState.COMPLETE
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    children = {int(r.data.tags["hybrid.study.trial"]): r for r in _children(tmp_path, study)}
+    assert children[killed.number].info.status == "FAILED"
+    assert children[retries[0].number].data.tags["retry_of"] == str(killed.number)
+    assert all(r.info.status != "RUNNING" for r in children.values())
+
+    # a client we did not write, in a fresh process, sees the same trials
+    if store == "journal":
+        opener = (
+            "from optuna.storages import JournalStorage\n"
+            "from optuna.storages.journal import JournalFileBackend\n"
+            f"storage = JournalStorage(JournalFileBackend({str(tmp_path / 'study.log')!r}))\n"
+        )
+    else:
+        opener = f"storage = {load!r}\n"
+    script = (
+        f"import optuna\n{opener}"
+        f"study = optuna.load_study(study_name={name!r}, storage=storage)\n"
+        "print(sorted((t.number, t.state.name) for t in study.trials))\n"
+    )
+    seen = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert seen == str(sorted((t.number, t.state.name) for t in study.trials))
+
+
+def test_sqlite_is_refused_for_several_workers(tmp_path):
+    path = _space(tmp_path, "lite", steps=5, n_trials=2)
+    process = _hybrid(
+        "search",
+        str(path),
+        "--workers",
+        "2",
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        cwd=tmp_path,
+    )
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "SQLite allows one writer" in out and "postgresql://" in out
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
