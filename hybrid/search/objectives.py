@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from dataclasses import asdict
 
@@ -87,6 +88,7 @@ class TrialRunner:
             "arch_key": plan.key,
             "feasible": feasible,
             "device": device_name(self.device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
             "model": plan.model.to_dict(),
         }
         for key, value in facts.items():

@@ -1,0 +1,89 @@
+"""Search throughput with one worker per GPU: the quickstart space run once on one GPU and
+once with `--gpus all`, each on a fresh journal study; completed trials per hour, and the
+ratio between the two (the peer is the same search on one GPU, in the same run).
+
+    python experiments/bench/workers_throughput.py [--trials-per-gpu 8] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = ROOT / "experiments" / "quickstart.yaml"
+
+
+def run(gpus: str, trials: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Path(tmp) / "study.log"
+        command = [
+            sys.executable,
+            "-m",
+            "hybrid.cli",
+            "search",
+            str(SPACE),
+            "--gpus",
+            gpus,
+            "--trials",
+            str(trials),
+            "--storage",
+            f"journal:{journal}",
+            "--tracking-uri",
+            f"sqlite:///{Path(tmp) / 'mlflow.db'}",
+        ]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=tmp, capture_output=True)
+        seconds = time.perf_counter() - start
+        study = optuna.load_study(
+            study_name="quickstart", storage=JournalStorage(JournalFileBackend(str(journal)))
+        )
+        complete = study.get_trials(states=(TrialState.COMPLETE,))
+        trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
+        devices = sorted({t.user_attrs.get("device", "?") for t in complete})
+    return {
+        "gpus": gpus,
+        "trials": len(complete),
+        "trained": len(trained),
+        "seconds": seconds,
+        "trials_per_hour": 3600 * len(complete) / seconds,
+        "devices": devices,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials-per-gpu", type=int, default=8)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    n = torch.cuda.device_count()
+    if n == 0:
+        print("no CUDA device: nothing to measure")
+        return
+    one = run("0", args.trials_per_gpu)
+    rows = [one]
+    if n > 1:
+        rows.append(run("all", args.trials_per_gpu * n))
+    print(f"{'GPUs':<6}{'trials':>8}{'trained':>9}{'seconds':>10}{'trials/h':>10}{'vs 1 GPU':>10}")
+    for r in rows:
+        print(
+            f"{r['gpus']:<6}{r['trials']:>8}{r['trained']:>9}{r['seconds']:>10.1f}"
+            f"{r['trials_per_hour']:>10.0f}{r['trials_per_hour'] / one['trials_per_hour']:>9.2f}x"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
