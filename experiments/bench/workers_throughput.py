@@ -51,14 +51,17 @@ def run(gpus: str, trials: int) -> dict:
         )
         complete = study.get_trials(states=(TrialState.COMPLETE,))
         trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
-        devices = sorted({t.user_attrs.get("device", "?") for t in complete})
+        per_gpu: dict[str, int] = {}
+        for t in complete:  # which pinned GPU ran each trial
+            gpu = f"{t.user_attrs.get('device', '?')} #{t.user_attrs.get('cuda_visible_devices')}"
+            per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
     return {
         "gpus": gpus,
         "trials": len(complete),
         "trained": len(trained),
         "seconds": seconds,
         "trials_per_hour": 3600 * len(complete) / seconds,
-        "devices": devices,
+        "trials_per_gpu": per_gpu,
     }
 
 
@@ -80,6 +83,7 @@ def main() -> None:
         print(
             f"{r['gpus']:<6}{r['trials']:>8}{r['trained']:>9}{r['seconds']:>10.1f}"
             f"{r['trials_per_hour']:>10.0f}{r['trials_per_hour'] / one['trials_per_hour']:>9.2f}x"
+            f"  {r['trials_per_gpu']}"
         )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
