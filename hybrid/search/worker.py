@@ -205,6 +205,8 @@ def launch_workers(
     logs = Path("hybrid-workers") / study.study_name
     logs.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    if gpus is None:  # CPU workers share the cores instead of each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     processes = []
     for i in range(workers):
         worker_env = dict(env)
