@@ -169,3 +169,34 @@ def test_decode_latency_is_repeatable_in_process():
     assert abs(a.median_ms - b.median_ms) / a.median_ms <= 0.05, (a, b)
     prefill = measure(config, LatencyRequest("prefill", 8, 512), CUDA)
     assert prefill.graphed and prefill.median_ms > 0 and prefill.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("rank", "rotation", "norm"), [(1, "pairwise", False), (4, "halves", True)]
+)
+@pytest.mark.parametrize("headdim", [32, 64])
+def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, headdim):
+    from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State
+    from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
+    from hybrid.kernels.reference import mamba3_reference_step
+
+    shape = {"heads": 8, "headdim": headdim, "d_state": 128, "rank": rank}
+    inputs = random_inputs(batch=16, length=1, groups=1, angles=32, dtype=torch.float32, **shape)
+    token = Mamba3Inputs(*(t[:, 0].to(CUDA) for t in inputs))
+    weights = _to(random_weights(mimo=rank > 1, out_norm=norm, dtype=torch.float32, **shape), CUDA)
+    state = random_state(batch=16, angles=32, dtype=torch.float32, **shape)
+    state = Mamba3State(*(t.to(CUDA) for t in state.tensors()))
+    options = Mamba3Options(rotation=rotation)
+    expected, expected_state = mamba3_reference_step(token, weights, options, state)
+    mine = Mamba3State(*(t.clone() for t in state.tensors()))
+    guard = torch.full((1 << 20,), float("nan"), device=CUDA)  # allocated after: OOB canary
+    out = mamba3_step_triton(token, weights, options, mine)
+    assert rel_err(out, expected) <= 1e-5 and rel_err(mine.ssm, expected_state.ssm) <= 1e-5
+    assert torch.isnan(guard).all()
+    bf16 = Mamba3Inputs(*(t.to(torch.bfloat16) for t in token))
+    half_state = Mamba3State(*(t.clone() for t in state.tensors()))
+    out16 = mamba3_step_triton(bf16, weights, options, half_state)
+    ref16, _ = mamba3_reference_step(
+        Mamba3Inputs(*(t.float() for t in bf16)), weights, options, state
+    )
+    assert rel_err(out16.float(), ref16) <= 1e-2

@@ -1,0 +1,111 @@
+"""The Mamba-3 decode step alone (MAMBA3.md §4), at the paper's Table 6 shape: batch 128,
+d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=4, fp32 state,
+bf16 token inputs. Our Triton kernel against the PyTorch step (the oracle's token update) in
+the same run, both as CUDA-graph replays; achieved bandwidth = the bytes the step must move
+(state read + written, cached k and x read + written, the token's inputs, the output) over
+time, against the device-to-device copy bandwidth measured in the run.
+
+    python experiments/bench/decode_step.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cuda_graph, describe_device, measure_ceilings, time_ms
+
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_decode import mamba3_step
+
+
+def problem(batch, heads, p, n, r, device):
+    s = n // 4  # rope fraction 0.5
+    bf = {"device": device, "dtype": torch.bfloat16}
+    f32 = {"device": device, "dtype": torch.float32}
+    token = Mamba3Inputs(
+        torch.randn(batch, heads, p, **bf),
+        torch.randn(batch, heads, p, **bf),
+        torch.randn(batch, r, 1, n, **bf),
+        torch.randn(batch, r, 1, n, **bf),
+        torch.randn(batch, heads, **bf),
+        torch.randn(batch, heads, **bf),
+        torch.randn(batch, heads, **bf),
+        torch.randn(batch, s, **bf),
+    )
+    mimo = r > 1
+    weights = Mamba3Weights(
+        torch.randn(heads, **f32) - 2,
+        1 + 0.1 * torch.randn(n, **f32),
+        1 + 0.1 * torch.randn(n, **f32),
+        torch.randn(heads, r, n, **f32),
+        torch.randn(heads, r, n, **f32),
+        torch.randn(heads, **f32),
+        *((torch.randn(heads, r, p, **f32) for _ in range(3)) if mimo else (None,) * 3),
+    )
+    state = Mamba3State(
+        torch.rand(batch, heads, s, **f32) * 6,
+        torch.randn(batch, heads, p, n, **f32),
+        torch.randn(batch, r, heads, n, **bf),
+        torch.randn(batch, heads, p, **bf),
+    )
+    moved = (
+        2 * state.nbytes + sum(t.numel() * t.element_size() for t in token) + batch * heads * p * 2
+    )
+    options = Mamba3Options(rotation="halves" if mimo else "pairwise")
+    return token, weights, state, options, moved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (the kernel's CPU check is the interpreter test)")
+        return
+    device = torch.device("cuda")
+    peak = measure_ceilings(device)
+    print(f"device: {describe_device(device)}; {peak}")
+    rows = []
+    for n in (64, 128):
+        for r in (1, 4):
+            token, weights, state, options, moved = problem(128, 64, 64, n, r, device)
+
+            def step(backend, token=token, weights=weights, state=state, options=options):
+                return lambda: mamba3_step(token, weights, options, state, backend=backend)
+
+            t_ours = time_ms(cuda_graph(step("triton")), device, reps=50)
+            t_peer = time_ms(cuda_graph(step("torch")), device, reps=50)
+            rows.append(
+                {
+                    "d_state": n,
+                    "rank": r,
+                    "triton_ms": t_ours.median_ms,
+                    "torch_ms": t_peer.median_ms,
+                    "bytes": moved,
+                    "triton_gbs": moved / t_ours.median_ms / 1e6,
+                    "pct_copy": 100 * moved / t_ours.median_ms / 1e6 / peak.copy_gbs,
+                }
+            )
+    print(
+        f"\n{'N':>4}{'R':>3}{'MB moved':>10}{'triton ms':>11}{'torch ms':>10}{'speed-up':>10}"
+        f"{'GB/s':>8}{'%copy':>7}"
+    )
+    for row in rows:
+        print(
+            f"{row['d_state']:>4}{row['rank']:>3}{row['bytes'] / 1e6:>10.1f}"
+            f"{row['triton_ms']:>11.4f}{row['torch_ms']:>10.4f}"
+            f"{row['torch_ms'] / row['triton_ms']:>9.1f}x{row['triton_gbs']:>8.0f}"
+            f"{row['pct_copy']:>7.1f}"
+        )
+    if args.out:
+        args.out.write_text(json.dumps({"device": describe_device(device), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

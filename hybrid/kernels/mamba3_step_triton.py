@@ -1,0 +1,257 @@
+"""Triton kernel for the one-token Mamba-3 update (MAMBA3.md §4), SISO and MIMO.
+
+One program per (sequence, head) does the whole token in registers: Δ, A, λ and the
+trapezoidal coefficients; the angle update (wrapped) and the rotation of the normalised,
+biased B and C; the state update α·H + β Σ_r x̃_prev,r k_prev,rᵀ + γ Σ_r x̃_r k_rᵀ written in
+place; y_r = H q_r + D x̃_r; the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the
+mimo_o sum; and the cache's new k and x. The state is read and written once: the kernel is
+meant to run at memory bandwidth. headdim, d_state and rank must be powers of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _angles(st_ang_ptr, ang_ptr, row, offs, mask, delta, S):
+    """Accumulated angle at index offs (< S): φ + Δ·π·tanh(angle), wrapped to [0, 2π)."""
+    raw = tl.load(ang_ptr + row * S + offs, mask=mask, other=0.0).to(tl.float32)
+    theta = 3.141592653589793 * (2.0 * tl.sigmoid(2.0 * raw) - 1.0)  # π·tanh
+    phi = tl.load(st_ang_ptr + offs, mask=mask, other=0.0).to(tl.float32) + delta * theta
+    two_pi = 6.283185307179586
+    return phi - two_pi * tl.floor(phi / two_pi)
+
+
+@triton.jit
+def _normalised(v_ptr, w_ptr, bias_ptr, base, offs_r, offs_n, idx, rs, G, N: tl.constexpr):
+    """RMSNorm(v)·w + bias at dims `idx` (rs: per-rank 1/rms), for every rank: (R, N)."""
+    v = tl.load(v_ptr + base + offs_r[:, None] * G * N + idx[None, :]).to(tl.float32)
+    w = tl.load(w_ptr + idx).to(tl.float32)
+    bias = tl.load(bias_ptr + offs_r[:, None] * N + idx[None, :]).to(tl.float32)
+    return v * rs[:, None] * w[None, :] + bias
+
+
+@triton.jit
+def _mamba3_step_kernel(
+    x_ptr,
+    z_ptr,
+    b_ptr,
+    c_ptr,
+    dt_ptr,
+    a_ptr,
+    trap_ptr,
+    ang_ptr,
+    dt_bias_ptr,
+    bnw_ptr,
+    cnw_ptr,
+    bb_ptr,
+    cb_ptr,
+    d_ptr,
+    mx_ptr,
+    mz_ptr,
+    mo_ptr,
+    onw_ptr,
+    st_ang_ptr,
+    st_ssm_ptr,
+    st_k_ptr,
+    st_x_ptr,
+    out_ptr,
+    H,
+    G,
+    S,
+    heads_per_group,
+    a_floor,
+    bc_eps,
+    out_eps,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+    HALVES: tl.constexpr,
+    HEAVY_TAIL: tl.constexpr,
+    HAS_MIMO: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    bh = b * H + h
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    offs_r = tl.arange(0, R)
+
+    # discretisation
+    delta = _softplus(tl.load(dt_ptr + bh).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32))
+    a = tl.load(a_ptr + bh).to(tl.float32)
+    if HEAVY_TAIL:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+        f = tl.where(a >= 0, 1.0 + a, 1.0 / (1.0 - tl.minimum(a, 0.0)))
+    else:
+        f = _softplus(a)
+    big_a = -tl.maximum(f, a_floor)
+    lam = tl.sigmoid(tl.load(trap_ptr + bh).to(tl.float32))
+    alpha = tl.exp(delta * big_a)
+    beta = (1.0 - lam) * delta * alpha
+    gamma = lam * delta
+
+    # angles: the new state, and the angle of every rotated dimension
+    offs_s = tl.arange(0, S_BLOCK)
+    smask = offs_s < S
+    st_ang = st_ang_ptr + bh * S
+    phi_s = _angles(st_ang, ang_ptr, b, offs_s, smask, delta, S)
+    if HALVES:
+        first = offs_n < S
+        second = (offs_n >= N // 2) & (offs_n < N // 2 + S)
+        rotated = first | second
+        j = tl.where(first, offs_n, offs_n - N // 2)
+        partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
+        sign = tl.where(first, -1.0, 1.0)
+    else:
+        rotated = offs_n < 2 * S
+        j = offs_n // 2
+        partner = offs_n ^ 1
+        sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
+    j = tl.where(rotated, j, 0)
+    partner = tl.where(rotated, partner, offs_n)
+    phi_n = _angles(st_ang, ang_ptr, b, j, rotated, delta, S)
+    cos_n = tl.where(rotated, tl.cos(phi_n), 1.0)
+    sin_n = tl.where(rotated, tl.sin(phi_n), 0.0) * sign
+
+    # B and C: RMSNorm over N, per-head bias, rotation
+    base = (b * R * G + g) * N
+    raw_b = tl.load(b_ptr + base + offs_r[:, None] * G * N + offs_n[None, :]).to(tl.float32)
+    rs_b = 1.0 / tl.sqrt(tl.sum(raw_b * raw_b, axis=1) / N + bc_eps)
+    raw_c = tl.load(c_ptr + base + offs_r[:, None] * G * N + offs_n[None, :]).to(tl.float32)
+    rs_c = 1.0 / tl.sqrt(tl.sum(raw_c * raw_c, axis=1) / N + bc_eps)
+    bias_off = h * R * N
+    k = _normalised(b_ptr, bnw_ptr, bb_ptr + bias_off, base, offs_r, offs_n, offs_n, rs_b, G, N)
+    k_p = _normalised(b_ptr, bnw_ptr, bb_ptr + bias_off, base, offs_r, offs_n, partner, rs_b, G, N)
+    q = _normalised(c_ptr, cnw_ptr, cb_ptr + bias_off, base, offs_r, offs_n, offs_n, rs_c, G, N)
+    q_p = _normalised(c_ptr, cnw_ptr, cb_ptr + bias_off, base, offs_r, offs_n, partner, rs_c, G, N)
+    k = k * cos_n[None, :] + k_p * sin_n[None, :]
+    q = q * cos_n[None, :] + q_p * sin_n[None, :]
+
+    # x̃ for this token and the cached previous one
+    x = tl.load(x_ptr + bh * P + offs_p).to(tl.float32)
+    x_prev = tl.load(st_x_ptr + bh * P + offs_p).to(tl.float32)
+    if HAS_MIMO:
+        proj = (h * R + offs_r[:, None]) * P + offs_p[None, :]
+        mx = tl.load(mx_ptr + proj).to(tl.float32)
+        xr = mx * x[None, :]
+        xr_prev = mx * x_prev[None, :]
+    else:
+        xr = x[None, :] + tl.zeros((R, P), dtype=tl.float32)
+        xr_prev = x_prev[None, :] + tl.zeros((R, P), dtype=tl.float32)
+    k_off = ((b * R + offs_r[:, None]) * H + h) * N + offs_n[None, :]
+    k_prev = tl.load(st_k_ptr + k_off).to(tl.float32)
+
+    # state update, in place
+    ssm_off = (bh * P + offs_p[:, None]) * N + offs_n[None, :]
+    state = tl.load(st_ssm_ptr + ssm_off).to(tl.float32)
+    outer_prev = tl.sum(xr_prev[:, :, None] * k_prev[:, None, :], axis=0)
+    outer_now = tl.sum(xr[:, :, None] * k[:, None, :], axis=0)
+    state = alpha * state + beta * outer_prev + gamma * outer_now
+    tl.store(st_ssm_ptr + ssm_off, state.to(st_ssm_ptr.dtype.element_ty))
+
+    # output: y_r = H q_r + D x̃_r, optional per-head RMSNorm, gate, rank sum
+    y = tl.sum(state[None, :, :] * q[:, None, :], axis=2) + tl.load(d_ptr + h).to(tl.float32) * xr
+    if HAS_NORM:
+        w = tl.load(onw_ptr + h * P + offs_p).to(tl.float32)
+        y = y / tl.sqrt(tl.sum(y * y, axis=1)[:, None] / P + out_eps) * w[None, :]
+    z = tl.load(z_ptr + bh * P + offs_p).to(tl.float32)
+    if HAS_MIMO:
+        zr = tl.load(mz_ptr + proj).to(tl.float32) * z[None, :]
+        gated = y * zr * tl.sigmoid(zr) * tl.load(mo_ptr + proj).to(tl.float32)
+    else:
+        zr = z[None, :] + tl.zeros((R, P), dtype=tl.float32)
+        gated = y * zr * tl.sigmoid(zr)
+    tl.store(out_ptr + bh * P + offs_p, tl.sum(gated, axis=0).to(out_ptr.dtype.element_ty))
+
+    # the cache: angle, rotated biased k, raw x
+    tl.store(st_ang + offs_s, phi_s, mask=smask)
+    tl.store(st_k_ptr + k_off, k.to(st_k_ptr.dtype.element_ty))
+    tl.store(st_x_ptr + bh * P + offs_p, x.to(st_x_ptr.dtype.element_ty))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def supports(token: Mamba3Inputs, state: Mamba3State) -> bool:
+    """Shapes the kernel handles (powers of two), a contiguous state, and no autograd."""
+    headdim = token.x.shape[-1]
+    rank, d_state = token.b.shape[1], token.b.shape[-1]
+    tensors = (*token, *state.tensors())
+    return (
+        _pow2(headdim)
+        and _pow2(d_state)
+        and _pow2(rank)
+        and d_state >= 2
+        and all(t.is_contiguous() for t in state.tensors())
+        and not any(t.requires_grad for t in tensors)
+    )
+
+
+def mamba3_step_triton(
+    token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Options, state: Mamba3State
+) -> Tensor:
+    """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype."""
+    token = Mamba3Inputs(*(t.contiguous() for t in token))  # views of the in_proj split
+    batch, n_heads, headdim = token.x.shape
+    rank, n_groups, d_state = token.b.shape[1], token.b.shape[2], token.b.shape[3]
+    n_angles = token.angle.shape[-1]
+    out = torch.empty_like(token.x)
+    mimo = weights.mimo_x is not None
+    placeholder = weights.d  # never read when the flag is off
+    _mamba3_step_kernel[(batch, n_heads)](
+        token.x,
+        token.z,
+        token.b,
+        token.c,
+        token.dt,
+        token.a,
+        token.trap,
+        token.angle,
+        weights.dt_bias,
+        weights.b_norm,
+        weights.c_norm,
+        weights.b_bias.contiguous(),
+        weights.c_bias.contiguous(),
+        weights.d,
+        weights.mimo_x if mimo else placeholder,
+        weights.mimo_z if mimo else placeholder,
+        weights.mimo_o if mimo else placeholder,
+        weights.out_norm if weights.out_norm is not None else placeholder,
+        state.angle,
+        state.ssm,
+        state.k,
+        state.x,
+        out,
+        n_heads,
+        n_groups,
+        n_angles,
+        n_heads // n_groups,
+        options.a_floor,
+        options.bc_norm_eps,
+        options.out_norm_eps,
+        P=headdim,
+        N=d_state,
+        R=rank,
+        S_BLOCK=max(1, triton.next_power_of_2(max(n_angles, 1))),
+        HALVES=options.rotation == "halves",
+        HEAVY_TAIL=options.a_activation == "heavy_tail",
+        HAS_MIMO=mimo,
+        HAS_NORM=weights.out_norm is not None,
+        num_warps=4 if headdim * d_state * rank <= 8192 else 8,
+    )
+    return out
