@@ -14,33 +14,22 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
-from hybrid.search.bench import bench_rows, print_rows, space_architectures, write_json
 from hybrid.search.latency import DTYPES
-from hybrid.search.space import load_space
-from hybrid.search.study import (
-    SearchOutcome,
-    compute_front,
-    default_storage,
-    initialise_study,
-    join_study,
-    load_data,
-    run_search,
-)
-from hybrid.search.tracking import find_parent_run
-from hybrid.search.worker import launch_workers, work
 from hybrid.token_cache import TokenData, prepare_data
 from hybrid.train import TrainConfig, TrainingDiverged, train
+
+if TYPE_CHECKING:
+    from hybrid.search.study import SearchOutcome
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -247,6 +236,16 @@ def _gpu_ids(text: str | None) -> list[int] | None:
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
+    from hybrid.search.space import load_space
+    from hybrid.search.study import (
+        SearchOutcome,
+        compute_front,
+        default_storage,
+        initialise_study,
+        run_search,
+    )
+    from hybrid.search.worker import launch_workers
+
     space = load_space(args.space)
     storage = args.storage or default_storage(space)
     uri = args.tracking_uri or space.spec.tracking.uri
@@ -292,6 +291,12 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
+    from optuna.trial import TrialState
+
+    from hybrid.search.space import load_space
+    from hybrid.search.study import join_study, load_data
+    from hybrid.search.worker import work
+
     if args.gpu is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     space = load_space(args.space)
@@ -315,6 +320,9 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
+    from hybrid.search.space import load_space
+    from hybrid.search.tracking import find_parent_run
+
     uri = args.tracking_uri or "sqlite:///mlflow.db"
     parent = None
     if args.space:
@@ -354,6 +362,8 @@ def _bench(
     batches: list[int],
     contexts: list[int],
 ) -> None:
+    from hybrid.search.bench import bench_rows, print_rows, write_json
+
     device = _device(args.device)
     rows = bench_rows(
         configs, batches, contexts, args.prompt_len, args.dtype, device, use_cache=not args.no_cache
@@ -368,6 +378,9 @@ def _cmd_bench_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_sweep(args: argparse.Namespace) -> None:
+    from hybrid.search.bench import space_architectures
+    from hybrid.search.space import load_space
+
     space = load_space(args.space)
     decode = [o for o in space.spec.objectives if o.metric == "decode_latency_ms"]
     batches = args.batch or ([decode[0].batch] if decode else [1])
