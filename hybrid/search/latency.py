@@ -147,11 +147,21 @@ def _sm_clock(device: torch.device) -> int | None:
         return None
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     kinds = {spec.kind for spec in config.layers}
     out = {}
     if "mamba3" in kinds:
-        out["mamba3"] = "chunked scan / torch step"
+        sizes = [
+            (s.config.headdim, s.config.d_state, s.config.mimo_rank)
+            for s in config.layers
+            if s.kind == "mamba3"
+        ]
+        triton = device.type == "cuda" and all(_pow2(v) for size in sizes for v in size)
+        out["mamba3"] = f"chunked scan / {'triton' if triton else 'torch'} step"
     if "attention" in kinds:
         prefill = select_backend("auto", device, dtype)[0]
         out["attention"] = f"{prefill} prefill / sdpa decode"
