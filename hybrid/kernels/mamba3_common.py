@@ -119,6 +119,11 @@ def n_rope_angles(d_state: int, rope_fraction: float) -> int:
     return (rotated - rotated % 2) // 2
 
 
+def is_power_of_two(n: int) -> bool:
+    """Kernel tile sizes (headdim, d_state, rank) must be powers of two."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Decay, angle and state arithmetic run in at least float32, as the kernels do."""
     return torch.promote_types(dtype, torch.float32)

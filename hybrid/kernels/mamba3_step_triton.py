@@ -15,7 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_common import (
+    Mamba3Inputs,
+    Mamba3Options,
+    Mamba3State,
+    Mamba3Weights,
+    is_power_of_two,
+)
 
 
 @triton.jit
@@ -183,19 +189,15 @@ def _mamba3_step_kernel(
     tl.store(st_x_ptr + bh * P + offs_p, x.to(st_x_ptr.dtype.element_ty))
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def supports(token: Mamba3Inputs, state: Mamba3State) -> bool:
     """Shapes the kernel handles (powers of two), a contiguous state, and no autograd."""
     headdim = token.x.shape[-1]
     rank, d_state = token.b.shape[1], token.b.shape[-1]
     tensors = (*token, *state.tensors())
     return (
-        _pow2(headdim)
-        and _pow2(d_state)
-        and _pow2(rank)
+        is_power_of_two(headdim)
+        and is_power_of_two(d_state)
+        and is_power_of_two(rank)
         and d_state >= 2
         and all(t.is_contiguous() for t in state.tensors())
         and not any(t.requires_grad for t in tensors)

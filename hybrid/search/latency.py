@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from hybrid.config import ModelConfig
+from hybrid.kernels.mamba3_common import is_power_of_two
 from hybrid.layers.attention import select_backend
 from hybrid.model import HybridLM
 
@@ -147,10 +148,6 @@ def _sm_clock(device: torch.device) -> int | None:
         return None
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     kinds = {spec.kind for spec in config.layers}
     out = {}
@@ -160,7 +157,7 @@ def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
             for s in config.layers
             if s.kind == "mamba3"
         ]
-        triton = device.type == "cuda" and all(_pow2(v) for size in sizes for v in size)
+        triton = device.type == "cuda" and all(is_power_of_two(v) for size in sizes for v in size)
         out["mamba3"] = f"chunked scan / {'triton' if triton else 'torch'} step"
     if "attention" in kinds:
         prefill = select_backend("auto", device, dtype)[0]
