@@ -125,18 +125,6 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _corpus_spec(args: argparse.Namespace) -> CorpusSpec:
-    return CorpusSpec(
-        args.corpus,
-        text_field=args.text_field,
-        hub_config=args.hub_config,
-        hub_split=args.hub_split,
-        streaming=args.streaming,
-        max_documents=args.max_documents,
-        val_fraction=args.val_fraction,
-    )
-
-
 def _print_data(data: TokenData) -> None:
     corpus = data.corpus
     print(
@@ -149,11 +137,11 @@ def _print_data(data: TokenData) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    _print_data(prepare_data(_corpus_spec(args), args.tokenizer))
+    _print_data(prepare_data(CorpusSpec.from_settings(args), args.tokenizer))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    corpus = _corpus_spec(args)
+    corpus = CorpusSpec.from_settings(args)
     train_config = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     )

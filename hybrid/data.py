@@ -10,11 +10,13 @@ and `Corpus.content_hash` records it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hybrid.corpora import BUILTIN_CORPORA, builtin_corpus_file, cache_dir
 
@@ -45,6 +47,13 @@ class CorpusSpec:
     streaming: bool = False
     max_documents: int | None = None
     val_fraction: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CorpusSpec:
+        """From anything holding `corpus` and the other fields as attributes: the CLI's
+        arguments, the search file's `data` section."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+        return cls(settings.corpus, **{n: getattr(settings, n) for n in names})
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:

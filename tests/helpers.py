@@ -83,3 +83,18 @@ def random_state(
         k=torch.randn(batch, rank, heads, d_state, dtype=dtype),
         x=torch.randn(batch, heads, headdim, dtype=dtype),
     )
+
+
+# `hybrid` CLI options of a tiny hybrid, for the command-line tests
+TINY_MODEL_ARGS = [
+    "--pattern",
+    "M-*-",
+    "--d-model",
+    "32",
+    "--set",
+    "mamba3.d_state=16",
+    "--set",
+    "mamba3.headdim=16",
+    "--set",
+    "attention.n_heads=2",
+]

@@ -127,7 +127,7 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path):
 def test_cuda_graph_of_a_hybrid_step_replays_the_eager_step():
     import copy
 
-    from hybrid.search.latency import _capture
+    from hybrid.search.latency import capture_cuda_graph
 
     torch.manual_seed(0)
     config = ModelConfig.from_pattern(
@@ -147,7 +147,7 @@ def test_cuda_graph_of_a_hybrid_step_replays_the_eager_step():
             cache.rewind(300)
             out["logits"] = model.step(token, cache)
 
-        replay = _capture(step)
+        replay = capture_cuda_graph(step)
         cache.rewind(300)
         before = copy.deepcopy(cache)
         replay()

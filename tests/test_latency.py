@@ -8,6 +8,7 @@ import json
 import optuna
 import pytest
 import torch
+from helpers import TINY_MODEL_ARGS
 from test_search_space import _set, _text
 
 import hybrid.search.latency as latency
@@ -125,18 +126,7 @@ def test_latency_objective_options_and_errors():
 
 
 def test_bench_model_and_sweep_print_tables(tmp_path, capsys):
-    args = [
-        "--pattern",
-        "M-*-",
-        "--d-model",
-        "32",
-        "--set",
-        "mamba3.d_state=16",
-        "--set",
-        "mamba3.headdim=16",
-        "--set",
-        "attention.n_heads=2",
-    ]
+    args = TINY_MODEL_ARGS
     assert (
         main(
             [

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_MODEL_ARGS
 
 from hybrid.cli import main
 from hybrid.config import ModelConfig
@@ -152,16 +153,7 @@ def test_cli_train_prints_the_curve_and_writes_metrics(tmp_path, capsys):
     code = main(
         [
             "train",
-            "--pattern",
-            "M-*-",
-            "--d-model",
-            "32",
-            "--set",
-            "mamba3.d_state=16",
-            "--set",
-            "mamba3.headdim=16",
-            "--set",
-            "attention.n_heads=2",
+            *TINY_MODEL_ARGS,
             "--corpus",
             str(corpus),
             "--steps",

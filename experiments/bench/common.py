@@ -1,5 +1,6 @@
 """Timing and device ceilings shared by the benchmarks: CUDA-event medians with the
-interquartile range, and the card's measured bf16 matmul rate and copy bandwidth."""
+interquartile range, and the card's measured bf16 matmul rate and copy bandwidth. CUDA graphs
+come from `hybrid.search.latency.capture_cuda_graph`."""
 
 from __future__ import annotations
 
@@ -41,20 +42,6 @@ def time_ms(
             samples.append((time.perf_counter() - t0) * 1e3)
     q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
     return Timing(statistics.median(samples), q3 - q1)
-
-
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture `fn` (after warm-up on a side stream) and return the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 @dataclass(frozen=True)

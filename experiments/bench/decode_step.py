@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graph, describe_device, measure_ceilings, time_ms
+from common import describe_device, measure_ceilings, time_ms
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
 from hybrid.kernels.mamba3_decode import mamba3_step
+from hybrid.search.latency import capture_cuda_graph
 
 
 def problem(batch, heads, p, n, r, device):
@@ -79,8 +80,8 @@ def main() -> None:
             def step(backend, token=token, weights=weights, state=state, options=options):
                 return lambda: mamba3_step(token, weights, options, state, backend=backend)
 
-            t_ours = time_ms(cuda_graph(step("triton")), device, reps=50)
-            t_peer = time_ms(cuda_graph(step("torch")), device, reps=50)
+            t_ours = time_ms(capture_cuda_graph(step("triton")), device, reps=50)
+            t_peer = time_ms(capture_cuda_graph(step("torch")), device, reps=50)
             rows.append(
                 {
                     "d_state": n,

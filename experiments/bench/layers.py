@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_graph, describe_device, measure_ceilings, time_ms
+from common import describe_device, measure_ceilings, time_ms
 
 from hybrid.cache import KVCache
 from hybrid.config import LayerSpec
@@ -30,6 +30,7 @@ from hybrid.layers import build
 from hybrid.layers.attention import AttentionConfig, select_backend
 from hybrid.layers.mamba3 import Mamba3Config
 from hybrid.layers.swiglu import SwiGLUConfig
+from hybrid.search.latency import capture_cuda_graph
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ def decode_rows(layer, name, s: Setup, device, dtype, peak):
                 layer.step(x, cache)
 
         eager = time_ms(step, device, reps=20)
-        graphed = time_ms(cuda_graph(step), device, reps=50) if device.type == "cuda" else None
+        graphed = (
+            time_ms(capture_cuda_graph(step), device, reps=50) if device.type == "cuda" else None
+        )
         best = graphed or eager
         state = layer.state_bytes(s.context, dtype) * batch
         # the SSM state is read and written back; a KV cache is only read

@@ -248,7 +248,7 @@ def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -
     return cache
 
 
-def _capture(step: Callable[[], Any]) -> Callable[[], Any]:
+def capture_cuda_graph(step: Callable[[], Any]) -> Callable[[], Any]:
     """A CUDA graph of `step` (warmed up on a side stream first); returns its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -301,7 +301,7 @@ def measure(
                 model.step(token, kv)
 
             per_sample = REPLAYS_PER_SAMPLE if graphed else 1
-        timed = _capture(work) if graphed else work
+        timed = capture_cuda_graph(work) if graphed else work
         for _ in range(2):
             timed()
         stats = _rounds(timed, device, per_sample, repeats, max_spread, max_rounds)

@@ -227,19 +227,7 @@ class SearchOutcome:
 
 def load_data(space: SearchSpace) -> Any:
     """The corpus' token arrays (prepared before any trial, so a bad corpus fails first)."""
-    d = space.spec.data
-    return prepare_data(
-        CorpusSpec(
-            d.corpus,
-            text_field=d.text_field,
-            hub_config=d.hub_config,
-            hub_split=d.hub_split,
-            streaming=d.streaming,
-            max_documents=d.max_documents,
-            val_fraction=d.val_fraction,
-        ),
-        d.tokenizer,
-    )
+    return prepare_data(CorpusSpec.from_settings(space.spec.data), space.spec.data.tokenizer)
 
 
 def study_name_of(space: SearchSpace) -> str:
