@@ -78,14 +78,24 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def software_versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    for package in ("triton", "hybrid-arch", "nvidia-cutlass-dsl", "flash-attn-4"):
+def package_versions(packages: tuple[str, ...], absent: str | None = None) -> dict[str, str]:
+    """Installed versions of `packages`; missing ones are left out, or given as `absent`."""
+    out = {}
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            continue
+            if absent is not None:
+                out[package] = absent
     return out
+
+
+def software_versions() -> dict[str, str]:
+    """What a latency depends on, besides the architecture and the device."""
+    return {
+        "torch": torch.__version__,
+        **package_versions(("triton", "hybrid-arch", "nvidia-cutlass-dsl", "flash-attn-4")),
+    }
 
 
 def cache_key(config: ModelConfig, request: LatencyRequest, device: torch.device) -> str:

@@ -14,13 +14,13 @@ import csv
 import subprocess
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from hybrid.search.latency import package_versions
 from hybrid.search.space import SearchSpace, TrialPlan
 
 PARENT_TAG = "hybrid.study"
@@ -36,12 +36,9 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("hybrid-arch", "torch", "triton", "optuna", "mlflow"):
-        try:
-            out[f"version.{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[f"version.{package}"] = "absent"
+    """Package versions and the git commit, as run tags."""
+    packages = ("hybrid-arch", "torch", "triton", "optuna", "mlflow")
+    out = {f"version.{k}": v for k, v in package_versions(packages, absent="absent").items()}
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -74,9 +71,11 @@ def find_parent_run(tracking_uri: str, study_name: str) -> tuple[str, str] | Non
 class StudyTracker:
     """The MLflow side of one study; create with `open`, which finds or makes the parent."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str) -> None:
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, parent_id: str, versions: dict[str, str]
+    ) -> None:
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
-        self.versions = _versions()
+        self.versions = versions
 
     @classmethod
     def open(
@@ -94,18 +93,18 @@ class StudyTracker:
             if experiment
             else client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
         )
+        versions = _versions()  # one git call per process
         if existing_parent is None:
             run = client.create_run(
                 experiment_id,
                 run_name=f"study {study_name}",
-                tags={PARENT_TAG: study_name, **_versions()},
+                tags={PARENT_TAG: study_name, **versions},
             )
-            existing_parent = run.info.run_id
-            tracker = cls(client, experiment_id, existing_parent)
+            tracker = cls(client, experiment_id, run.info.run_id, versions)
             tracker._log_study(space, study_name)
             return tracker
         client.update_run(existing_parent, status="RUNNING")  # resumed
-        return cls(client, experiment_id, existing_parent)
+        return cls(client, experiment_id, existing_parent, versions)
 
     def _log_study(self, space: SearchSpace, study_name: str) -> None:
         spec = space.spec
