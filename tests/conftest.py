@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# one Triton config per kernel: the suites run many shapes, and autotuning each costs minutes
+os.environ.setdefault("HYBRID_TRITON_AUTOTUNE", "0")
+
 # The search's dependencies are always installed here and in CI; on a bare GPU host that was
 # given only the CuTe/FA4 bundle they are not, and these modules (none `gpu`-marked) are left
 # out of collection instead of failing it.

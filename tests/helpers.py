@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State, Mamba3Weights
+
+
+def run_interpreted(script: str) -> str:
+    """Run tests/interpret/<script> under TRITON_INTERPRET=1 in a fresh process (the
+    interpreter is picked when kernels are defined); fail with its output, else return it."""
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "interpret" / script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:

@@ -3,28 +3,15 @@ interpreter is chosen when kernels are defined) and compared with the oracle."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+from helpers import run_interpreted
 
 from hybrid.kernels.mamba3_decode import decode_backend
 
-SCRIPT = Path(__file__).parent / "interpret" / "check_mamba3_step.py"
-
 
 def test_kernel_matches_the_oracle_under_the_interpreter():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("R=") == 6 and "worst" in result.stdout
+    stdout = run_interpreted("check_mamba3_step.py")
+    assert stdout.count("R=") == 6 and "worst" in stdout
 
 
 def test_dispatch_keeps_the_cpu_on_the_torch_path():

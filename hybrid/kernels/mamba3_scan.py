@@ -1,13 +1,51 @@
-"""Entry point for the Mamba-3 mixer core over a sequence (training and prefill)."""
+"""Entry point for the Mamba-3 mixer core over a sequence (training and prefill).
+
+`auto` runs the Triton chunked scan (`mamba3_prefill`) on CUDA for the shapes it takes
+(powers of two, chunk rows >= 16) and the PyTorch chunked path elsewhere; `triton` and
+`chunked` force one (forcing `triton` on inputs it cannot take is an error that says why).
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_prefill import (
+    inputs_unsupported_reason,
+    mamba3_prefill,
+    sequence_bounds,
+)
 
-SCAN_BACKENDS = ("auto", "chunked")
+SCAN_BACKENDS = ("auto", "chunked", "triton")
+
+
+def scan_backend(inputs: Mamba3Inputs, chunk_size: int, requested: str = "auto") -> str:
+    """The backend `mamba3_scan` will run for these inputs."""
+    if requested not in SCAN_BACKENDS:
+        raise ValueError(f"backend={requested!r} is invalid; allowed: {SCAN_BACKENDS}")
+    if requested != "auto":
+        return requested
+    if inputs.x.is_cuda and inputs_unsupported_reason(inputs, chunk_size) is None:
+        return "triton"
+    return "chunked"
+
+
+def _chunked_varlen(inputs, weights, options, state, chunk_size, bounds):
+    """The PyTorch path over a packed row, one sequence at a time."""
+    outs, finals = [], []
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        piece = Mamba3Inputs(*(t[:, start:end] for t in inputs))
+        row = Mamba3State(*(t[i : i + 1] for t in state.tensors())) if state else None
+        out, final = mamba3_chunked(piece, weights, options, row, chunk_size)
+        outs.append(out)
+        finals.append(final)
+    stacked = (torch.cat(parts) for parts in zip(*(f.tensors() for f in finals), strict=True))
+    return torch.cat(outs, dim=1), Mamba3State(*stacked)
 
 
 def mamba3_scan(
@@ -17,8 +55,17 @@ def mamba3_scan(
     state: Mamba3State | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
+    cu_seqlens: Tensor | Sequence[int] | None = None,
 ) -> tuple[Tensor, Mamba3State]:
-    """o (Bt, L, H, P) and the final state, starting from `state` (None: empty prefix)."""
-    if backend not in SCAN_BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid; allowed: {SCAN_BACKENDS}")
+    """o (Bt, L, H, P) and the final state, starting from `state` (None: empty prefix).
+
+    chunk_size counts tokens. With `cu_seqlens` (offsets of packed sequences, Bt = 1) every
+    sequence starts from its own state row and gets its own final state.
+    """
+    chosen = scan_backend(inputs, chunk_size, backend)
+    if chosen == "triton":
+        return mamba3_prefill(inputs, weights, options, state, chunk_size, cu_seqlens)
+    if cu_seqlens is not None:
+        bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
+        return _chunked_varlen(inputs, weights, options, state, chunk_size, bounds)
     return mamba3_chunked(inputs, weights, options, state, chunk_size)

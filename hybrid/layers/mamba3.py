@@ -41,7 +41,9 @@ class Mamba3Config:
     mimo_rank 1 is SISO (pairwise rotation); >1 is MIMO (rotation over halves), as in the
     published kernels. pregate_norm adds the per-head RMSNorm before the silu(z) gate that
     the paper's hybrids use. a_activation "heavy_tail" is mamba_ssm HEAD, "softplus" the
-    2.3.2 release.
+    2.3.2 release. chunk_size counts score rows per chunk (tokens x mimo_rank): MIMO chunks
+    hold chunk_size / R tokens, as the paper's MIMO kernels do. backend "auto" runs the
+    Triton scan on CUDA where it applies, "chunked" forces PyTorch, "triton" forces Triton.
     """
 
     d_state: int = 128
@@ -58,6 +60,11 @@ class Mamba3Config:
     dt_init_floor: float = 1e-4
     a_floor: float = 1e-4
     backend: str = "auto"
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per scan chunk: chunk_size score rows shared by the R ranks of each token."""
+        return max(1, self.chunk_size // self.mimo_rank)
 
     def validate(self, d_model: int) -> None:
         if not _is_positive_int(self.d_state) or self.d_state % 2:
@@ -210,7 +217,7 @@ class Mamba3(Layer):
             self.weights(),
             self.options,
             state=cache,
-            chunk_size=self.config.chunk_size,
+            chunk_size=self.config.chunk_tokens,
             backend=self.config.backend,
         )
         if cache is not None:
@@ -226,7 +233,7 @@ class Mamba3(Layer):
         h, r, n, p = self.n_heads, self.rank, self.config.d_state, self.config.headdim
         d_model = self.in_proj.in_features
         projections = 2 * d_model * (self.in_proj.out_features + self.d_inner)
-        within_chunk = (min(self.config.chunk_size, seq_len) + 1) / 2
+        within_chunk = (min(self.config.chunk_tokens, seq_len) + 1) / 2
         intra = 2 * within_chunk * r * r * h * (n + p)
         state = 2 * 2 * r * h * p * n  # read out of the state + chunk state update
         return int(projections + intra + state)

@@ -40,6 +40,7 @@ import torch
 
 from hybrid.config import ModelConfig
 from hybrid.kernels.mamba3_common import is_power_of_two
+from hybrid.kernels.mamba3_prefill import unsupported_reason
 from hybrid.layers.attention import select_backend
 from hybrid.model import HybridLM
 
@@ -162,13 +163,19 @@ def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     kinds = {spec.kind for spec in config.layers}
     out = {}
     if "mamba3" in kinds:
-        sizes = [
-            (s.config.headdim, s.config.d_state, s.config.mimo_rank)
-            for s in config.layers
-            if s.kind == "mamba3"
-        ]
-        triton = device.type == "cuda" and all(is_power_of_two(v) for size in sizes for v in size)
-        out["mamba3"] = f"chunked scan / {'triton' if triton else 'torch'} step"
+        configs = [s.config for s in config.layers if s.kind == "mamba3"]
+        cuda = device.type == "cuda"
+        scan = cuda and all(
+            c.backend != "chunked"
+            and unsupported_reason(c.headdim, c.d_state, c.mimo_rank, dtype, c.chunk_tokens) is None
+            for c in configs
+        )
+        step = cuda and all(
+            is_power_of_two(v) for c in configs for v in (c.headdim, c.d_state, c.mimo_rank)
+        )
+        out["mamba3"] = (
+            f"{'triton' if scan else 'chunked'} scan / {'triton' if step else 'torch'} step"
+        )
     if "attention" in kinds:
         prefill = select_backend("auto", device, dtype)[0]
         out["attention"] = f"{prefill} prefill / sdpa decode"

@@ -1,0 +1,242 @@
+"""Mamba-3 prefill/training kernels at the paper's shapes (H=32, P=64, N=128, chunk 64,
+bf16): forward and forward+backward times, with peers in the same run.
+
+Rows: our Triton scan (SISO; MIMO R=2 and R=4 at 64 score rows per chunk) as the whole op
+— raw in_proj outputs in, gated output out: discretisation, B/C RMSNorm and bias, angle sums,
+rotation, D and the silu(z) gate included, like the published kernel's "with D and Z" — and
+the scan core alone (prepared q, k, v); the chunked PyTorch path; fla-core's
+`chunk_simple_gla` (Mamba-2-style SSD) and `chunk_gated_delta_rule` (Gated DeltaNet) at equal
+(B, L, H, K=N, V=P); torch SDPA causal attention at the same width (32 heads of 64).
+
+TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate measured here.
+
+    python experiments/bench/prefill.py            # the H100 run in BENCHMARKS.md
+    python experiments/bench/prefill.py --quick    # tiny shapes (CUDA), a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_device, measure_ceilings, time_ms
+
+from hybrid.kernels.chunked import mamba3_chunked
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
+from hybrid.kernels.mamba3_prefill import mamba3_prefill
+from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
+
+HEADS, HEADDIM, D_STATE, CHUNK_ROWS = 32, 64, 128, 64
+PAPER = {(8, 2048): (1.75, 3.73), (2, 8192): (2.15, 4.38), (1, 16384): (3.64, 7.74)}
+
+
+def core_flops(tokens: int, rank: int, heads: int = HEADS, p: int = HEADDIM, n: int = D_STATE):
+    """Forward matmul FLOPs of the chunked scan: per row, the chunk's scores (2·Q·N) and
+    their product with v (2·Q·P), the start state's read-out and the chunk state (2·P·N
+    each); the backward does 2.5x that (recomputed states, state gradients, dq, dk, dv)."""
+    rows = tokens * rank * heads
+    return rows * (2 * CHUNK_ROWS * (n + p) + 4 * p * n)
+
+
+def random_op(batch, length, rank, device):
+    """Raw in_proj outputs (bf16) and fp32 layer weights, initialised as the layer does."""
+    bf = torch.bfloat16
+
+    def r(*shape, dtype=bf, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    inputs = Mamba3Inputs(
+        x=r(batch, length, HEADS, HEADDIM),
+        z=r(batch, length, HEADS, HEADDIM),
+        b=r(batch, length, rank, 1, D_STATE),
+        c=r(batch, length, rank, 1, D_STATE),
+        dt=r(batch, length, HEADS),
+        a=r(batch, length, HEADS),
+        trap=r(batch, length, HEADS),
+        angle=r(batch, length, D_STATE // 4),
+    )
+    ones = {"device": device, "dtype": torch.float32}
+    mimo = rank > 1
+    weights = Mamba3Weights(
+        dt_bias=r(HEADS, dtype=torch.float32) - 3.0,
+        b_norm=torch.ones(D_STATE, **ones, requires_grad=True),
+        c_norm=torch.ones(D_STATE, **ones, requires_grad=True),
+        b_bias=torch.ones(HEADS, rank, D_STATE, **ones, requires_grad=True),
+        c_bias=torch.ones(HEADS, rank, D_STATE, **ones, requires_grad=True),
+        d=torch.ones(HEADS, **ones, requires_grad=True),
+        mimo_x=torch.full((HEADS, rank, HEADDIM), 1 / rank, **ones, requires_grad=True)
+        if mimo
+        else None,
+        mimo_z=torch.ones(HEADS, rank, HEADDIM, **ones, requires_grad=True) if mimo else None,
+        mimo_o=torch.full((HEADS, rank, HEADDIM), 1 / rank, **ones, requires_grad=True)
+        if mimo
+        else None,
+    )
+    return inputs, weights, Mamba3Options(rotation="pairwise" if rank == 1 else "halves")
+
+
+def op_runner(batch, length, rank, device, path: str) -> Callable[[], torch.Tensor]:
+    inputs, weights, options = random_op(batch, length, rank, device)
+    scan = mamba3_prefill if path == "triton" else mamba3_chunked
+    tokens = CHUNK_ROWS // rank
+    return lambda: scan(inputs, weights, options, None, tokens)[0]
+
+
+def core_runner(batch, length, rank, device) -> Callable[[], torch.Tensor]:
+    tokens = batch * length
+    bf = torch.bfloat16
+
+    def r(*shape, dtype=bf):
+        return torch.randn(*shape, device=device).to(dtype).requires_grad_()
+
+    q = r(tokens, rank, HEADS, D_STATE)
+    k = r(tokens, rank, HEADS, D_STATE)
+    v = r(tokens, rank, HEADS, HEADDIM)
+    a = (-0.05 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
+    s = (0.1 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
+    g = (0.05 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
+    table = ChunkTable.build([b * length for b in range(batch + 1)], CHUNK_ROWS // rank, device)
+    return lambda: mamba3_core(q, k, v, a, s, g, None, table, CHUNK_ROWS // rank)[0]
+
+
+def fla_runner(batch, length, device, kind: str) -> Callable[[], torch.Tensor] | None:
+    try:
+        if kind == "simple_gla":
+            from fla.ops.simple_gla import chunk_simple_gla as fn
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
+    except ImportError:
+        return None
+    bf = torch.bfloat16
+
+    def r(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device)).to(bf).requires_grad_()
+
+    q, k = r(batch, length, HEADS, D_STATE), r(batch, length, HEADS, D_STATE)
+    v = r(batch, length, HEADS, HEADDIM)
+    g = F.logsigmoid(torch.randn(batch, length, HEADS, device=device) + 4).requires_grad_()
+    if kind == "simple_gla":
+        return lambda: fn(q, k, v, g)[0]
+    beta = torch.rand(batch, length, HEADS, device=device, dtype=bf).requires_grad_()
+    return lambda: fn(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+
+
+def sdpa_runner(batch, length, device) -> Callable[[], torch.Tensor]:
+    def r():
+        shape = (batch, HEADS, length, HEADDIM)
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16).requires_grad_()
+
+    q, k, v = r(), r(), r()
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, float | None, str]:
+    """(forward ms, forward+backward ms, note); None where it runs out of memory or the
+    kernel refuses (fla refuses its gated backward on Triton < 3.7.1 on Hopper, fla #640)."""
+    fwd = both = None
+    note = ""
+    try:
+        with torch.no_grad():
+            fwd = time_ms(fn, device, warmup=3, reps=10).median_ms
+        out = fn()
+        grad = torch.randn_like(out)
+        del out
+
+        def train():
+            fn().backward(grad)
+
+        both = time_ms(train, device, warmup=2, reps=10).median_ms
+    except torch.OutOfMemoryError:
+        note = "out of memory"
+    except RuntimeError as err:
+        note = str(err).split(".")[0][:80]
+    finally:
+        torch.cuda.empty_cache()
+    return fwd, both, note
+
+
+def rows_for(batch, length, device):
+    runs = [
+        ("ours SISO (op)", lambda: op_runner(batch, length, 1, device, "triton"), 1),
+        ("ours SISO (core)", lambda: core_runner(batch, length, 1, device), 1),
+        ("ours MIMO R=2 (op)", lambda: op_runner(batch, length, 2, device, "triton"), 2),
+        ("ours MIMO R=4 (op)", lambda: op_runner(batch, length, 4, device, "triton"), 4),
+        ("ours MIMO R=4 (core)", lambda: core_runner(batch, length, 4, device), 4),
+        ("chunked PyTorch SISO", lambda: op_runner(batch, length, 1, device, "chunked"), 1),
+        ("fla chunk_simple_gla", lambda: fla_runner(batch, length, device, "simple_gla"), 1),
+        ("fla chunk_gated_delta", lambda: fla_runner(batch, length, device, "gdn"), 1),
+        ("torch SDPA causal", lambda: sdpa_runner(batch, length, device), None),
+    ]
+    out = []
+    for name, make, rank in runs:
+        fn = make()
+        if fn is None:
+            out.append({"kernel": name, "batch": batch, "seq_len": length, "missing": True})
+            continue
+        fwd, both, note = timed(fn, device)
+        flops = core_flops(batch * length, rank) if rank else None
+        if rank is None:  # causal attention: QK and PV over the lower triangle
+            flops = 2 * 2 * batch * HEADS * length * length * HEADDIM / 2
+        out.append(
+            {"kernel": name, "batch": batch, "seq_len": length, "fwd_ms": fwd,
+             "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9 if fwd else None,
+             "fwd_bwd_tflops": 3.5 * flops / both / 1e9 if both else None, "note": note}
+        )  # fmt: skip
+        del fn
+    return out
+
+
+print = functools.partial(print, flush=True)  # rows appear as they are measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    ceilings = measure_ceilings(device)
+    print(describe_device(device), "|", ceilings)
+    shapes = [(2, 512)] if args.quick else list(PAPER)
+    rows = []
+    print(
+        f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+    )
+    for batch, length in shapes:
+        for row in rows_for(batch, length, device):
+            rows.append(row)
+
+            def f(key, spec=".3f", row=row):
+                value = row.get(key)
+                return "-" if value is None else format(value, spec)
+
+            print(
+                f"{row['kernel']:<24}{batch:>3}{length:>7}{f('fwd_ms'):>9}{f('fwd_bwd_ms'):>9}"
+                f"{f('fwd_tflops', '.1f'):>10}{f('fwd_bwd_tflops', '.1f'):>10}"
+                f"  {row.get('note', '')}"
+            )
+        if (batch, length) in PAPER:
+            fwd, both = PAPER[(batch, length)]
+            print(f"{'published SISO (H100)':<24}{batch:>3}{length:>7}{fwd:>9.3f}{both:>9.3f}")
+    ours = {(r["batch"], r["seq_len"]): r for r in rows if r["kernel"] == "ours SISO (op)"}
+    print("\nours SISO (op) vs the published Mamba-3 SISO kernel (ratio < 1 is faster):")
+    for shape, (fwd, both) in PAPER.items():
+        if shape in ours and ours[shape].get("fwd_ms"):
+            r = ours[shape]
+            print(f"  B={shape[0]} L={shape[1]}: fwd {r['fwd_ms'] / fwd:.2f}x, "
+                  f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x")  # fmt: skip
+    if args.out:
+        meta = {"device": describe_device(device), "ceilings": str(ceilings)}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

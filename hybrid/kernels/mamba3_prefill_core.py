@@ -1,0 +1,431 @@
+"""Triton kernels for the Mamba-3 scan core in chunked form, forward and backward.
+
+The core is the G-form of chunked.py with the MIMO rank folded into the rows: per sequence
+and head, rows i = (token τ(i), rank r) in token-major order, per-token log α a_τ, scale s_τ
+(= γ_τ + β'_{τ+1}) and γ_τ, and with A_i the cumulative log α since the sequence start:
+
+    y_i = Σ_{j: τ(j) ≤ τ(i)} e^{A_i − A_j} w_ij (q_i·k_j) v_j + e^{A_i} G_0 q_i
+    w_ij = s_τ(j) if τ(j) < τ(i), γ_τ(j) if τ(j) = τ(i)
+    G_T  = Σ_j e^{A_T − A_j} s_τ(j) v_j k_jᵀ + e^{A_T} G_0   (s of a sequence's last token is γ)
+
+Three kernels:
+  state_pass    per (sequence, head, state tile), walks the sequence's chunks carrying the
+                state: stores the state entering each chunk, adds the chunk's own term
+                Σ_j e^{A_end − A_j} s_j v_j k_jᵀ and decays; REVERSE walks backwards carrying
+                the state gradient (terms Σ_i e^{A_i} dy_i q_iᵀ);
+  chunk_output  per (chunk, head): y = intra-chunk scores plus the start state's read-out;
+  chunk_grad    per (chunk, head): dq, dk, dv and the per-row gradients of A, s and γ.
+The log-decay gradient uses dA_i = q_i·dq_i − k_i·dk_i (every pairwise term depends on
+A_i − A_j), reverse-summed over the sequence by the caller. Sequences are lists of chunks
+(`ChunkTable`), so a varlen batch is one flat token axis and no chunk crosses a boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybrid.kernels.segment_cumsum import segment_cumsum
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
+AUTOTUNE = os.environ.get("HYBRID_TRITON_AUTOTUNE", "1") != "0" and not INTERPRETING
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Where each chunk starts (token), how many tokens it has, and each sequence's chunks."""
+
+    tok0: Tensor  # (n_chunks,) int32
+    ntok: Tensor  # (n_chunks,) int32
+    seq_chunk0: Tensor  # (n_seq + 1,) int32
+    seq_ends: Tensor  # (n_seq,) int64, last token of each sequence
+    seq_starts: Tensor  # (n_seq + 1,) int32 token offsets (cu_seqlens)
+    last_token: Tensor  # (T,) bool, True at each sequence's last token
+
+    @property
+    def n_chunks(self) -> int:
+        return self.tok0.numel()
+
+    @property
+    def n_seq(self) -> int:
+        return self.seq_ends.numel()
+
+    @classmethod
+    def build(cls, seq_starts: list[int], chunk_tokens: int, device) -> ChunkTable:
+        """From token offsets [0, end_1, ..., total] (cu_seqlens as host integers)."""
+        tok0, ntok, seq_chunk0 = [], [], [0]
+        for start, end in itertools.pairwise(seq_starts):
+            if end <= start:
+                raise ValueError(f"cu_seqlens must be strictly increasing, got {seq_starts}")
+            for t in range(start, end, chunk_tokens):
+                tok0.append(t)
+                ntok.append(min(chunk_tokens, end - t))
+            seq_chunk0.append(len(tok0))
+
+        def as_tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            as_tensor(tok0),
+            as_tensor(ntok),
+            as_tensor(seq_chunk0),
+            as_tensor([e - 1 for e in seq_starts[1:]], torch.int64),
+            as_tensor(seq_starts),
+            as_tensor([False] * seq_starts[-1], torch.bool).index_fill_(
+                0, as_tensor([e - 1 for e in seq_starts[1:]], torch.int64), True
+            ),
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_table(seq_starts: tuple[int, ...], chunk_tokens: int, device) -> ChunkTable:
+    """Cached per layout, so repeated calls (training steps, CUDA-graph capture) copy nothing
+    from the host."""
+    return ChunkTable.build(list(seq_starts), chunk_tokens, device)
+
+
+def _configs(**fixed) -> list[triton.Config]:
+    """num_warps/num_stages candidates, or one (interpreter: each config is a rerun)."""
+    if not AUTOTUNE:
+        return [triton.Config(fixed, num_warps=4, num_stages=2)]
+    return [triton.Config(fixed, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+@triton.jit
+def _row_layout(tok0_ptr, ntok_ptr, c, R: tl.constexpr, BT: tl.constexpr):
+    """Rows of chunk c: their flat row index (token·R + rank), token, and validity."""
+    tok0 = tl.load(tok0_ptr + c).to(tl.int64)
+    ntok = tl.load(ntok_ptr + c)
+    i = tl.arange(0, BT)
+    tok = i // R
+    valid = tok < ntok
+    return tok0 * R + i, tok0 + tok, tok, valid, i % R == 0
+
+
+@triton.jit
+def _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first_rank):
+    """A_i since the chunk start (each token's log α counted once, on its first rank)."""
+    a = tl.load(a_ptr + tokens * H + h, mask=valid & first_rank, other=0.0)
+    return tl.cumsum(a, 0), tl.sum(a, 0)
+
+
+@triton.jit
+def _token_weights(cum, s, g, tok, valid):
+    """w_ij e^{A_i − A_j} of the intra-chunk scores, and the strict-lower mask."""
+    below = tok[:, None] > tok[None, :]
+    same = (tok[:, None] == tok[None, :]) & valid[None, :]
+    decay = tl.exp(tl.where(below, cum[:, None] - cum[None, :], 0.0))
+    w = tl.where(below, decay * s[None, :], tl.where(same, g[None, :], 0.0))
+    return w, below, same, decay
+
+
+@triton.autotune(configs=_configs(), key=["DX", "DY", "R", "BT", "BX", "BY", "REVERSE"])
+@triton.jit
+def _state_pass_kernel(
+    x_ptr,
+    y_ptr,
+    a_ptr,
+    s_ptr,
+    states_ptr,
+    init_ptr,
+    final_ptr,
+    tok0_ptr,
+    ntok_ptr,
+    seq_chunk0_ptr,
+    H,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    R: tl.constexpr,
+    BT: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One (sequence, head, DX×DY tile): carry S across the sequence's chunks, storing the S
+    that enters each chunk, then S ← e^{A_end}·S + Σ_i coef_i x_iᵀ y_i (the chunk's term).
+
+    Forward: x = v, y = k, coef = e^{A_end − A_i} s_i; states[c] is chunk c's start state.
+    REVERSE (chunks last to first): x = dy, y = q, coef = e^{A_i}; states[c] is the gradient
+    of chunk c's end state, and the final carry is the initial state's gradient.
+    """
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    n_y_tiles: tl.constexpr = DY // BY
+    ox = (tl.program_id(2) // n_y_tiles) * BX + tl.arange(0, BX)
+    oy = (tl.program_id(2) % n_y_tiles) * BY + tl.arange(0, BY)
+    tile = ox[:, None] * DY + oy[None, :]
+    edge = (seq.to(tl.int64) * H + h) * (DX * DY)
+    carry = tl.load(init_ptr + edge + tile) if HAS_INIT else tl.zeros([BX, BY], tl.float32)
+    c0 = tl.load(seq_chunk0_ptr + seq)
+    c1 = tl.load(seq_chunk0_ptr + seq + 1)
+    for step in range(0, c1 - c0):
+        c = c1 - 1 - step if REVERSE else c0 + step
+        rows, tokens, _, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+        cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+        if REVERSE:
+            coef = tl.where(valid, tl.exp(cum), 0.0)
+        else:
+            s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
+            coef = tl.exp(total - cum) * s
+        xs = tl.load(
+            x_ptr + rows[:, None] * (H * DX) + h * DX + ox[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        ys = tl.load(
+            y_ptr + rows[:, None] * (H * DY) + h * DY + oy[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        tl.store(states_ptr + (c.to(tl.int64) * H + h) * (DX * DY) + tile, carry)
+        xs = (xs * coef[:, None]).to(ys.dtype)
+        carry = tl.exp(total) * carry + tl.dot(tl.trans(xs), ys, input_precision=PRECISION)
+    tl.store(final_ptr + edge + tile, carry)
+
+
+@triton.autotune(configs=_configs(), key=["N", "P", "R", "BT", "BN", "BP"])
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    s_ptr,
+    g_ptr,
+    states_ptr,
+    y_ptr,
+    tok0_ptr,
+    ntok_ptr,
+    H,
+    N: tl.constexpr,
+    P: tl.constexpr,
+    R: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    BP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    op = tl.program_id(2) * BP + tl.arange(0, BP)
+    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+    cum, _ = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+    s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
+    g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
+    state_base = (c.to(tl.int64) * H + h) * (P * N)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    readout = tl.zeros([BT, BP], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        on = n0 + tl.arange(0, BN)
+        qk_offs = rows[:, None] * (H * N) + h * N + on[None, :]
+        q = tl.load(q_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
+        readout += tl.dot(q, tl.trans(st), input_precision=PRECISION)
+    w, _, _, _ = _token_weights(cum, s, g, tok, valid)
+    v = tl.load(
+        v_ptr + rows[:, None] * (H * P) + h * P + op[None, :], mask=valid[:, None], other=0.0
+    )
+    y = tl.exp(cum)[:, None] * readout
+    y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
+    tl.store(
+        y_ptr + rows[:, None] * (H * P) + h * P + op[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=valid[:, None],
+    )
+
+
+@triton.autotune(configs=_configs(), key=["N", "P", "R", "BT", "BN"])
+@triton.jit
+def _chunk_grad_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dy_ptr,
+    a_ptr,
+    s_ptr,
+    g_ptr,
+    states_ptr,
+    dstates_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    da_ptr,
+    ds_ptr,
+    dg_ptr,
+    tok0_ptr,
+    ntok_ptr,
+    H,
+    N: tl.constexpr,
+    P: tl.constexpr,
+    R: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Gradients of one chunk, given its start state and the gradient of its end state."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+    cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+    s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
+    g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
+    op = tl.arange(0, P)
+    pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
+    v = tl.load(v_ptr + pv_offs, mask=valid[:, None], other=0.0)
+    dy = tl.load(dy_ptr + pv_offs, mask=valid[:, None], other=0.0)
+    state_base = (c.to(tl.int64) * H + h) * (P * N)
+
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    to_end = tl.zeros([BT, P], dtype=tl.float32)  # k_j · dG_end (per p)
+    for n0 in range(0, N, BN):
+        on = n0 + tl.arange(0, BN)
+        qk_offs = rows[:, None] * (H * N) + h * N + on[None, :]
+        q = tl.load(q_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dse = tl.load(dstates_ptr + state_base + op[:, None] * N + on[None, :]).to(k.dtype)
+        to_end += tl.dot(k, tl.trans(dse), input_precision=PRECISION)
+
+    w, below, same, decay = _token_weights(cum, s, g, tok, valid)
+    dmix = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # dy_i · v_j
+    d_scores = dmix * w
+    coef_end = tl.where(valid, tl.exp(total - cum), 0.0)
+    coef = coef_end * s
+    dv = tl.dot(tl.trans((scores * w).to(dy.dtype)), dy, input_precision=PRECISION)
+    dv += coef[:, None] * to_end
+    tl.store(dv_ptr + pv_offs, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
+
+    weighted = dmix * scores
+    ds = tl.sum(tl.where(below, decay * weighted, 0.0), 0) + coef_end * tl.sum(
+        v.to(tl.float32) * to_end, 1
+    )
+    dg = tl.sum(tl.where(same, weighted, 0.0), 0)
+    e_start = tl.exp(cum)
+    da = tl.zeros([BT], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        on = n0 + tl.arange(0, BN)
+        qk_offs = rows[:, None] * (H * N) + h * N + on[None, :]
+        q = tl.load(q_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + qk_offs, mask=valid[:, None], other=0.0)
+        st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
+        dse = tl.load(dstates_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
+        dq = tl.dot(d_scores.to(k.dtype), k, input_precision=PRECISION)
+        dq += e_start[:, None] * tl.dot(dy, st, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PRECISION)
+        dk += coef[:, None] * tl.dot(v, dse, input_precision=PRECISION)
+        da += tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
+        tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
+    row_offs = rows * H + h
+    tl.store(da_ptr + row_offs, da, mask=valid)
+    tl.store(ds_ptr + row_offs, ds, mask=valid)
+    tl.store(dg_ptr + row_offs, dg, mask=valid)
+
+
+def _new_output(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Every kernel output comes from here (the GPU tests poison it with NaN)."""
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """Full float32 products for float32 inputs (tests, oracle checks); bf16/fp16 use MMA."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
+    """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32)."""
+    heads, dx, dy = x.shape[-2], x.shape[-1], y.shape[-1]
+    states = torch.empty(table.n_chunks, heads, dx, dy, device=x.device, dtype=torch.float32)
+    final = torch.empty(table.n_seq, heads, dx, dy, device=x.device, dtype=torch.float32)
+    # narrower tiles when few (sequence, head) pairs would leave SMs idle
+    by = min(dy, 64 if table.n_seq * heads >= 128 else 32)
+    bx = min(dx, 64)
+    grid = (table.n_seq, heads, (dx // bx) * (dy // by))
+    _state_pass_kernel[grid](
+        x, y, a, s, states, init if init is not None else final, final,
+        table.tok0, table.ntok, table.seq_chunk0, heads,
+        DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
+        REVERSE=reverse, PRECISION=_precision(x.dtype),
+    )  # fmt: skip
+    return states, final
+
+
+def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
+    """y (T, R, H, P) in v's dtype, final states (n_seq, H, P, N) fp32, chunk start states."""
+    rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    chunk_rows = chunk_tokens * rank
+    states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
+    y = _new_output(v.shape, v)
+    bp = min(headdim, 64)
+    grid = (table.n_chunks, heads, headdim // bp)
+    _chunk_output_kernel[grid](
+        q, k, v, a, s, g, states, y, table.tok0, table.ntok, heads,
+        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64), BP=bp,
+        PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    return y, final
+
+
+def scan_backward(q, k, v, a, s, g, init, dy, dfinal, table: ChunkTable, chunk_tokens: int):
+    """Gradients of the core: dq, dk, dv (input dtypes), per-row dA, ds, dγ (fp32), dinit,
+    and the final state (for the A gradient of the final-state term)."""
+    rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    chunk_rows = chunk_tokens * rank
+    states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
+    dstates, dinit = _state_pass(dy, q, a, s, dfinal, table, rank, chunk_rows, reverse=True)
+    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))
+    per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
+    _chunk_grad_kernel[(table.n_chunks, heads)](
+        q, k, v, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1], per_row[2],
+        table.tok0, table.ntok, heads,
+        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
+        PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    return dq, dk, dv, per_row, dinit, final
+
+
+class Mamba3CoreFunction(torch.autograd.Function):
+    """y, G_T = core(q, k, v, a, s, γ, G_0): the kernels above with a Triton backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, s, g, init, table, chunk_tokens):
+        y, final = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
+        ctx.save_for_backward(q, k, v, a, s, g, init)
+        ctx.table, ctx.chunk_tokens, ctx.has_init = table, chunk_tokens, init is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        q, k, v, a, s, g, init = ctx.saved_tensors
+        table = ctx.table
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(v)
+        dfinal = dfinal.contiguous() if dfinal is not None else None
+        dq, dk, dv, per_row, dinit, final = scan_backward(
+            q, k, v, a, s, g, init if ctx.has_init else None, dy, dfinal, table, ctx.chunk_tokens
+        )
+        da_rows, ds, dg = per_row.sum(dim=2)  # (T, H) each: ranks of a token summed
+        if dfinal is not None:
+            da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
+        da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
+        return dq, dk, dv, da, ds, dg, dinit if ctx.has_init else None, None, None
+
+
+def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
+    """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P); a, s, g: (T, H) fp32;
+    init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H, P), G_T (n_seq, H, P, N)."""
+    return Mamba3CoreFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(), s.contiguous(),
+        g.contiguous(), init.contiguous() if init is not None else None, table, chunk_tokens,
+    )  # fmt: skip

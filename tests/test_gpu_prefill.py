@@ -1,0 +1,114 @@
+"""The Triton prefill on CUDA (marker `gpu`) against the float64 chunked path (itself equal
+to the oracle to ~1e-15): output, final state and every gradient, in float32 and bf16, with
+kernel outputs poisoned with NaN so an element a kernel forgot to write cannot pass.
+
+Bounds: float32 runs full-precision products ("ieee"), so 1e-4 leaves two orders for the
+chunked sums. bf16 rounds q, k, v, dy and the chunk states (unit roundoff 2^-9 ≈ 2e-3)
+before every tensor-core product; sums stay in float32, so relative L2 errors are a few
+roundoffs: 2e-2 for outputs and states, 5e-2 for gradients (the log-decay gradient
+q·dq − k·dk is a difference of bf16-rounded products, the worst-conditioned entry).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import random_inputs, random_state, random_weights, rel_err
+
+from hybrid.kernels import mamba3_prefill_core
+from hybrid.kernels.chunked import mamba3_chunked
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State
+from hybrid.kernels.mamba3_prefill import mamba3_prefill
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+BOUNDS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def poisoned(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
+
+    monkeypatch.setattr(mamba3_prefill_core, "_new_output", poisoned)
+
+
+def _leaves(inputs, weights, state, dtype):
+    named = {f"in.{k}": v for k, v in inputs._asdict().items()}
+    named |= {f"w.{k}": v for k, v in weights._asdict().items() if v is not None}
+    named |= {f"state.{k}": v for k, v in vars(state).items()}
+    return {
+        k: v.detach().to(CUDA, dtype if k.startswith("in.") else torch.float32).requires_grad_()
+        for k, v in named.items()
+    }
+
+
+def _run(fn, named, weights_type, probe_out, probe_ssm):
+    inputs = Mamba3Inputs(**{k[3:]: v for k, v in named.items() if k.startswith("in.")})
+    weights = weights_type(
+        **{f: named.get(f"w.{f}") for f in weights_type._fields}  # None where absent
+    )
+    state = Mamba3State(**{k[6:]: v for k, v in named.items() if k.startswith("state.")})
+    out, final = fn(inputs, weights, state)
+    loss = (out.double() * probe_out).sum() + (final.ssm.double() * probe_ssm).sum()
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    return out, final, dict(zip(named, grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("rank", "headdim", "d_state", "chunk", "length"),
+    [(1, 64, 128, 64, 300), (1, 32, 64, 32, 129), (2, 64, 64, 32, 200), (4, 64, 128, 16, 257),
+     (8, 32, 32, 8, 100), (1, 128, 256, 64, 200)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, length, dtype):
+    heads, batch = 4, 2
+    inputs = random_inputs(batch=batch, length=length, heads=heads, headdim=headdim,
+                           d_state=d_state, rank=rank, groups=2, angles=d_state // 4)  # fmt: skip
+    weights = random_weights(heads=heads, headdim=headdim, d_state=d_state, rank=rank,
+                             mimo=rank > 1, out_norm=rank == 2)  # fmt: skip
+    state = random_state(batch=batch, heads=heads, headdim=headdim, d_state=d_state, rank=rank,
+                         angles=d_state // 4)  # fmt: skip
+    options = Mamba3Options(rotation="pairwise" if rank == 1 else "halves")
+    mine_leaves = _leaves(inputs, weights, state, dtype)
+    # the reference sees the same (rounded) inputs: the bound is the kernels' error alone
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in mine_leaves.items()}
+    probe_out = torch.randn(batch, length, heads, headdim, device=CUDA, dtype=torch.float64)
+    probe_ssm = torch.randn(batch, heads, headdim, d_state, device=CUDA, dtype=torch.float64)
+    expected = _run(
+        lambda i, w, s: mamba3_chunked(i, w, options, s, chunk_size=chunk),
+        ref_leaves, type(weights), probe_out, probe_ssm,
+    )  # fmt: skip
+    actual = _run(
+        lambda i, w, s: mamba3_prefill(i, w, options, s, chunk_size=chunk),
+        mine_leaves, type(weights), probe_out, probe_ssm,
+    )  # fmt: skip
+    out_bound, grad_bound = BOUNDS[dtype]
+    assert rel_err(actual[0], expected[0]) <= out_bound
+    assert rel_err(actual[1].ssm, expected[1].ssm) <= out_bound
+    for name, grad in expected[2].items():
+        if grad is not None:
+            assert rel_err(actual[2][name], grad) <= grad_bound, name
+
+
+def test_varlen_equals_separate_sequences_on_cuda():
+    lengths, heads, headdim, d_state = [700, 64, 1, 300], 4, 64, 128
+    inputs = random_inputs(batch=1, length=sum(lengths), heads=heads, headdim=headdim,
+                           d_state=d_state, groups=1, angles=32, dtype=torch.float32)  # fmt: skip
+    weights = random_weights(heads=heads, headdim=headdim, d_state=d_state, dtype=torch.float32)
+    state = random_state(batch=len(lengths), heads=heads, headdim=headdim, d_state=d_state,
+                         angles=32, dtype=torch.float32)  # fmt: skip
+    inputs, weights = (type(t)(*(None if v is None else v.to(CUDA) for v in t)) for t in
+                       (inputs, weights))  # fmt: skip
+    state = Mamba3State(*(t.to(CUDA) for t in state.tensors()))
+    options = Mamba3Options()
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    out, final = mamba3_prefill(inputs, weights, options, state, cu_seqlens=bounds)
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        piece = Mamba3Inputs(*(t[:, start:end] for t in inputs))
+        row = Mamba3State(*(t[i : i + 1] for t in state.tensors()))
+        expected, expected_final = mamba3_prefill(piece, weights, options, row)
+        assert rel_err(out[:, start:end], expected) <= 1e-5
+        assert rel_err(final.ssm[i : i + 1], expected_final.ssm) <= 1e-5

@@ -1,0 +1,52 @@
+"""The Triton prefill kernels run by Triton's interpreter on the CPU (a subprocess: the
+interpreter is chosen when kernels are defined) against the float64 oracle, forward and
+every gradient; and the scan dispatch."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import random_inputs, random_state, random_weights, rel_err, run_interpreted
+
+from hybrid.kernels.mamba3_common import Mamba3Options
+from hybrid.kernels.mamba3_scan import mamba3_scan, scan_backend
+from hybrid.kernels.reference import mamba3_reference
+
+
+def test_prefill_kernels_match_the_oracle_under_the_interpreter():
+    stdout = run_interpreted("check_mamba3_prefill.py")
+    assert stdout.count("R=") == 5 and "segment cumsum" in stdout and "worst" in stdout
+
+
+def test_dispatch_keeps_the_cpu_on_the_chunked_path():
+    inputs = random_inputs(dtype=torch.float32)
+    assert scan_backend(inputs, 16) == "chunked"
+    assert scan_backend(inputs, 16, "triton") == "triton"
+    with pytest.raises(ValueError, match="allowed"):
+        scan_backend(inputs, 16, "cuda")
+
+
+def test_forcing_triton_on_a_shape_it_cannot_take_names_the_reason():
+    inputs = random_inputs(headdim=12, dtype=torch.float32)
+    weights = random_weights(headdim=12, dtype=torch.float32)
+    with pytest.raises(ValueError, match="headdim=12"):
+        mamba3_scan(inputs, weights, Mamba3Options(), backend="triton")
+
+
+def test_chunked_varlen_equals_each_sequence_on_its_own():
+    lengths = [7, 30, 1]
+    inputs = random_inputs(batch=1, length=sum(lengths))
+    weights = random_weights()
+    state = random_state(batch=len(lengths))
+    bounds = [0, 7, 37, 38]
+    out, final = mamba3_scan(inputs, weights, Mamba3Options(), state, 8, cu_seqlens=bounds)
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        piece = type(inputs)(*(t[:, start:end] for t in inputs))
+        row = type(state)(*(t[i : i + 1] for t in state.tensors()))
+        expected, expected_final = mamba3_reference(piece, weights, Mamba3Options(), row)
+        assert rel_err(out[:, start:end], expected) <= 1e-10
+        assert rel_err(final.ssm[i : i + 1], expected_final.ssm) <= 1e-10
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mamba3_scan(inputs, weights, Mamba3Options(), cu_seqlens=[0, 5, 30])
