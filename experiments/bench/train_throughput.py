@@ -1,9 +1,10 @@
-"""Training throughput of ~20M-parameter models through the real training loop
-(`hybrid.train.train`, bf16 autocast on CUDA): a 3:1 Mamba-3:attention hybrid and a pure
-Mamba-3 model on the chunked PyTorch path, against a pure Transformer of about the same size
-as the peer in the same run. Steady-state tokens/s is measured between the first and the
-last logged step (compilation and warm-up excluded); model FLOP utilisation uses each
-model's `flops_per_token` × 3 against the matmul rate measured in the same run.
+"""Training throughput through the real training loop (`hybrid.train.train`, bf16 autocast on
+CUDA): ~20M-parameter models (a 3:1 Mamba-3:attention hybrid and a pure Mamba-3 model, each
+with the Triton scan and with the chunked PyTorch path, and a pure Transformer of about the
+same size as the peer) and a ~120M `M-M-M-*-` hybrid on both Mamba-3 paths. Steady-state
+tokens/s is measured between the first and the last logged step (compilation and warm-up
+excluded); model FLOP utilisation uses each model's `flops_per_token` × 3 against the matmul
+rate measured in the same run.
 
     python experiments/bench/train_throughput.py            # GPU figures in BENCHMARKS.md
     python experiments/bench/train_throughput.py --quick    # small, any device
@@ -27,10 +28,14 @@ from hybrid.model import HybridLM
 from hybrid.token_cache import prepare_data
 from hybrid.train import TrainConfig, train
 
-MODELS = {  # name: (pattern, d_model, attention heads)
-    "hybrid 3:1": ("M-M-M-*-M-M-M-*-M-M-", 384, 6),
-    "mamba3": ("M-" * 10, 384, 6),
-    "transformer": ("*-" * 12, 384, 6),
+MODELS = {  # name: (pattern, d_model, attention heads, Mamba-3 scan backend)
+    "hybrid 3:1": ("M-M-M-*-M-M-M-*-M-M-", 384, 6, "triton"),
+    "hybrid 3:1 chunked": ("M-M-M-*-M-M-M-*-M-M-", 384, 6, "chunked"),
+    "mamba3": ("M-" * 10, 384, 6, "triton"),
+    "mamba3 chunked": ("M-" * 10, 384, 6, "chunked"),
+    "transformer": ("*-" * 12, 384, 6, "auto"),
+    "hybrid 120M": ("M-M-M-*-" * 4, 768, 12, "triton"),
+    "hybrid 120M chunked": ("M-M-M-*-" * 4, 768, 12, "chunked"),
 }
 
 
@@ -49,11 +54,14 @@ def main() -> None:
         batch, seq_len, steps, log_every, scale = 32, 512, 80, 20, 1
     print(f"device: {describe_device(device)}; {peak}; batch {batch} x {seq_len} tokens")
     rows = []
-    for name, (pattern, d_model, heads) in MODELS.items():
+    for name, (pattern, d_model, heads, backend) in MODELS.items():
+        if device.type == "cpu" and backend == "triton":
+            continue  # the Triton scan needs CUDA
         config = ModelConfig.from_pattern(
             pattern,
             d_model=int(d_model * scale) // 64 * 64 or 64,
             attention={"n_heads": max(1, int(heads * scale))},
+            mamba3={"backend": backend} if "M" in pattern else None,
         )
         train_config = TrainConfig(
             batch_size=batch,
@@ -80,14 +88,19 @@ def main() -> None:
         )
     peer = next(r for r in rows if r["model"] == "transformer")["tokens_per_s"]
     print(
-        f"\n{'model':<13}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
+        f"\n{'model':<20}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
         f"{'MFU %':>7}{'vs transformer':>16}"
     )
     for r in rows:
         print(
-            f"{r['model']:<13}{r['pattern']:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
+            f"{r['model']:<20}{r['pattern'][:21]:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
             f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{r['tokens_per_s'] / peer:>15.2f}x"
         )
+    by_name = {r["model"]: r["tokens_per_s"] for r in rows}
+    for name in by_name:
+        if f"{name} chunked" in by_name:
+            speedup = by_name[name] / by_name[f"{name} chunked"]
+            print(f"{name}: Triton scan {speedup:.2f}x the chunked PyTorch path (tokens/s)")
     if args.out:
         args.out.write_text(
             json.dumps(

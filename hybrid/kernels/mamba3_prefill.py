@@ -2,16 +2,15 @@
 
 Same contract as `mamba3_chunked`, plus variable-length batches: with `cu_seqlens` the
 inputs are one packed row (Bt = 1) of several sequences, each with its own initial and final
-state. The per-token pieces (Δ, A, λ, B/C norm and bias, angle sums, rotation, the output
-gate) run in PyTorch; the scan itself — the part that is quadratic within a chunk and
-sequential across chunks — runs in `mamba3_prefill_core` with a Triton backward. Angles are
-summed per sequence in Triton, wrapped as they go, so float32 stays exact over any length.
+state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
+sequential across chunks), the B/C RMSNorm, bias and rotation into per-head k and q
+(`rotated_bc`) and the per-sequence angle sums (`segment_cumsum`, wrapped as they go, so
+float32 stays exact over any length), each with a Triton backward; Δ, A, λ and the output gate
+are element-wise PyTorch.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 
 import torch
@@ -28,8 +27,6 @@ from hybrid.kernels.mamba3_common import (
     expand_x,
     gate_output,
     is_power_of_two,
-    normalize_bc,
-    rotate,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,25 +67,6 @@ def sequence_bounds(batch: int, length: int, cu_seqlens) -> list[int]:
     return bounds
 
 
-def _compiled_on_cuda(fn):
-    """`fn` through torch.compile for CUDA tensors (Inductor fuses these per-token element-wise
-    pieces, forward and backward, into a few kernels); eager on the CPU and with
-    HYBRID_COMPILE=0."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def run(first: Tensor, *args):
-        nonlocal compiled
-        if not first.is_cuda or os.environ.get("HYBRID_COMPILE", "1") == "0":
-            return fn(first, *args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        return compiled(first, *args)
-
-    return run
-
-
-@_compiled_on_cuda
 def _coefficients(dt, a_raw, trap, angle, last, dt_bias, options: Mamba3Options):
     """Per token and head: log α, scale = γ + β'_next (β'_next = 0 at a sequence's last
     token), γ, β', and the angle increments Δ·π·tanh(angle)."""
@@ -99,19 +77,13 @@ def _coefficients(dt, a_raw, trap, angle, last, dt_bias, options: Mamba3Options)
     return disc.log_alpha.float(), scale.float(), disc.gamma.float(), disc.beta_free, increments
 
 
-@_compiled_on_cuda
-def _rotated_qkv(b, c, x, phi, weights: Mamba3Weights, options: Mamba3Options):
-    """q, k = rot(RMSNorm(C|B)·w + bias, φ) per head and rank, x̃ = mimo_x ⊙ x: the core's
-    inputs, in x's dtype."""
-    phi = phi.unsqueeze(1)  # (T, 1, H, S): shared by every rank
-    eps = options.bc_norm_eps
-    k = rotate(normalize_bc(b, weights.b_norm, weights.b_bias, eps), phi, options.rotation)
-    q = rotate(normalize_bc(c, weights.c_norm, weights.c_bias, eps), phi, options.rotation)
-    xr = expand_x(x, weights.mimo_x)
-    return q.to(x.dtype), k.to(x.dtype), xr.to(x.dtype)
+def _values(x, mimo_x):
+    """x̃_r = mimo_x[h, r] ⊙ x in x's dtype (SISO: a view of x)."""
+    if mimo_x is None:
+        return x.unsqueeze(1)
+    return (x.unsqueeze(1) * mimo_x.transpose(0, 1)).to(x.dtype)
 
 
-@_compiled_on_cuda
 def _gated(y, x, z, weights: Mamba3Weights, options: Mamba3Options):
     """o = Σ_r mimo_o ⊙ [norm](y_r + D x̃_r) ⊙ silu(mimo_z ⊙ z), in x's dtype."""
     cdt = compute_dtype(x.dtype)
@@ -133,6 +105,7 @@ def mamba3_prefill(
     into the rows), which must be a power of two >= 16.
     """
     from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
+    from hybrid.kernels.rotated_bc import rotated_bc
     from hybrid.kernels.segment_cumsum import wrapped_angle_sum
 
     reason = inputs_unsupported_reason(inputs, chunk_size)
@@ -153,7 +126,11 @@ def mamba3_prefill(
     phi = wrapped_angle_sum(
         increments, state.angle if state is not None else None, table.seq_starts
     )
-    q, k, xr = _rotated_qkv(b, c, x, phi, weights, options)
+    k, q = rotated_bc(
+        b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,
+        options.bc_norm_eps, options.rotation, kdt,
+    )  # fmt: skip
+    xr = _values(x, weights.mimo_x)
     init = None
     if state is not None:
         cdt = compute_dtype(kdt)
