@@ -6,7 +6,12 @@ Bounds: float32 runs full-precision products ("ieee"), so 1e-4 leaves two orders
 chunked sums. bf16 rounds q, k, v, dy and the chunk states (unit roundoff 2^-9 ≈ 2e-3)
 before every tensor-core product; sums stay in float32, so relative L2 errors are a few
 roundoffs: 2e-2 for outputs and states, 5e-2 for gradients (the log-decay gradient
-q·dq − k·dk is a difference of bf16-rounded products, the worst-conditioned entry).
+q·dq − k·dk is a difference of bf16-rounded products, the worst-conditioned entry). dt_bias's
+gradient is exactly the sum over tokens of dt's, which cancel heavily (e.g. 489 against
+terms of ±4000): its error is bounded by the same 5e-2 relative to Σ_t |d dt_t| per head,
+the most a sum of per-token errors of that size can reach. The initial angle's gradient is
+likewise the sum of every token's angle gradient over the sequence (measured 5.0e-2 at
+L=300): 1e-1.
 """
 
 from __future__ import annotations
@@ -89,8 +94,12 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
     assert rel_err(actual[0], expected[0]) <= out_bound
     assert rel_err(actual[1].ssm, expected[1].ssm) <= out_bound
     for name, grad in expected[2].items():
-        if grad is not None:
-            assert rel_err(actual[2][name], grad) <= grad_bound, name
+        if name == "w.dt_bias":
+            scale = expected[2]["in.dt"].abs().sum(dim=(0, 1))
+            assert ((actual[2][name] - grad).abs() <= grad_bound * scale).all(), name
+        elif grad is not None:
+            bound = 2 * grad_bound if name == "state.angle" else grad_bound
+            assert rel_err(actual[2][name], grad) <= bound, name
 
 
 def test_varlen_equals_separate_sequences_on_cuda():

@@ -12,7 +12,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hybrid.kernels import mamba3_prefill_core, mamba3_step_triton, rotated_bc, segment_cumsum
+from hybrid.kernels import (
+    fused_norms,
+    mamba3_gate,
+    mamba3_prefill_core,
+    mamba3_step_triton,
+    rotated_bc,
+    segment_cumsum,
+)
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
@@ -40,6 +47,21 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"k_ptr", "q_ptr"}),
     (rotated_bc._rotated_bc_bwd_kernel, {"N": 64, "R": 4, "BT": 16, "PAIRWISE": False},
      {"dk_ptr", "dq_ptr"}),
+    (mamba3_gate._gate_fwd_kernel, {"R": 4, "P": 64, "BT": 16, "HAS_MIMO": True,
+                                    "HAS_NORM": True}, {"y_ptr", "x_ptr", "z_ptr", "out_ptr"}),
+    (mamba3_gate._gate_bwd_kernel, {"R": 1, "P": 64, "BT": 16, "HAS_MIMO": False,
+                                    "HAS_NORM": True}, {"y_ptr", "x_ptr", "z_ptr", "dy_ptr"}),
+    (mamba3_gate._gate_bwd_kernel, {"R": 2, "P": 128, "BT": 16, "HAS_MIMO": True,
+                                    "HAS_NORM": False}, set()),
+    (fused_norms._norm_fwd_kernel, {"GS": 2048, "BLOCK": 2048, "HAS_GATE": False,
+                                    "BEFORE_GATE": True, "HAS_WEIGHT": True, "ROWS": 16},
+     {"x_ptr", "out_ptr"}),
+    (fused_norms._norm_bwd_kernel, {"GS": 64, "BLOCK": 64, "HAS_GATE": True,
+                                    "BEFORE_GATE": False, "HAS_WEIGHT": True, "ROWS": 16},
+     {"x_ptr", "z_ptr", "do_ptr", "dx_ptr"}),
+    (fused_norms._swiglu_fwd_kernel, {"HIDDEN": 4096, "BLOCK": 1024}, {"h_ptr", "out_ptr"}),
+    (fused_norms._swiglu_bwd_kernel, {"HIDDEN": 1376, "BLOCK": 1024},
+     {"h_ptr", "do_ptr", "dh_ptr"}),
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
       "HAS_MIMO": True, "HAS_NORM": True}, set()),

@@ -1,6 +1,7 @@
-"""The Triton prefill kernels run by Triton's interpreter on the CPU (a subprocess: the
-interpreter is chosen when kernels are defined) against the float64 oracle, forward and
-every gradient; and the scan dispatch."""
+"""The Triton prefill kernels (scan, B/C rotation, output gate, angle sums) and the fused
+norm/SwiGLU kernels run by Triton's interpreter on the CPU (a subprocess: the interpreter is
+chosen when kernels are defined) against the float64 oracle or the PyTorch functions, forward
+and every gradient; and the scan dispatch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from hybrid.kernels.reference import mamba3_reference
 def test_prefill_kernels_match_the_oracle_under_the_interpreter():
     stdout = run_interpreted("check_mamba3_prefill.py")
     assert stdout.count("R=") == 5 and "segment cumsum" in stdout and "worst" in stdout
+
+
+def test_fused_norm_and_swiglu_kernels_match_pytorch_under_the_interpreter():
+    stdout = run_interpreted("check_fused_norms.py")
+    assert stdout.count("gated norm") == 4 and "swiglu" in stdout and "worst" in stdout
 
 
 def test_dispatch_keeps_the_cpu_on_the_chunked_path():

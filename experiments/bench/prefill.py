@@ -163,7 +163,7 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, float |
     return fwd, both, note
 
 
-def rows_for(batch, length, device):
+def rows_for(batch, length, device, only: str | None):
     runs = [
         ("ours SISO (op)", lambda: op_runner(batch, length, 1, device, "triton"), 1),
         ("ours SISO (core)", lambda: core_runner(batch, length, 1, device), 1),
@@ -177,6 +177,8 @@ def rows_for(batch, length, device):
     ]
     out = []
     for name, make, rank in runs:
+        if only and not any(word in name for word in only.split(",")):
+            continue
         fn = make()
         if fn is None:
             out.append({"kernel": name, "batch": batch, "seq_len": length, "missing": True})
@@ -201,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--only", help="comma-separated substrings of the kernel names to run")
     args = parser.parse_args()
     device = torch.device("cuda")
     ceilings = measure_ceilings(device)
@@ -211,7 +214,7 @@ def main() -> None:
         f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
     )
     for batch, length in shapes:
-        for row in rows_for(batch, length, device):
+        for row in rows_for(batch, length, device, args.only):
             rows.append(row)
 
             def f(key, spec=".3f", row=row):

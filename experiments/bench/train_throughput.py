@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
+    parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = measure_ceilings(device)
@@ -55,6 +56,8 @@ def main() -> None:
     print(f"device: {describe_device(device)}; {peak}; batch {batch} x {seq_len} tokens")
     rows = []
     for name, (pattern, d_model, heads, backend) in MODELS.items():
+        if args.models and name not in args.models.split(","):
+            continue
         if device.type == "cpu" and backend == "triton":
             continue  # the Triton scan needs CUDA
         config = ModelConfig.from_pattern(
@@ -86,15 +89,16 @@ def main() -> None:
                 "final_loss": last["loss"],
             }
         )
-    peer = next(r for r in rows if r["model"] == "transformer")["tokens_per_s"]
+    peer = next((r["tokens_per_s"] for r in rows if r["model"] == "transformer"), None)
     print(
         f"\n{'model':<20}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
         f"{'MFU %':>7}{'vs transformer':>16}"
     )
     for r in rows:
+        ratio = r["tokens_per_s"] / peer if peer else float("nan")
         print(
             f"{r['model']:<20}{r['pattern'][:21]:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
-            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{r['tokens_per_s'] / peer:>15.2f}x"
+            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>15.2f}x"
         )
     by_name = {r["model"]: r["tokens_per_s"] for r in rows}
     for name in by_name:

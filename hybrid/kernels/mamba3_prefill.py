@@ -5,8 +5,8 @@ inputs are one packed row (Bt = 1) of several sequences, each with its own initi
 state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
 sequential across chunks), the B/C RMSNorm, bias and rotation into per-head k and q
 (`rotated_bc`) and the per-sequence angle sums (`segment_cumsum`, wrapped as they go, so
-float32 stays exact over any length), each with a Triton backward; Δ, A, λ and the output gate
-are element-wise PyTorch.
+float32 stays exact over any length) and the output stage (D skip, pre-gate norm, silu gate,
+MIMO sum: `mamba3_gate`), each with a Triton backward; Δ, A and λ are element-wise PyTorch.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from hybrid.kernels.mamba3_common import (
     compute_dtype,
     discretise,
     expand_x,
-    gate_output,
     is_power_of_two,
 )
 
@@ -84,13 +83,6 @@ def _values(x, mimo_x):
     return (x.unsqueeze(1) * mimo_x.transpose(0, 1)).to(x.dtype)
 
 
-def _gated(y, x, z, weights: Mamba3Weights, options: Mamba3Options):
-    """o = Σ_r mimo_o ⊙ [norm](y_r + D x̃_r) ⊙ silu(mimo_z ⊙ z), in x's dtype."""
-    cdt = compute_dtype(x.dtype)
-    y = y.to(cdt) + weights.d.to(cdt)[:, None] * expand_x(x, weights.mimo_x)
-    return gate_output(y, z, weights, options).to(x.dtype)
-
-
 def mamba3_prefill(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
@@ -104,6 +96,7 @@ def mamba3_prefill(
     chunk_size counts tokens; a chunk holds chunk_size·R score rows (MIMO folds its ranks
     into the rows), which must be a power of two >= 16.
     """
+    from hybrid.kernels.mamba3_gate import mamba3_gate
     from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
     from hybrid.kernels.rotated_bc import rotated_bc
     from hybrid.kernels.segment_cumsum import wrapped_angle_sum
@@ -139,7 +132,10 @@ def mamba3_prefill(
         init = (state.ssm.to(cdt) + beta_free[first][:, :, None, None] * outer).float()
 
     y, final = mamba3_core(q, k, xr, log_alpha, scale, gamma, init, table, chunk_size)
-    out = _gated(y, x, z, weights, options).reshape(batch, length, heads, headdim)
+    out = mamba3_gate(
+        y, x, z, weights.d, weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm,
+        options.out_norm_eps,
+    ).reshape(batch, length, heads, headdim)  # fmt: skip
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
     final_state = Mamba3State(
         angle=phi[table.seq_ends].to(torch.promote_types(state_dtype, torch.float32)),

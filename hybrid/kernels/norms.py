@@ -1,5 +1,6 @@
-"""Functional RMSNorm and grouped gated RMSNorm (PyTorch path; fused Triton kernels come
-with the prefill-kernel issue). Statistics are taken in at least float32."""
+"""Functional RMSNorm, grouped gated RMSNorm and the SwiGLU product: the fused Triton kernels
+(`fused_norms`) on CUDA, PyTorch elsewhere (and for float64). Statistics are taken in at
+least float32 either way."""
 
 from __future__ import annotations
 
@@ -12,8 +13,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _fused_applies(x: Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from hybrid.kernels.fused_norms import takes
+
+    return takes(x)
+
+
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """RMSNorm over the last dimension, result in x's dtype."""
+    if _fused_applies(x):
+        from hybrid.kernels.fused_norms import fused_gated_rms_norm
+
+        return fused_gated_rms_norm(x, None, weight, eps, x.shape[-1])
     xf = x.to(_compute_dtype(x.dtype))
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -37,6 +50,10 @@ def gated_rms_norm(
     dim = y.shape[-1]
     if dim % group_size:
         raise ValueError(f"group_size={group_size} must divide the last dimension {dim}")
+    if _fused_applies(y) and z.dtype == y.dtype:
+        from hybrid.kernels.fused_norms import fused_gated_rms_norm
+
+        return fused_gated_rms_norm(y, z, weight, eps, group_size, norm_before_gate)
     cdt = _compute_dtype(y.dtype)
     yf, gate = y.to(cdt), F.silu(z.to(cdt))
     if not norm_before_gate:
@@ -48,3 +65,13 @@ def gated_rms_norm(
     if norm_before_gate:
         normed = normed * gate
     return normed.to(y.dtype)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) ⊙ up from the fused projection h = [gate | up] (last dim 2·hidden)."""
+    if _fused_applies(h):
+        from hybrid.kernels.fused_norms import fused_swiglu
+
+        return fused_swiglu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.errors import invalid
+from hybrid.kernels.norms import swiglu
 from hybrid.layers.registry import Layer, register
 
 
@@ -43,8 +43,7 @@ class SwiGLU(Layer):
         self.w_out.is_residual_out = True
 
     def forward(self, x: Tensor, cache: None = None) -> Tensor:
-        gate, up = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(F.silu(gate) * up)
+        return self.w_out(swiglu(self.w_in(x)))
 
     def step(self, x: Tensor, cache: None = None) -> Tensor:
         return self.forward(x)

@@ -1,0 +1,206 @@
+"""Fused Triton RMSNorm, grouped gated RMSNorm (pre- and post-gate) and the SwiGLU product,
+forward and backward.
+
+One kernel serves every norm: rows of D channels in groups of GS (GS = D is a plain
+RMSNorm), optionally gated by silu(z) after the norm (Mamba-3's pre-gate form) or before it
+(Mamba-2's post-gate form). Statistics and arithmetic are float32 whatever the input dtype;
+the backward recomputes 1/rms (nothing saved but the inputs) and writes the weight gradient
+as per-block partial sums, summed by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ROWS_PER_PROGRAM = 16  # rows a norm program walks (its share of the weight-gradient sum)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE: tl.constexpr):
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32) if HAS_GATE else x
+    return x, z
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, out_ptr, M, D, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    rows0 = tl.program_id(0) * ROWS
+    cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
+    cmask = tl.arange(0, BLOCK) < GS
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    for i in range(ROWS):
+        row = (rows0 + i).to(tl.int64)
+        mask = cmask & ((cols * 0 + row) < M)
+        x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
+        gate = z * tl.sigmoid(z) if HAS_GATE else 1.0
+        u = x if BEFORE_GATE else x * gate
+        rstd = tl.rsqrt(tl.sum(u * u, 0) / GS + eps)
+        out = u * rstd * w
+        if BEFORE_GATE:
+            out = out * gate
+        tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    x_ptr, z_ptr, w_ptr, do_ptr, dx_ptr, dz_ptr, dw_ptr, M, D, eps,
+    GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
+    cmask = tl.arange(0, BLOCK) < GS
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ROWS):
+        row = (blk * ROWS + i).to(tl.int64)
+        mask = cmask & ((cols * 0 + row) < M)
+        x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
+        dout = tl.load(do_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        gate = z * sig if HAS_GATE else 1.0
+        dgate_dz = sig + z * sig * (1.0 - sig)
+        u = x if BEFORE_GATE else x * gate
+        rstd = tl.rsqrt(tl.sum(u * u, 0) / GS + eps)
+        uhat = u * rstd
+        if BEFORE_GATE:
+            dnormed = dout * gate
+            if HAS_GATE:
+                tl.store(dz_ptr + row * D + cols, dout * uhat * w * dgate_dz, mask=mask)
+        else:
+            dnormed = dout
+        dw += dnormed * uhat
+        g = dnormed * w
+        du = rstd * (g - uhat * (tl.sum(g * uhat, 0) / GS))
+        if BEFORE_GATE:
+            dx = du
+        else:
+            dx = du * gate
+            if HAS_GATE:
+                tl.store(dz_ptr + row * D + cols, du * x * dgate_dz, mask=mask)
+        tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + blk * D + cols, dw, mask=cmask)
+
+
+class FusedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size, before_gate):
+        rows = x.numel() // x.shape[-1]
+        dim = x.shape[-1]
+        out = torch.empty_like(x)
+        grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), dim // group_size)
+        flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
+                 "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
+        _norm_fwd_kernel[grid](
+            x, z if z is not None else x, weight if weight is not None else x, out, rows, dim,
+            eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size), **flags,
+        )  # fmt: skip
+        ctx.save_for_backward(x, z, weight)
+        ctx.eps, ctx.group_size, ctx.flags = eps, group_size, flags
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, z, weight = ctx.saved_tensors
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        blocks = triton.cdiv(rows, ROWS_PER_PROGRAM)
+        dx = torch.empty_like(x)
+        dz = torch.empty(z.shape, device=z.device, dtype=torch.float32) if z is not None else dx
+        dw = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
+        _norm_bwd_kernel[(blocks, dim // ctx.group_size)](
+            x, z if z is not None else x, weight if weight is not None else x,
+            dout.contiguous(), dx, dz, dw, rows, dim, ctx.eps, GS=ctx.group_size,
+            BLOCK=triton.next_power_of_2(ctx.group_size), **ctx.flags,
+        )  # fmt: skip
+        return (
+            dx,
+            dz.to(z.dtype) if z is not None else None,
+            dw.sum(0).to(weight.dtype) if weight is not None else None,
+            None, None, None,
+        )  # fmt: skip
+
+
+def takes(x: Tensor) -> bool:
+    """Whether the fused kernels apply: CUDA, a float dtype they compile for."""
+    return x.is_cuda and x.dtype in KERNEL_DTYPES
+
+
+def fused_gated_rms_norm(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    eps: float,
+    group_size: int,
+    norm_before_gate: bool = True,
+) -> Tensor:
+    """RMSNorm over groups of the last dim, optionally gated by silu(z) (pre- or post-norm)."""
+    return FusedNorm.apply(
+        x.contiguous(), z.contiguous() if z is not None else None, weight, eps, group_size,
+        norm_before_gate,
+    )  # fmt: skip
+
+
+@triton.jit
+def _halves(h_ptr, offs, mask, HIDDEN: tl.constexpr):
+    """Element offs of the (rows, hidden) product reads gate and up from one row of the
+    fused (rows, 2·hidden) projection."""
+    at = (offs // HIDDEN) * (2 * HIDDEN) + offs % HIDDEN
+    a = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(h_ptr + at + HIDDEN, mask=mask, other=0.0).to(tl.float32)
+    return a, b, at
+
+
+@triton.jit
+def _swiglu_fwd_kernel(h_ptr, out_ptr, n, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a, b, _ = _halves(h_ptr, offs, mask, HIDDEN)
+    tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(h_ptr, do_ptr, dh_ptr, n, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a, b, at = _halves(h_ptr, offs, mask, HIDDEN)
+    dout = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(a)
+    ty = dh_ptr.dtype.element_ty
+    tl.store(dh_ptr + at, (dout * b * (sig + a * sig * (1.0 - sig))).to(ty), mask=mask)
+    tl.store(dh_ptr + at + HIDDEN, (dout * a * sig).to(ty), mask=mask)
+
+
+class SwiGLUProduct(torch.autograd.Function):
+    """silu(gate) ⊙ up from the fused projection [gate | up], one pass each way."""
+
+    @staticmethod
+    def forward(ctx, h):
+        hidden = h.shape[-1] // 2
+        out = torch.empty(*h.shape[:-1], hidden, device=h.device, dtype=h.dtype)
+        n = out.numel()
+        _swiglu_fwd_kernel[(triton.cdiv(n, 1024),)](h, out, n, HIDDEN=hidden, BLOCK=1024)
+        ctx.save_for_backward(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        dh = torch.empty_like(h)
+        n = dout.numel()
+        grid = (triton.cdiv(n, 1024),)
+        _swiglu_bwd_kernel[grid](h, dout.contiguous(), dh, n, HIDDEN=h.shape[-1] // 2, BLOCK=1024)
+        return dh
+
+
+def fused_swiglu(h: Tensor) -> Tensor:
+    """silu(h[..., :hidden]) ⊙ h[..., hidden:] for the fused (..., 2·hidden) projection."""
+    return SwiGLUProduct.apply(h.contiguous())

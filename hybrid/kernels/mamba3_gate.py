@@ -1,0 +1,195 @@
+"""Triton kernel for the Mamba-3 output stage, forward and backward: the D skip, the optional
+pre-gate grouped RMSNorm (per head, Mamba-3's hybrid form), the silu gate and the MIMO sum:
+
+    ŷ_r = y_r + D_h · mimo_x[h,r] ⊙ x
+    o   = Σ_r mimo_o[h,r] ⊙ [RMSNorm(ŷ_r)·w_h] ⊙ silu(mimo_z[h,r] ⊙ z)
+
+In PyTorch this is a dozen float32 passes over (tokens, R, H, P) tensors, forward and
+backward, each saving its input for autograd; here one program per (token block, head) keeps
+every rank in registers, writes o once, and its backward writes dy, dx, dz once plus per-block
+partial sums for the parameters (summed by the caller). SISO is R=1 without the mimo tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_TOKENS = 16
+
+
+@triton.jit
+def _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows, tmask, h, H, r,
+                R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, offs, eps,
+                HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+    """Rank r of one head: ŷ, its 1/rms, the normalised value, z̃ = mimo_z ⊙ z, σ(z̃)."""
+    y = tl.load(y_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
+                mask=tmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_MIMO:
+        mx = tl.load(mx_ptr + (h * R + r) * P + offs)
+        zt = z * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :]
+    else:
+        mx = tl.full([P], 1.0, tl.float32)
+        zt = z
+    yh = y + d * mx[None, :] * x
+    if HAS_NORM:
+        rstd = tl.rsqrt(tl.sum(yh * yh, 1) / P + eps)
+        normed = yh * rstd[:, None] * w[None, :]
+    else:
+        rstd = tl.full([BT], 1.0, tl.float32)
+        normed = yh
+    return yh, rstd, normed, zt, tl.sigmoid(zt), mx
+
+
+@triton.jit
+def _gate_fwd_kernel(
+    y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, out_ptr, T, H, eps,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+    HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(1)
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    tmask = rows < T
+    offs = tl.arange(0, P)
+    io = (rows * H + h)[:, None] * P + offs[None, :]
+    x = tl.load(x_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + h).to(tl.float32)
+    w = tl.load(w_ptr + h * P + offs).to(tl.float32) if HAS_NORM else tl.zeros([P], tl.float32)
+    acc = tl.zeros([BT, P], dtype=tl.float32)
+    for r in tl.static_range(R):
+        _, _, normed, zt, sig, _ = _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows, tmask,
+                                               h, H, r, R, P, BT, offs, eps, HAS_MIMO,
+                                               HAS_NORM)  # fmt: skip
+        gated = normed * zt * sig
+        if HAS_MIMO:
+            gated = gated * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
+        acc += gated
+    tl.store(out_ptr + io, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, do_ptr,
+    dy_ptr, dx_ptr, dz_ptr, dd_ptr, dmx_ptr, dmz_ptr, dmo_ptr, dw_ptr, T, H, eps,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+    HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    """Partials (one row per token block): dD (blocks, H), dmimo_* (blocks, H, R, P) and
+    dw (blocks, H, P)."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (blk * BT + tl.arange(0, BT)).to(tl.int64)
+    tmask = rows < T
+    offs = tl.arange(0, P)
+    io = (rows * H + h)[:, None] * P + offs[None, :]
+    x = tl.load(x_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    dout = tl.load(do_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + h).to(tl.float32)
+    w = tl.load(w_ptr + h * P + offs).to(tl.float32) if HAS_NORM else tl.zeros([P], tl.float32)
+    dx = tl.zeros([BT, P], dtype=tl.float32)
+    dz = tl.zeros([BT, P], dtype=tl.float32)
+    dw = tl.zeros([P], dtype=tl.float32)
+    dd = tl.sum(tl.zeros([P], dtype=tl.float32), 0)
+    for r in tl.static_range(R):
+        yh, rstd, normed, zt, sig, mx = _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows,
+                                                    tmask, h, H, r, R, P, BT, offs, eps,
+                                                    HAS_MIMO, HAS_NORM)  # fmt: skip
+        silu = zt * sig
+        dgate = dout
+        part = ((blk * H + h) * R + r) * P
+        if HAS_MIMO:
+            dgate = dout * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
+            tl.store(dmo_ptr + part + offs, tl.sum(dout * normed * silu, 0))
+        dzt = dgate * normed * (sig + zt * sig * (1.0 - sig))
+        dnormed = dgate * silu
+        if HAS_MIMO:
+            dz += dzt * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :]
+            tl.store(dmz_ptr + part + offs, tl.sum(dzt * z, 0))
+        else:
+            dz += dzt
+        if HAS_NORM:
+            xhat = yh * rstd[:, None]
+            dw += tl.sum(dnormed * xhat, 0)
+            g = dnormed * w[None, :]
+            dyh = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / P)[:, None])
+        else:
+            dyh = dnormed
+        tl.store(dy_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
+                 dyh.to(dy_ptr.dtype.element_ty), mask=tmask[:, None])  # fmt: skip
+        dx += dyh * d * mx[None, :]
+        dd += tl.sum(tl.sum(dyh * mx[None, :] * x, 1), 0)
+        if HAS_MIMO:
+            tl.store(dmx_ptr + part + offs, tl.sum(dyh * d * x, 0))
+    tl.store(dx_ptr + io, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.store(dd_ptr + blk * H + h, dd)
+    if HAS_NORM:
+        tl.store(dw_ptr + (blk * H + h) * P + offs, dw)
+
+
+def _or(t: Tensor | None, fallback: Tensor) -> Tensor:
+    return t if t is not None else fallback
+
+
+class Mamba3Gate(torch.autograd.Function):
+    """o (T, H, P) from y (T, R, H, P), x and z (T, H, P) and the layer's output weights."""
+
+    @staticmethod
+    def forward(ctx, y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w, eps):
+        tokens, rank, heads, p = y.shape
+        out = torch.empty(tokens, heads, p, device=y.device, dtype=x.dtype)
+        grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
+        _gate_fwd_kernel[grid](
+            y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d), out,
+            tokens, heads, eps, R=rank, P=p, BT=BLOCK_TOKENS,
+            HAS_MIMO=mimo_x is not None, HAS_NORM=norm_w is not None,
+        )  # fmt: skip
+        ctx.save_for_backward(y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w = ctx.saved_tensors
+        tokens, rank, heads, p = y.shape
+        blocks = triton.cdiv(tokens, BLOCK_TOKENS)
+        mimo, norm = mimo_x is not None, norm_w is not None
+        f32 = {"device": y.device, "dtype": torch.float32}
+        dy, dx, dz = torch.empty_like(y), torch.empty_like(x), torch.empty_like(z)
+        dd = torch.empty(blocks, heads, **f32)
+        per_rank = [torch.empty(blocks, heads, rank, p, **f32) if mimo else dd for _ in range(3)]
+        dw = torch.empty(blocks, heads, p, **f32) if norm else dd
+        _gate_bwd_kernel[(blocks, heads)](
+            y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d),
+            dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, ctx.eps,
+            R=rank, P=p, BT=BLOCK_TOKENS, HAS_MIMO=mimo, HAS_NORM=norm,
+        )  # fmt: skip
+        dmx, dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
+        return dy, dx, dz, dd.sum(0), dmx, dmz, dmo, dw.sum(0) if norm else None, None
+
+
+def mamba3_gate(
+    y: Tensor,
+    x: Tensor,
+    z: Tensor,
+    d: Tensor,
+    mimo_x: Tensor | None,
+    mimo_z: Tensor | None,
+    mimo_o: Tensor | None,
+    norm_w: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Differentiable; y (T, R, H, P), x, z (T, H, P), d (H,), mimo_* (H, R, P) (all three or
+    none), norm_w (H, P) or None. Returns o (T, H, P) in x's dtype."""
+
+    def prepared(t: Tensor | None) -> Tensor | None:
+        return t.float().contiguous() if t is not None else None
+
+    return Mamba3Gate.apply(
+        y.contiguous(), x.contiguous(), z.contiguous(), prepared(d), prepared(mimo_x),
+        prepared(mimo_z), prepared(mimo_o), prepared(norm_w), eps,
+    )  # fmt: skip

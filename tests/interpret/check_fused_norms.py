@@ -1,0 +1,65 @@
+"""Run under TRITON_INTERPRET=1 (by tests/test_triton_prefill.py): the fused RMSNorm, grouped
+gated RMSNorm (pre- and post-gate, with and without weight) and SwiGLU kernels against the
+PyTorch functions, forward and every gradient, float32, fresh random inputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import rel_err
+
+from hybrid.kernels.fused_norms import fused_gated_rms_norm, fused_swiglu
+from hybrid.kernels.norms import gated_rms_norm, rms_norm
+
+TOLERANCE = 1e-5
+
+
+def _compare(name: str, fused, reference, *inputs) -> float:
+    mine = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out, expected = fused(*mine), reference(*ref)
+    probe = torch.randn_like(expected)
+    (out * probe).sum().backward()
+    (expected * probe).sum().backward()
+    errors = [rel_err(out, expected)]
+    errors += [
+        rel_err(a.grad, b.grad) for a, b in zip(mine, ref, strict=True) if b.grad is not None
+    ]
+    print(f"{name}: out {errors[0]:.1e}, {len(errors) - 1} grads, worst {max(errors):.1e}")
+    return max(errors)
+
+
+def main() -> int:
+    worst = 0.0
+    x = torch.randn(37, 48, requires_grad=True)
+    z = torch.randn(37, 48, requires_grad=True)
+    w = (1 + 0.2 * torch.randn(48)).requires_grad_()
+    worst = max(worst, _compare("rms_norm", lambda x, w: fused_gated_rms_norm(x, None, w, 1e-5, 48),
+                                lambda x, w: rms_norm(x, w, 1e-5), x, w))  # fmt: skip
+    for before in (True, False):
+        worst = max(worst, _compare(
+            f"gated norm before_gate={before}",
+            lambda x, z, w, b=before: fused_gated_rms_norm(x, z, w, 1e-5, 16, b),
+            lambda x, z, w, b=before: gated_rms_norm(x, z, w, 1e-5, 16, b),
+            x, z, w,
+        ))  # fmt: skip
+        worst = max(worst, _compare(
+            f"gated norm before_gate={before}, no weight",
+            lambda x, z, b=before: fused_gated_rms_norm(x, z, None, 1e-5, 16, b),
+            lambda x, z, b=before: gated_rms_norm(x, z, None, 1e-5, 16, b),
+            x, z,
+        ))  # fmt: skip
+    h = torch.randn(5, 7, 2 * 24, requires_grad=True)
+    worst = max(worst, _compare("swiglu", fused_swiglu,
+                                lambda h: F.silu(h[..., :24]) * h[..., 24:], h))  # fmt: skip
+    print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
+    return 0 if worst <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
