@@ -1,6 +1,7 @@
 """Per-layer prefill (forward, forward+backward) and decode-step times at a 1.5B-like width
 (d_model 2048), with every layer compared in the same run: Mamba-3 SISO and MIMO R=4 on the
-chunked PyTorch path, attention on the auto backend (FA4 on Hopper) and on SDPA, SwiGLU.
+chunked PyTorch path and on the Triton scan, attention on the auto backend (FA4 on Hopper)
+and on SDPA, SwiGLU.
 
 Achieved TFLOP/s uses each layer's own `flops_per_token` (backward counted as 2× forward)
 against the matmul rate measured in the same run; decode uses the bytes a step must move
@@ -52,8 +53,13 @@ def setup(quick: bool) -> Setup:
         attn = {"n_heads": 16, "n_kv_heads": 4}
         d_model, prefill, decode, context, mlp = 2048, ((4, 2048), (1, 8192)), (1, 64), 2048, 4096
     specs = (
-        ("mamba3 SISO", LayerSpec("mamba3", Mamba3Config(**mamba))),
-        ("mamba3 MIMO R=4", LayerSpec("mamba3", Mamba3Config(**mamba, mimo_rank=4))),
+        ("mamba3 SISO chunked", LayerSpec("mamba3", Mamba3Config(**mamba, backend="chunked"))),
+        ("mamba3 SISO triton", LayerSpec("mamba3", Mamba3Config(**mamba))),
+        (
+            "mamba3 MIMO R=4 chunked",
+            LayerSpec("mamba3", Mamba3Config(**mamba, mimo_rank=4, backend="chunked")),
+        ),
+        ("mamba3 MIMO R=4 triton", LayerSpec("mamba3", Mamba3Config(**mamba, mimo_rank=4))),
         ("attention auto", LayerSpec("attention", AttentionConfig(**attn))),
         ("attention sdpa", LayerSpec("attention", AttentionConfig(**attn, backend="sdpa"))),
         ("swiglu", LayerSpec("swiglu", SwiGLUConfig(hidden=mlp))),
