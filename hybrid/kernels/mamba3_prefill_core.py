@@ -118,6 +118,17 @@ def _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first_rank):
 
 
 @triton.jit
+def _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr, c, h, H, R: tl.constexpr,
+                 BT: tl.constexpr):  # fmt: skip
+    """Chunk c, head h: row layout, cumulative log α, its chunk total, and per-row s and γ."""
+    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+    cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+    s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
+    g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
+    return rows, tok, valid, cum, total, s, g
+
+
+@triton.jit
 def _token_weights(cum, s, g, tok, valid):
     """w_ij e^{A_i − A_j} of the intra-chunk scores, and the strict-lower mask."""
     below = tok[:, None] > tok[None, :]
@@ -218,10 +229,8 @@ def _chunk_output_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     op = tl.program_id(2) * BP + tl.arange(0, BP)
-    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
-    cum, _ = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
-    s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
-    g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
+    rows, tok, valid, cum, _, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr, c,
+                                                  h, H, R, BT)  # fmt: skip
     state_base = (c.to(tl.int64) * H + h) * (P * N)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     readout = tl.zeros([BT, BP], dtype=tl.float32)
@@ -277,10 +286,8 @@ def _chunk_grad_kernel(
     """Gradients of one chunk, given its start state and the gradient of its end state."""
     c = tl.program_id(0)
     h = tl.program_id(1)
-    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
-    cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
-    s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
-    g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
+    rows, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr,
+                                                      c, h, H, R, BT)  # fmt: skip
     op = tl.arange(0, P)
     pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
     v = tl.load(v_ptr + pv_offs, mask=valid[:, None], other=0.0)
