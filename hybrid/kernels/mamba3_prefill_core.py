@@ -23,6 +23,7 @@ A_i − A_j), reverse-summed over the sequence by the caller. Sequences are list
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import os
 from dataclasses import dataclass
@@ -99,6 +100,15 @@ def _configs(**fixed) -> list[triton.Config]:
     return [triton.Config(fixed, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 
 
+def _autotune(key: list[str]):
+    """triton.autotune over `_configs()`; the winners persist in Triton's cache directory
+    (cache_results, where this Triton has it), so a new process does not re-tune."""
+    persist = "cache_results" in inspect.signature(triton.autotune).parameters
+    return triton.autotune(
+        configs=_configs(), key=key, **({"cache_results": True} if persist else {})
+    )
+
+
 @triton.jit
 def _row_layout(tok0_ptr, ntok_ptr, c, R: tl.constexpr, BT: tl.constexpr):
     """Rows of chunk c: their flat row index (token·R + rank), token, and validity."""
@@ -138,7 +148,7 @@ def _token_weights(cum, s, g, tok, valid):
     return w, below, same, decay
 
 
-@triton.autotune(configs=_configs(), key=["DX", "DY", "R", "BT", "BX", "BY", "REVERSE"])
+@_autotune(["DX", "DY", "R", "BT", "BX", "BY", "REVERSE"])
 @triton.jit
 def _state_pass_kernel(
     x_ptr,
@@ -204,7 +214,7 @@ def _state_pass_kernel(
     tl.store(final_ptr + edge + tile, carry)
 
 
-@triton.autotune(configs=_configs(), key=["N", "P", "R", "BT", "BN", "BP"])
+@_autotune(["N", "P", "R", "BT", "BN", "BP"])
 @triton.jit
 def _chunk_output_kernel(
     q_ptr,
@@ -255,7 +265,7 @@ def _chunk_output_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "P", "R", "BT", "BN"])
+@_autotune(["N", "P", "R", "BT", "BN"])
 @triton.jit
 def _chunk_grad_kernel(
     q_ptr,
