@@ -65,6 +65,10 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
       "HAS_MIMO": True, "HAS_NORM": True}, set()),
+    (mamba3_step_triton._mamba3_step_kernel,  # bf16 activations and a bf16 SSM state
+     {"P": 64, "N": 64, "R": 1, "S_BLOCK": 16, "HALVES": False, "HEAVY_TAIL": True,
+      "HAS_MIMO": False, "HAS_NORM": False},
+     {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
 ]  # fmt: skip
 
 

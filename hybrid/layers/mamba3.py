@@ -28,6 +28,7 @@ from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
 
 ROPE_FRACTIONS = (0.5, 1.0)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _is_positive_int(value: object) -> bool:
@@ -41,9 +42,11 @@ class Mamba3Config:
     mimo_rank 1 is SISO (pairwise rotation); >1 is MIMO (rotation over halves), as in the
     published kernels. pregate_norm adds the per-head RMSNorm before the silu(z) gate that
     the paper's hybrids use. a_activation "heavy_tail" is mamba_ssm HEAD, "softplus" the
-    2.3.2 release. chunk_size counts score rows per chunk (tokens x mimo_rank): MIMO chunks
-    hold chunk_size / R tokens, as the paper's MIMO kernels do. backend "auto" runs the
-    Triton scan on CUDA where it applies, "chunked" forces PyTorch, "triton" forces Triton.
+    2.3.2 release. state_dtype "bfloat16" halves the decode cache's SSM state (and the bytes
+    a decode step moves); arithmetic stays float32. chunk_size counts score rows per chunk
+    (tokens x mimo_rank): MIMO chunks hold chunk_size / R tokens, as the paper's MIMO
+    kernels do. backend "auto" runs the Triton scan on CUDA where it applies, "chunked"
+    forces PyTorch, "triton" forces Triton.
     """
 
     d_state: int = 128
@@ -60,6 +63,7 @@ class Mamba3Config:
     dt_init_floor: float = 1e-4
     a_floor: float = 1e-4
     backend: str = "auto"
+    state_dtype: str = "float32"
 
     @property
     def chunk_tokens(self) -> int:
@@ -99,6 +103,15 @@ class Mamba3Config:
             )
         if self.backend not in SCAN_BACKENDS:
             raise invalid("mamba3.backend", self.backend, str(SCAN_BACKENDS))
+        if self.state_dtype not in STATE_DTYPES:
+            raise invalid("mamba3.state_dtype", self.state_dtype, str(tuple(STATE_DTYPES)))
+
+    def cache_dtype(self, activation: torch.dtype) -> torch.dtype:
+        """The decode cache's SSM-state dtype: bfloat16 if asked, else at least float32 and
+        at least the activations' precision."""
+        if self.state_dtype == "bfloat16":
+            return torch.bfloat16
+        return torch.promote_types(activation, torch.float32)
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -207,7 +220,7 @@ class Mamba3(Layer):
             self.n_angles,
             self.rank,
             dtype=dtype,
-            state_dtype=torch.promote_types(dtype, torch.float32),
+            state_dtype=self.config.cache_dtype(dtype),
             device=device,
         )
 
@@ -239,10 +252,13 @@ class Mamba3(Layer):
         return int(projections + intra + state)
 
     def state_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
-        """SSM state and angles in fp32 (at least), last k and x in the activation dtype."""
+        """SSM state in `state_dtype`, angles in fp32 (at least), last k and x in the
+        activation dtype."""
         h, r, n, p = self.n_heads, self.rank, self.config.d_state, self.config.headdim
-        state_size = torch.empty((), dtype=torch.promote_types(dtype, torch.float32))
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return state_size.element_size() * h * (p * n + self.n_angles) + itemsize * (
-            r * h * n + h * p
+        state_dtype = self.config.cache_dtype(dtype)
+        angle_dtype = torch.promote_types(state_dtype, torch.float32)
+        return (
+            state_dtype.itemsize * h * p * n
+            + angle_dtype.itemsize * h * self.n_angles
+            + dtype.itemsize * (r * h * n + h * p)
         )
