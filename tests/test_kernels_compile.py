@@ -23,7 +23,7 @@ from hybrid.kernels import (
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
-                 "dv_ptr"}  # fmt: skip
+                 "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr"}
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 

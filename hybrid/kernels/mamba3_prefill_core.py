@@ -208,7 +208,8 @@ def _state_pass_kernel(
             mask=valid[:, None],
             other=0.0,
         )
-        tl.store(states_ptr + (c.to(tl.int64) * H + h) * (DX * DY) + tile, carry)
+        chunk_tile = states_ptr + (c.to(tl.int64) * H + h) * (DX * DY) + tile
+        tl.store(chunk_tile, carry.to(states_ptr.dtype.element_ty))
         xs = (xs * coef[:, None]).to(ys.dtype)
         carry = tl.exp(total) * carry + tl.dot(tl.trans(xs), ys, input_precision=PRECISION)
     tl.store(final_ptr + edge + tile, carry)
@@ -362,9 +363,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
-    """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32)."""
+    """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32).
+
+    The carries are stored in y's dtype: the kernels that read them round them to it before
+    their tensor-core products anyway, so bf16 storage halves the traffic and changes no
+    result. The carry itself accumulates in float32 registers."""
     heads, dx, dy = x.shape[-2], x.shape[-1], y.shape[-1]
-    states = torch.empty(table.n_chunks, heads, dx, dy, device=x.device, dtype=torch.float32)
+    states = torch.empty(table.n_chunks, heads, dx, dy, device=x.device, dtype=y.dtype)
     final = torch.empty(table.n_seq, heads, dx, dy, device=x.device, dtype=torch.float32)
     # narrower tiles when few (sequence, head) pairs would leave SMs idle
     by = min(dy, 64 if table.n_seq * heads >= 128 else 32)
