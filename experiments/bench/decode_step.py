@@ -1,9 +1,10 @@
 """The Mamba-3 decode step alone (MAMBA3.md §4), at the paper's Table 6 shape: batch 128,
-d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=4, fp32 state,
-bf16 token inputs. Our Triton kernel against the PyTorch step (the oracle's token update) in
-the same run, both as CUDA-graph replays; achieved bandwidth = the bytes the step must move
-(state read + written, cached k and x read + written, the token's inputs, the output) over
-time, against the device-to-device copy bandwidth measured in the run.
+d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=4, fp32 and bf16
+SSM state (Table 6's columns), bf16 token inputs. Our Triton kernel against the PyTorch step
+(the oracle's token update) in the same run, both as CUDA-graph replays; achieved bandwidth =
+the bytes the step must move (state read + written, cached k and x read + written, the
+token's inputs, the output) over time, against the device-to-device copy bandwidth measured
+in the run.
 
     python experiments/bench/decode_step.py [--out results.json]
 """
@@ -25,7 +26,7 @@ from hybrid.kernels.mamba3_decode import mamba3_step
 from hybrid.search.latency import capture_cuda_graph
 
 
-def problem(batch, heads, p, n, r, device):
+def problem(batch, heads, p, n, r, device, state_dtype=torch.float32):
     s = n // 4  # rope fraction 0.5
     bf = {"device": device, "dtype": torch.bfloat16}
     f32 = {"device": device, "dtype": torch.float32}
@@ -51,7 +52,7 @@ def problem(batch, heads, p, n, r, device):
     )
     state = Mamba3State(
         torch.rand(batch, heads, s, **f32) * 6,
-        torch.randn(batch, heads, p, n, **f32),
+        torch.randn(batch, heads, p, n, device=device).to(state_dtype),
         torch.randn(batch, r, heads, n, **bf),
         torch.randn(batch, heads, p, **bf),
     )
@@ -73,9 +74,9 @@ def main() -> None:
     peak = measure_ceilings(device)
     print(f"device: {describe_device(device)}; {peak}")
     rows = []
-    for n in (64, 128):
-        for r in (1, 4):
-            token, weights, state, options, moved = problem(128, 64, 64, n, r, device)
+    for state_dtype in (torch.float32, torch.bfloat16):
+        for n, r in ((64, 1), (64, 4), (128, 1), (128, 4)):
+            token, weights, state, options, moved = problem(128, 64, 64, n, r, device, state_dtype)
 
             def step(backend, token=token, weights=weights, state=state, options=options):
                 return lambda: mamba3_step(token, weights, options, state, backend=backend)
@@ -84,6 +85,7 @@ def main() -> None:
             t_peer = time_ms(capture_cuda_graph(step("torch")), device, reps=50)
             rows.append(
                 {
+                    "state": str(state_dtype).removeprefix("torch."),
                     "d_state": n,
                     "rank": r,
                     "triton_ms": t_ours.median_ms,
@@ -94,12 +96,12 @@ def main() -> None:
                 }
             )
     print(
-        f"\n{'N':>4}{'R':>3}{'MB moved':>10}{'triton ms':>11}{'torch ms':>10}{'speed-up':>10}"
-        f"{'GB/s':>8}{'%copy':>7}"
+        f"\n{'state':>9}{'N':>4}{'R':>3}{'MB moved':>10}{'triton ms':>11}{'torch ms':>10}"
+        f"{'speed-up':>10}{'GB/s':>8}{'%copy':>7}"
     )
     for row in rows:
         print(
-            f"{row['d_state']:>4}{row['rank']:>3}{row['bytes'] / 1e6:>10.1f}"
+            f"{row['state']:>9}{row['d_state']:>4}{row['rank']:>3}{row['bytes'] / 1e6:>10.1f}"
             f"{row['triton_ms']:>11.4f}{row['torch_ms']:>10.4f}"
             f"{row['torch_ms'] / row['triton_ms']:>9.1f}x{row['triton_gbs']:>8.0f}"
             f"{row['pct_copy']:>7.1f}"
