@@ -1,6 +1,7 @@
 """Run under TRITON_INTERPRET=1 (by tests/test_triton_step.py): the Triton decode kernel
-against the oracle's token update, fp32, fresh random inputs; prints one error line per
-case and exits non-zero past the tolerance."""
+against the oracle's token update, fp32, fresh random inputs — one step per option case, and
+64-step rollouts against the oracle in float64; prints one error line per case and exits
+non-zero past the tolerance."""
 
 from __future__ import annotations
 
