@@ -94,3 +94,32 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
     source = ASTSource(fn=fn, signature=_signature(fn, constexprs, bf16), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+
+
+H100_SHARED_MEMORY = 232_448  # bytes a block may opt in to on sm_90 (227 KiB)
+LARGEST = {"N": 256, "P": 256, "BT": 64, "BN": 64, "PRECISION": "tf32"}
+
+
+@pytest.mark.parametrize(
+    ("kernel", "constexprs"),
+    [
+        (mamba3_prefill_core._chunk_grad_kernel, {**LARGEST, "R": 8}),
+        (mamba3_prefill_core._chunk_output_kernel, {**LARGEST, "R": 8, "BP": 64}),
+        (mamba3_prefill_core._state_pass_kernel,
+         {"DX": 256, "DY": 256, "R": 8, "BT": 64, "BX": 64, "BY": 64, "HAS_INIT": True,
+          "REVERSE": True, "PRECISION": "tf32"}),
+    ],
+    ids=["grad", "output", "state_pass"],
+)  # fmt: skip
+@pytest.mark.parametrize("num_stages", [1, 3])
+def test_largest_supported_shape_fits_h100_shared_memory(kernel, constexprs, num_stages):
+    """headdim = d_state = 256 (the top of the supported range), R = 8, bf16: the chunk-gradient
+    kernel needs ~152 KB (it holds (64, P) tiles of v, dy and the end-state product), within
+    an H100's 227 KiB; GPUs with ~100 KB per block cannot run headdim 256."""
+    fn = kernel.fn
+    source = ASTSource(fn=fn, signature=_signature(fn, constexprs, BF16_POINTERS),
+                       constexprs=constexprs)  # fmt: skip
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": num_stages}
+    )
+    assert 0 < compiled.metadata.shared <= H100_SHARED_MEMORY
