@@ -74,16 +74,12 @@ class ChunkTable:
         def as_tensor(values, dtype=torch.int32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        return cls(
-            as_tensor(tok0),
-            as_tensor(ntok),
-            as_tensor(seq_chunk0),
-            as_tensor([e - 1 for e in seq_starts[1:]], torch.int64),
-            as_tensor(seq_starts),
-            as_tensor([False] * seq_starts[-1], torch.bool).index_fill_(
-                0, as_tensor([e - 1 for e in seq_starts[1:]], torch.int64), True
-            ),
+        ends = as_tensor([e - 1 for e in seq_starts[1:]], torch.int64)
+        last = torch.zeros(seq_starts[-1], dtype=torch.bool, device=device).index_fill_(
+            0, ends, True
         )
+        return cls(as_tensor(tok0), as_tensor(ntok), as_tensor(seq_chunk0), ends,
+                   as_tensor(seq_starts), last)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,11 +89,11 @@ def chunk_table(seq_starts: tuple[int, ...], chunk_tokens: int, device) -> Chunk
     return ChunkTable.build(list(seq_starts), chunk_tokens, device)
 
 
-def _configs(**fixed) -> list[triton.Config]:
+def _configs() -> list[triton.Config]:
     """num_warps/num_stages candidates, or one (interpreter: each config is a rerun)."""
     if not AUTOTUNE:
-        return [triton.Config(fixed, num_warps=4, num_stages=2)]
-    return [triton.Config(fixed, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+        return [triton.Config({}, num_warps=4, num_stages=2)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def _autotune(key: list[str]):
@@ -385,7 +381,7 @@ def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
 
 
 def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
-    """y (T, R, H, P) in v's dtype, final states (n_seq, H, P, N) fp32, chunk start states."""
+    """y (T, R, H, P) in v's dtype and the final states (n_seq, H, P, N) fp32."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     chunk_rows = chunk_tokens * rank
     states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
@@ -425,7 +421,7 @@ class Mamba3CoreFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, a, s, g, init, table, chunk_tokens):
         y, final = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
         ctx.save_for_backward(q, k, v, a, s, g, init)
-        ctx.table, ctx.chunk_tokens, ctx.has_init = table, chunk_tokens, init is not None
+        ctx.table, ctx.chunk_tokens = table, chunk_tokens
         return y, final
 
     @staticmethod
@@ -435,13 +431,13 @@ class Mamba3CoreFunction(torch.autograd.Function):
         dy = dy.contiguous() if dy is not None else torch.zeros_like(v)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dq, dk, dv, per_row, dinit, final = scan_backward(
-            q, k, v, a, s, g, init if ctx.has_init else None, dy, dfinal, table, ctx.chunk_tokens
+            q, k, v, a, s, g, init, dy, dfinal, table, ctx.chunk_tokens
         )
         da_rows, ds, dg = per_row.sum(dim=2)  # (T, H) each: ranks of a token summed
         if dfinal is not None:
             da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
         da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
-        return dq, dk, dv, da, ds, dg, dinit if ctx.has_init else None, None, None
+        return dq, dk, dv, da, ds, dg, dinit if init is not None else None, None, None
 
 
 def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):

@@ -28,7 +28,7 @@ from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
 
 ROPE_FRACTIONS = (0.5, 1.0)
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 def _is_positive_int(value: object) -> bool:
@@ -104,7 +104,7 @@ class Mamba3Config:
         if self.backend not in SCAN_BACKENDS:
             raise invalid("mamba3.backend", self.backend, str(SCAN_BACKENDS))
         if self.state_dtype not in STATE_DTYPES:
-            raise invalid("mamba3.state_dtype", self.state_dtype, str(tuple(STATE_DTYPES)))
+            raise invalid("mamba3.state_dtype", self.state_dtype, str(STATE_DTYPES))
 
     def cache_dtype(self, activation: torch.dtype) -> torch.dtype:
         """The decode cache's SSM-state dtype: bfloat16 if asked, else at least float32 and
