@@ -27,6 +27,24 @@ def run_interpreted(script: str) -> str:
     return result.stdout
 
 
+def named_leaves(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State) -> dict:
+    """Every tensor of an op call by name ("in.x", "w.d", "state.ssm"): the leaves a
+    gradient check differentiates against."""
+    named = {f"in.{k}": v for k, v in inputs._asdict().items()}
+    named |= {f"w.{k}": v for k, v in weights._asdict().items() if v is not None}
+    named |= {f"state.{k}": v for k, v in vars(state).items()}
+    return named
+
+
+def from_leaves(named: dict) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
+    """The op's arguments back from `named_leaves` (absent weights are None)."""
+    return (
+        Mamba3Inputs(**{f: named[f"in.{f}"] for f in Mamba3Inputs._fields}),
+        Mamba3Weights(**{f: named.get(f"w.{f}") for f in Mamba3Weights._fields}),
+        Mamba3State(**{k[len("state.") :]: v for k, v in named.items() if k.startswith("state.")}),
+    )
+
+
 def rel_err(actual: Tensor, expected: Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ over the whole tensor."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

@@ -20,7 +20,14 @@ import itertools
 
 import pytest
 import torch
-from helpers import random_inputs, random_state, random_weights, rel_err
+from helpers import (
+    from_leaves,
+    named_leaves,
+    random_inputs,
+    random_state,
+    random_weights,
+    rel_err,
+)
 
 from hybrid.kernels import mamba3_prefill_core
 from hybrid.kernels.chunked import mamba3_chunked
@@ -41,22 +48,14 @@ def poisoned_outputs(monkeypatch):
 
 
 def _leaves(inputs, weights, state, dtype):
-    named = {f"in.{k}": v for k, v in inputs._asdict().items()}
-    named |= {f"w.{k}": v for k, v in weights._asdict().items() if v is not None}
-    named |= {f"state.{k}": v for k, v in vars(state).items()}
     return {
         k: v.detach().to(CUDA, dtype if k.startswith("in.") else torch.float32).requires_grad_()
-        for k, v in named.items()
+        for k, v in named_leaves(inputs, weights, state).items()
     }
 
 
-def _run(fn, named, weights_type, probe_out, probe_ssm):
-    inputs = Mamba3Inputs(**{k[3:]: v for k, v in named.items() if k.startswith("in.")})
-    weights = weights_type(
-        **{f: named.get(f"w.{f}") for f in weights_type._fields}  # None where absent
-    )
-    state = Mamba3State(**{k[6:]: v for k, v in named.items() if k.startswith("state.")})
-    out, final = fn(inputs, weights, state)
+def _run(fn, named, probe_out, probe_ssm):
+    out, final = fn(*from_leaves(named))
     loss = (out.double() * probe_out).sum() + (final.ssm.double() * probe_ssm).sum()
     grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
     return out, final, dict(zip(named, grads, strict=True))
@@ -84,11 +83,11 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
     probe_ssm = torch.randn(batch, heads, headdim, d_state, device=CUDA, dtype=torch.float64)
     expected = _run(
         lambda i, w, s: mamba3_chunked(i, w, options, s, chunk_size=chunk),
-        ref_leaves, type(weights), probe_out, probe_ssm,
+        ref_leaves, probe_out, probe_ssm,
     )  # fmt: skip
     actual = _run(
         lambda i, w, s: mamba3_prefill(i, w, options, s, chunk_size=chunk),
-        mine_leaves, type(weights), probe_out, probe_ssm,
+        mine_leaves, probe_out, probe_ssm,
     )  # fmt: skip
     out_bound, grad_bound = BOUNDS[dtype]
     assert rel_err(actual[0], expected[0]) <= out_bound

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,13 +35,19 @@ def scan_backend(inputs: Mamba3Inputs, chunk_size: int, requested: str = "auto")
     return "chunked"
 
 
-def _chunked_varlen(inputs, weights, options, state, chunk_size, bounds):
-    """The PyTorch path over a packed row, one sequence at a time."""
+def run_per_sequence(
+    scan: Callable[[Mamba3Inputs, Mamba3State | None], tuple[Tensor, Mamba3State]],
+    inputs: Mamba3Inputs,
+    state: Mamba3State | None,
+    bounds: Sequence[int],
+) -> tuple[Tensor, Mamba3State]:
+    """`scan(sequence, its state row)` on each sequence of a packed row (Bt = 1) at token
+    offsets `bounds`: outputs concatenated along the tokens, final states stacked."""
     outs, finals = [], []
     for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         piece = Mamba3Inputs(*(t[:, start:end] for t in inputs))
-        row = Mamba3State(*(t[i : i + 1] for t in state.tensors())) if state else None
-        out, final = mamba3_chunked(piece, weights, options, row, chunk_size)
+        row = Mamba3State(*(t[i : i + 1] for t in state.tensors())) if state is not None else None
+        out, final = scan(piece, row)
         outs.append(out)
         finals.append(final)
     stacked = (torch.cat(parts) for parts in zip(*(f.tensors() for f in finals), strict=True))
@@ -67,5 +73,8 @@ def mamba3_scan(
         return mamba3_prefill(inputs, weights, options, state, chunk_size, cu_seqlens)
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
-        return _chunked_varlen(inputs, weights, options, state, chunk_size, bounds)
+        return run_per_sequence(
+            lambda piece, row: mamba3_chunked(piece, weights, options, row, chunk_size),
+            inputs, state, bounds,
+        )  # fmt: skip
     return mamba3_chunked(inputs, weights, options, state, chunk_size)

@@ -6,16 +6,26 @@ past the tolerance."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import angle_err, random_inputs, random_state, random_weights, rel_err
+from helpers import (
+    angle_err,
+    from_leaves,
+    named_leaves,
+    random_inputs,
+    random_state,
+    random_weights,
+    rel_err,
+)
 
-from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State
+from hybrid.kernels.mamba3_common import Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
+from hybrid.kernels.mamba3_scan import run_per_sequence
 from hybrid.kernels.reference import mamba3_reference
 from hybrid.kernels.segment_cumsum import segment_cumsum
 
@@ -32,40 +42,19 @@ TOLERANCE = 2e-4
 LENGTH = 37
 
 
-def _leaves(inputs, weights, state):
-    named = {f"in.{k}": v for k, v in inputs._asdict().items()}
-    named |= {f"w.{k}": v for k, v in weights._asdict().items() if v is not None}
-    named |= {f"state.{k}": v for k, v in vars(state).items()}
-    return named
-
-
 def _detached(named: dict, dtype):
     return {k: v.detach().to(dtype).requires_grad_(True) for k, v in named.items()}
 
 
-def _rebuild(named, inputs, weights):
-    ins = Mamba3Inputs(**{k: named[f"in.{k}"] for k in inputs._fields})
-    ws = type(weights)(**{k: named.get(f"w.{k}") for k in weights._fields})
-    st = Mamba3State(**{k: named[f"state.{k}"] for k in ("angle", "ssm", "k", "x")})
-    return ins, ws, st
-
-
-def _oracle(named, inputs, weights, options, lengths):
+def _oracle(named, options, lengths):
     """The oracle per sequence (varlen: each sequence on its own, its own state row)."""
-    ins, ws, st = _rebuild(named, inputs, weights)
+    ins, ws, st = from_leaves(named)
     if lengths is None:
         return mamba3_reference(ins, ws, options, st)
-    outs, finals, start = [], [], 0
-    for i, n in enumerate(lengths):
-        piece = Mamba3Inputs(*(t[:, start : start + n] for t in ins))
-        row = Mamba3State(*(t[i : i + 1] for t in st.tensors()))
-        out, final = mamba3_reference(piece, ws, options, row)
-        outs.append(out)
-        finals.append(final)
-        start += n
-    return torch.cat(outs, dim=1), Mamba3State(
-        *(torch.cat(parts) for parts in zip(*(f.tensors() for f in finals), strict=True))
-    )
+    return run_per_sequence(
+        lambda piece, row: mamba3_reference(piece, ws, options, row),
+        ins, st, [0, *itertools.accumulate(lengths)],
+    )  # fmt: skip
 
 
 def check_segment_cumsum() -> float:
@@ -99,11 +88,11 @@ def main() -> int:
         state = random_state(batch=n_seq, heads=HEADS, headdim=p, d_state=n, rank=rank,
                              angles=angles)  # fmt: skip
         options = Mamba3Options(rotation=rotation)
-        leaves = _leaves(inputs, weights, state)
+        leaves = named_leaves(inputs, weights, state)
         ref_leaves, mine_leaves = _detached(leaves, torch.float64), _detached(leaves, torch.float32)
 
-        ref_out, ref_final = _oracle(ref_leaves, inputs, weights, options, lengths)
-        ins, ws, st = _rebuild(mine_leaves, inputs, weights)
+        ref_out, ref_final = _oracle(ref_leaves, options, lengths)
+        ins, ws, st = from_leaves(mine_leaves)
         out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk,
                                     cu_seqlens=[0, *torch.tensor(lengths).cumsum(0).tolist()]
                                     if lengths else None)  # fmt: skip
