@@ -5,8 +5,9 @@ kernel outputs poisoned with NaN so an element a kernel forgot to write cannot p
 Bounds: float32 runs full-precision products ("ieee"), so 1e-4 leaves two orders for the
 chunked sums. bf16 rounds q, k, v, dy and the chunk states (unit roundoff 2^-9 ≈ 2e-3)
 before every tensor-core product; sums stay in float32, so relative L2 errors are a few
-roundoffs: 2e-2 for outputs and states, 5e-2 for gradients (the log-decay gradient
-q·dq − k·dk is a difference of bf16-rounded products, the worst-conditioned entry). dt_bias's
+roundoffs: 2e-2 for outputs and states, 5e-2 for gradients. The log-decay gradients (of
+`a`, the A pre-activation) are reverse sums over the later tokens of q·dq − k·dk, differences
+of bf16-rounded products that cancel: 1e-1 (measured 6.0e-2 at R=2, L=200). dt_bias's
 gradient is exactly the sum over tokens of dt's, which cancel heavily (e.g. 489 against
 terms of ±4000): its error is bounded by the same 5e-2 relative to Σ_t |d dt_t| per head,
 the most a sum of per-token errors of that size can reach. The initial angle's gradient is
@@ -97,7 +98,7 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
             scale = expected[2]["in.dt"].abs().sum(dim=(0, 1))
             assert ((actual[2][name] - grad).abs() <= grad_bound * scale).all(), name
         elif grad is not None:
-            bound = 2 * grad_bound if name == "state.angle" else grad_bound
+            bound = 2 * grad_bound if name in ("state.angle", "in.a") else grad_bound
             assert rel_err(actual[2][name], grad) <= bound, name
 
 

@@ -12,6 +12,7 @@ TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate meas
 
     python experiments/bench/prefill.py            # the H100 run in BENCHMARKS.md
     python experiments/bench/prefill.py --quick    # tiny shapes (CUDA), a smoke test
+    python experiments/bench/prefill.py --profile 8,2048,1   # per-kernel times of one op
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,6 +198,32 @@ def rows_for(batch, length, device, only: str | None):
     return out
 
 
+def profile_op(batch: int, length: int, rank: int, device) -> None:
+    """Per-kernel CUDA time of one forward+backward of the whole op: where the time outside
+    the scan goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = op_runner(batch, length, rank, device, "triton")
+    grad = torch.randn_like(fn())
+    for _ in range(3):
+        fn().backward(grad)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):  # few enough that the launch queue never fills and blocks the host
+        fn().backward(grad)
+    host_ms = (time.perf_counter() - start) / 5 * 1e3
+    device_ms = time_ms(lambda: fn().backward(grad), device, warmup=1, reps=10).median_ms
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn().backward(grad)
+        torch.cuda.synchronize()
+    print(
+        f"\nB={batch} L={length} R={rank}: one forward+backward of the op: {device_ms:.3f} ms "
+        f"(CUDA events), {host_ms:.3f} ms for the host to issue it (launch-bound if close)"
+    )
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+
+
 print = functools.partial(print, flush=True)  # rows appear as they are measured
 
 
@@ -204,8 +232,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small shape")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--only", help="comma-separated substrings of the kernel names to run")
+    parser.add_argument("--profile", metavar="B,L,R", help="profile the op at one shape, exit")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.profile:
+        profile_op(*(int(v) for v in args.profile.split(",")), device)
+        return
     ceilings = measure_ceilings(device)
     print(describe_device(device), "|", ceilings)
     shapes = [(2, 512)] if args.quick else list(PAPER)

@@ -1,15 +1,18 @@
 """Triton kernels for the per-head scan inputs of the Mamba-3 prefill: q = rot(RMSNorm(C)·w +
 C_bias, φ) and k = rot(RMSNorm(B)·w + B_bias, φ), forward and backward.
 
-B and C come per group (Bt·L, R, G, N); q and k are per head, because the bias and the
-angle φ (through Δ) are. The forward writes them once in the activation dtype. The backward
-un-rotates dq and dk head by head, sums the heads of each group in registers, and runs the
-RMSNorm backward there, so the per-head gradients never go back to memory; it also gives the
-angle gradient per (token, rank, head) and per-block partial sums for the norm weights and
-the biases (summed by the caller).
+B and C come per group (T, R, G, N); q and k are per head, because the bias and the angle φ
+(through Δ) are. A program owns a block of tokens, one rank and a few heads of one group: it
+normalises its B and C rows once and then writes (forward) or reads (backward) whole rows of
+every head it owns, so each head's rows move as contiguous vectors. The backward un-rotates
+dq and dk head by head, sums its heads in registers and runs the RMSNorm backward there
+(linear in the summed gradient, so programs that split a group's heads add their parts
+afterwards); it also gives the angle gradient per (token, rank, head) and per-block partial
+sums for the norm weights and the biases (summed by the caller).
 
-Rotation pairs are (2j, 2j+1) ("pairwise") or (j, j+N/2) ("halves") for j < S; every tile is
-split into the pairs' first and second elements, so both conventions are one code path.
+Rotation pairs are (2j, 2j+1) ("pairwise") or (j, j+N/2) ("halves") for j < S; rows are
+split into the pairs' first and second elements in registers, so both conventions are one
+code path.
 """
 
 from __future__ import annotations
@@ -19,103 +22,110 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_TOKENS = 16
+BLOCK_TOKENS = 32
+MAX_HEADS_PER_PROGRAM = 8
 
 
 @triton.jit
-def _pair_columns(N: tl.constexpr, PAIRWISE: tl.constexpr):
+def _split_pairs(v, BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):
+    """(BT, N) rows -> the pairs' first and second elements, (BT, N/2) each."""
+    if PAIRWISE:
+        first, second = tl.split(tl.reshape(v, [BT, N // 2, 2]))
+    else:
+        first, second = tl.split(tl.permute(tl.reshape(v, [BT, 2, N // 2]), [0, 2, 1]))
+    return first, second
+
+
+@triton.jit
+def _join_pairs(first, second, BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Inverse of `_split_pairs`."""
+    if PAIRWISE:
+        rows = tl.reshape(tl.join(first, second), [BT, N])
+    else:
+        rows = tl.reshape(tl.permute(tl.join(first, second), [0, 2, 1]), [BT, N])
+    return rows
+
+
+@triton.jit
+def _normalised(src_ptr, w_ptr, rows, g, G, cols, tmask, eps, N: tl.constexpr):
+    """RMSNorm of one group's rows: n̂ (without the weight), the weight row and 1/rms."""
+    v = tl.load(src_ptr + (rows[:, None] * G + g) * N + cols[None, :], mask=tmask[:, None],
+                other=0.0).to(tl.float32)  # fmt: skip
+    rstd = tl.rsqrt(tl.sum(v * v, 1) / N + eps)
+    w = tl.load(w_ptr + cols).to(tl.float32)
+    return v * rstd[:, None], w[None, :], rstd
+
+
+@triton.jit
+def _angles(phi_ptr, tokens, h, H, S, tmask, N: tl.constexpr):
+    """cos φ, sin φ of one head (BT, N/2); pairs j >= S are not rotated (φ = 0)."""
     j = tl.arange(0, N // 2)
-    first = 2 * j if PAIRWISE else j
-    second = 2 * j + 1 if PAIRWISE else j + N // 2
-    return j, first, second
-
-
-@triton.jit
-def _normalised(src_ptr, w_ptr, rows, g, G, N: tl.constexpr, ia, ib, tmask, eps):
-    """RMSNorm rows of one group: (n̂_a, n̂_b) without the weight, the weights, and 1/rms."""
-    base = (rows[:, None] * G + g) * N
-    va = tl.load(src_ptr + base + ia[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    vb = tl.load(src_ptr + base + ib[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(va * va, 1) + tl.sum(vb * vb, 1)) / N + eps)
-    wa = tl.load(w_ptr + ia).to(tl.float32)
-    wb = tl.load(w_ptr + ib).to(tl.float32)
-    return va * rstd[:, None], vb * rstd[:, None], wa, wb, rstd
-
-
-@triton.jit
-def _angles(phi_ptr, tokens, h, H, S, j, tmask):
-    phi = tl.load(
-        phi_ptr + (tokens[:, None] * H + h) * S + j[None, :],
-        mask=tmask[:, None] & (j < S)[None, :],
-        other=0.0,
-    )
+    phi = tl.load(phi_ptr + (tokens[:, None] * H + h) * S + j[None, :],
+                  mask=tmask[:, None] & (j < S)[None, :], other=0.0)  # fmt: skip
     return tl.cos(phi), tl.sin(phi)
 
 
 @triton.jit
-def _write_rotated(src_ptr, w_ptr, bias_ptr, dst_ptr, rows, tmask, g, G, h, H, r,
-                   R: tl.constexpr, N: tl.constexpr, ia, ib, cos, sin, eps):  # fmt: skip
-    na, nb, wa, wb, _ = _normalised(src_ptr, w_ptr, rows, g, G, N, ia, ib, tmask, eps)
-    pa = na * wa[None, :] + tl.load(bias_ptr + (h * R + r) * N + ia)[None, :]
-    pb = nb * wb[None, :] + tl.load(bias_ptr + (h * R + r) * N + ib)[None, :]
-    out = (rows[:, None] * H + h) * N
-    ty = dst_ptr.dtype.element_ty
-    tl.store(dst_ptr + out + ia[None, :], (pa * cos - pb * sin).to(ty), mask=tmask[:, None])
-    tl.store(dst_ptr + out + ib[None, :], (pa * sin + pb * cos).to(ty), mask=tmask[:, None])
+def _write_rotated(n, w, bias_ptr, dst_ptr, bias_row, out, cos, sin, tmask,
+                   BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):  # fmt: skip
+    """One head's rows: rotate (n̂·w + bias) by φ and store them in the output dtype."""
+    a, b = _split_pairs(n * w + tl.load(bias_ptr + bias_row)[None, :], BT, N, PAIRWISE)
+    rotated = _join_pairs(a * cos - b * sin, a * sin + b * cos, BT, N, PAIRWISE)
+    tl.store(dst_ptr + out, rotated.to(dst_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
 def _rotated_bc_fwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, k_ptr, q_ptr,
     T, H, G, S, eps,
-    N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, PAIRWISE: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
+    PAIRWISE: tl.constexpr,
 ):  # fmt: skip
-    """Program (token block, head): k and q of every rank."""
-    h = tl.program_id(1)
-    g = h // (H // G)
+    """Program (token block, HB heads of one group, rank): k and q rows of those heads."""
+    h0 = tl.program_id(1) * HB
+    r = tl.program_id(2)
+    g = h0 // (H // G)
     tokens = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     tmask = tokens < T
-    j, ia, ib = _pair_columns(N, PAIRWISE)
-    cos, sin = _angles(phi_ptr, tokens, h, H, S, j, tmask)
-    for r in tl.static_range(R):
-        rows = tokens * R + r
-        _write_rotated(b_ptr, bw_ptr, bb_ptr, k_ptr, rows, tmask, g, G, h, H, r, R, N, ia, ib,
-                       cos, sin, eps)  # fmt: skip
-        _write_rotated(c_ptr, cw_ptr, cb_ptr, q_ptr, rows, tmask, g, G, h, H, r, R, N, ia, ib,
-                       cos, sin, eps)  # fmt: skip
+    rows = tokens * R + r
+    cols = tl.arange(0, N)
+    kn, kw, _ = _normalised(b_ptr, bw_ptr, rows, g, G, cols, tmask, eps, N)
+    qn, qw, _ = _normalised(c_ptr, cw_ptr, rows, g, G, cols, tmask, eps, N)
+    for i in range(HB):
+        h = h0 + i
+        cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
+        bias_row = (h * R + r) * N + cols
+        out = (rows[:, None] * H + h) * N + cols[None, :]
+        _write_rotated(kn, kw, bb_ptr, k_ptr, bias_row, out, cos, sin, tmask, BT, N, PAIRWISE)
+        _write_rotated(qn, qw, cb_ptr, q_ptr, bias_row, out, cos, sin, tmask, BT, N, PAIRWISE)
 
 
 @triton.jit
-def _unrotate(na, nb, wa, wb, bias_ptr, d_ptr, dbias_ptr, grad, bias_row, partial, ia, ib,
-              cos, sin, tmask):  # fmt: skip
-    """One head's dq (or dk): its dφ share, the pre-rotation gradient, the bias partial."""
-    pa = na * wa[None, :] + tl.load(bias_ptr + bias_row + ia)[None, :]
-    pb = nb * wb[None, :] + tl.load(bias_ptr + bias_row + ib)[None, :]
-    da = tl.load(d_ptr + grad + ia[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    db = tl.load(d_ptr + grad + ib[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+def _unrotate(n, w, bias_ptr, d_ptr, dbias_ptr, grad, bias_row, partial, cos, sin, tmask,
+              BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):  # fmt: skip
+    """One head's dq (or dk): its dφ share, the pre-rotation gradient (split into pair
+    halves) and the bias partial over this block's tokens."""
+    pa, pb = _split_pairs(n * w + tl.load(bias_ptr + bias_row)[None, :], BT, N, PAIRWISE)
+    d = tl.load(d_ptr + grad, mask=tmask[:, None], other=0.0).to(tl.float32)
+    da, db = _split_pairs(d, BT, N, PAIRWISE)
     # the rotated pair is (pa c − pb s, pa s + pb c); dφ = −da·rot_b + db·rot_a
     dphi = db * (pa * cos - pb * sin) - da * (pa * sin + pb * cos)
     dpre_a = da * cos + db * sin
     dpre_b = db * cos - da * sin
-    tl.store(dbias_ptr + partial + ia, tl.sum(dpre_a, 0))
-    tl.store(dbias_ptr + partial + ib, tl.sum(dpre_b, 0))
+    sums = _join_pairs(tl.sum(dpre_a, 0)[None, :], tl.sum(dpre_b, 0)[None, :], 1, N, PAIRWISE)
+    tl.store(dbias_ptr + partial + tl.arange(0, N)[None, :], sums)
     return dphi, dpre_a, dpre_b
 
 
 @triton.jit
-def _norm_backward(na, nb, wa, wb, rstd, dua, dub, dsrc_ptr, dw_ptr, wpart, rows, tmask, g, G,
-                   N: tl.constexpr, ia, ib):  # fmt: skip
+def _norm_backward(n, w, rstd, dua, dub, dsrc_ptr, dw_ptr, wpart, dst, tmask,
+                   BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):  # fmt: skip
     """RMSNorm backward, d raw = rstd·(w·du − n̂·mean(n̂·w·du)), and the weight partial."""
-    tl.store(dw_ptr + wpart + ia, tl.sum(dua * na, 0))
-    tl.store(dw_ptr + wpart + ib, tl.sum(dub * nb, 0))
-    ga = dua * wa[None, :]
-    gb = dub * wb[None, :]
-    mean = (tl.sum(ga * na, 1) + tl.sum(gb * nb, 1)) / N
-    base = (rows[:, None] * G + g) * N
-    tl.store(dsrc_ptr + base + ia[None, :], rstd[:, None] * (ga - na * mean[:, None]),
-             mask=tmask[:, None])  # fmt: skip
-    tl.store(dsrc_ptr + base + ib[None, :], rstd[:, None] * (gb - nb * mean[:, None]),
-             mask=tmask[:, None])  # fmt: skip
+    du = _join_pairs(dua, dub, BT, N, PAIRWISE)
+    tl.store(dw_ptr + wpart + tl.arange(0, N), tl.sum(du * n, 0))
+    gw = du * w
+    mean = tl.sum(gw * n, 1) / N
+    tl.store(dsrc_ptr + dst, rstd[:, None] * (gw - n * mean[:, None]), mask=tmask[:, None])
 
 
 @triton.jit
@@ -123,36 +133,42 @@ def _rotated_bc_bwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, dk_ptr, dq_ptr,
     db_ptr, dc_ptr, dbw_ptr, dcw_ptr, dbb_ptr, dcb_ptr, dphi_ptr,
     T, H, G, S, eps,
-    N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, PAIRWISE: tl.constexpr,
+    N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
+    PAIRWISE: tl.constexpr,
 ):  # fmt: skip
-    """Program (token block, group, rank): loops over the group's heads.
+    """Program (token block, HB heads of one group, rank).
 
-    Writes d(raw B|C) for its rows, partial sums over its tokens of the norm-weight and bias
-    gradients (one row per block), and dφ per (token, rank, head) from q and k together.
+    Writes its heads' part of d(raw B|C) (one slice per head block of the group), partial
+    sums over its tokens of the norm-weight and bias gradients, and dφ per (token, rank,
+    head) from q and k together.
     """
     blk = tl.program_id(0)
-    g = tl.program_id(1)
+    hblk = tl.program_id(1)
     r = tl.program_id(2)
-    heads_per_group = H // G
+    h0 = hblk * HB
+    n_hblk = H // HB
+    g = h0 // (H // G)
     tokens = (blk * BT + tl.arange(0, BT)).to(tl.int64)
     tmask = tokens < T
     rows = tokens * R + r
-    j, ia, ib = _pair_columns(N, PAIRWISE)
-    kna, knb, kwa, kwb, krstd = _normalised(b_ptr, bw_ptr, rows, g, G, N, ia, ib, tmask, eps)
-    qna, qnb, qwa, qwb, qrstd = _normalised(c_ptr, cw_ptr, rows, g, G, N, ia, ib, tmask, eps)
+    cols = tl.arange(0, N)
+    kn, kw, krstd = _normalised(b_ptr, bw_ptr, rows, g, G, cols, tmask, eps, N)
+    qn, qw, qrstd = _normalised(c_ptr, cw_ptr, rows, g, G, cols, tmask, eps, N)
     dku_a = tl.zeros([BT, N // 2], dtype=tl.float32)
     dku_b = tl.zeros([BT, N // 2], dtype=tl.float32)
     dqu_a = tl.zeros([BT, N // 2], dtype=tl.float32)
     dqu_b = tl.zeros([BT, N // 2], dtype=tl.float32)
-    for h in range(g * heads_per_group, (g + 1) * heads_per_group):
-        cos, sin = _angles(phi_ptr, tokens, h, H, S, j, tmask)
-        grad = (rows[:, None] * H + h) * N
-        bias_row = (h * R + r) * N
+    j = tl.arange(0, N // 2)
+    for i in range(HB):
+        h = h0 + i
+        cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
+        grad = (rows[:, None] * H + h) * N + cols[None, :]
+        bias_row = (h * R + r) * N + cols
         partial = ((blk * H + h) * R + r) * N
-        dphi_k, dka, dkb = _unrotate(kna, knb, kwa, kwb, bb_ptr, dk_ptr, dbb_ptr, grad,
-                                     bias_row, partial, ia, ib, cos, sin, tmask)  # fmt: skip
-        dphi_q, dqa, dqb = _unrotate(qna, qnb, qwa, qwb, cb_ptr, dq_ptr, dcb_ptr, grad,
-                                     bias_row, partial, ia, ib, cos, sin, tmask)  # fmt: skip
+        dphi_k, dka, dkb = _unrotate(kn, kw, bb_ptr, dk_ptr, dbb_ptr, grad, bias_row, partial,
+                                     cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
+        dphi_q, dqa, dqb = _unrotate(qn, qw, cb_ptr, dq_ptr, dcb_ptr, grad, bias_row, partial,
+                                     cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
         dku_a += dka
         dku_b += dkb
         dqu_a += dqa
@@ -162,11 +178,28 @@ def _rotated_bc_bwd_kernel(
             dphi_k + dphi_q,
             mask=tmask[:, None] & (j < S)[None, :],
         )
-    wpart = ((blk * G + g) * R + r) * N
-    _norm_backward(kna, knb, kwa, kwb, krstd, dku_a, dku_b, db_ptr, dbw_ptr, wpart, rows, tmask,
-                   g, G, N, ia, ib)  # fmt: skip
-    _norm_backward(qna, qnb, qwa, qwb, qrstd, dqu_a, dqu_b, dc_ptr, dcw_ptr, wpart, rows, tmask,
-                   g, G, N, ia, ib)  # fmt: skip
+    # d raw is (head blocks per group, T·R, G, N): slice hblk % (head blocks per group)
+    split = hblk % (n_hblk // G)
+    dst = ((split * T * R + rows[:, None]) * G + g) * N + cols[None, :]
+    wpart = ((blk * n_hblk + hblk) * R + r) * N
+    _norm_backward(kn, kw, krstd, dku_a, dku_b, db_ptr, dbw_ptr, wpart, dst, tmask,
+                   BT, N, PAIRWISE)  # fmt: skip
+    _norm_backward(qn, qw, qrstd, dqu_a, dqu_b, dc_ptr, dcw_ptr, wpart, dst, tmask,
+                   BT, N, PAIRWISE)  # fmt: skip
+
+
+def heads_per_program(heads_per_group: int) -> int:
+    """The largest power of two <= MAX_HEADS_PER_PROGRAM dividing the group's head count:
+    enough heads to share a program's normalised B/C rows, few enough to fill the GPU."""
+    hb = MAX_HEADS_PER_PROGRAM
+    while heads_per_group % hb:
+        hb //= 2
+    return hb
+
+
+def _sum_first(parts: Tensor) -> Tensor:
+    """Sum over the leading axis without a reduction kernel when it has one entry."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 class RotatedBC(torch.autograd.Function):
@@ -176,12 +209,13 @@ class RotatedBC(torch.autograd.Function):
     def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
+        hb = heads_per_program(heads // groups)
         k = torch.empty(tokens, rank, heads, n, device=b.device, dtype=out_dtype)
         q = torch.empty_like(k)
-        grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
+        grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads // hb, rank)
         _rotated_bc_fwd_kernel[grid](
             b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles, eps,
-            N=n, R=rank, BT=BLOCK_TOKENS, PAIRWISE=pairwise,
+            N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=pairwise,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
         ctx.eps, ctx.pairwise = eps, pairwise
@@ -192,25 +226,27 @@ class RotatedBC(torch.autograd.Function):
         b, c, b_w, c_w, b_bias, c_bias, phi = ctx.saved_tensors
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
+        hb = heads_per_program(heads // groups)
+        splits = heads // groups // hb
         shape = (tokens, rank, heads, n)
         dk = dk.contiguous() if dk is not None else torch.zeros(shape, device=b.device)
         dq = dq.contiguous() if dq is not None else torch.zeros(shape, device=b.device)
         blocks = triton.cdiv(tokens, BLOCK_TOKENS)
         f32 = {"device": b.device, "dtype": torch.float32}
-        db, dc = torch.empty(b.shape, **f32), torch.empty(c.shape, **f32)
-        dbw, dcw = (torch.empty(blocks, groups, rank, n, **f32) for _ in range(2))
+        db, dc = (torch.empty(splits, *b.shape, **f32) for _ in range(2))
+        dbw, dcw = (torch.empty(blocks, heads // hb, rank, n, **f32) for _ in range(2))
         dbb, dcb = (torch.empty(blocks, heads, rank, n, **f32) for _ in range(2))
         dphi = torch.empty(tokens, rank, heads, n_angles, **f32)
-        _rotated_bc_bwd_kernel[(blocks, groups, rank)](
+        _rotated_bc_bwd_kernel[(blocks, heads // hb, rank)](
             b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, db, dc, dbw, dcw, dbb, dcb, dphi,
             tokens, heads, groups, n_angles, ctx.eps,
-            N=n, R=rank, BT=BLOCK_TOKENS, PAIRWISE=ctx.pairwise,
+            N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
         )  # fmt: skip
         return (
-            db.to(b.dtype), dc.to(c.dtype),
+            _sum_first(db).to(b.dtype), _sum_first(dc).to(c.dtype),
             dbw.sum((0, 1, 2)).to(b_w.dtype), dcw.sum((0, 1, 2)).to(c_w.dtype),
             dbb.sum(0).to(b_bias.dtype), dcb.sum(0).to(c_bias.dtype),
-            dphi.sum(1).to(phi.dtype), None, None, None,
+            _sum_first(dphi.transpose(0, 1)).to(phi.dtype), None, None, None,
         )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """Run under TRITON_INTERPRET=1 (by tests/test_triton_prefill.py): the Triton prefill against
 the float64 oracle — output, final state and the gradient of every input, weight and initial
 state entry — in float32 with fresh random inputs, for SISO and MIMO, with an initial state,
-partial last chunks and a variable-length batch. Prints one line per case; non-zero exit
-past the tolerance."""
+partial last chunks and a variable-length batch; every other case splits a group's heads
+over programs (one head each), so the B/C backward adds per-program parts. Prints one line
+per case; non-zero exit past the tolerance."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from helpers import (
     rel_err,
 )
 
+from hybrid.kernels import rotated_bc
 from hybrid.kernels.mamba3_common import Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_scan import run_per_sequence
@@ -78,7 +80,8 @@ def check_segment_cumsum() -> float:
 
 def main() -> int:
     worst = check_segment_cumsum()
-    for rank, rotation, norm, groups, angles, p, n, chunk, lengths in CASES:
+    for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
+        rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
         total = sum(lengths) if lengths else LENGTH
         batch, n_seq = (1, len(lengths)) if lengths else (2, 2)
         inputs = random_inputs(batch=batch, length=total, heads=HEADS, headdim=p, d_state=n,
@@ -117,7 +120,8 @@ def main() -> int:
         worst = max(worst, errors[name_worst])
         print(
             f"R={rank} {rotation:<8} norm={norm!s:<5} G={groups} S={angles} P={p} N={n} "
-            f"chunk={chunk} lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
+            f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
+            f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 3} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
         )
