@@ -1,32 +1,78 @@
 """Entry point for the one-token Mamba-3 update used by `step()` decoding.
 
-On CUDA the Triton kernel (`mamba3_step_triton`) does the whole update in one launch; the
-PyTorch path is the oracle's own token update, used on the CPU (nothing is faster there for
-one token), under autograd, and for shapes the kernel does not take (non-power-of-two
-headdim, d_state or rank).
+On CUDA, `auto` picks the CuTe DSL kernel (`mamba3_step_cute`: P split over warps, the state
+streamed once at memory bandwidth) when nvidia-cutlass-dsl imports and the shapes fit, else
+the Triton kernel (`mamba3_step_triton`, powers of two only), else PyTorch. The PyTorch path
+is the oracle's own token update, used on the CPU (nothing is faster there for one token),
+under autograd, and for shapes neither kernel takes. A forced backend that cannot run raises.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_common import (
+    Mamba3Inputs,
+    Mamba3Options,
+    Mamba3State,
+    Mamba3Weights,
+    is_power_of_two,
+)
 from hybrid.kernels.reference import mamba3_reference_step
 
-DECODE_BACKENDS = ("auto", "torch", "triton")
+DECODE_BACKENDS = ("auto", "torch", "triton", "cute")
+
+
+def backend_unavailable(token: Mamba3Inputs, state: Mamba3State, backend: str) -> str | None:
+    """Why `backend` cannot run these inputs here, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "cute":
+        from hybrid.kernels.mamba3_step_cute import cute_available, unsupported_reason
+
+        if not cute_available():
+            return "nvidia-cutlass-dsl is not installed (pip install nvidia-cutlass-dsl)"
+        return unsupported_reason(token, state)
+    if not state.ssm.is_cuda:
+        return "needs CUDA tensors"
+    from hybrid.kernels.mamba3_step_triton import supports
+
+    return None if supports(token, state) else "needs power-of-two headdim/d_state/rank"
+
+
+def planned_decode_backend(
+    requested: str, cuda: bool, headdim: int, d_state: int, rank: int
+) -> str:
+    """The backend `decode_backend` will pick for a layer of these sizes (no tensors needed:
+    what benchmarks and the latency record print)."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "torch"
+    from hybrid.kernels.mamba3_step_cute import cute_available, shape_reason
+
+    if cute_available() and shape_reason(headdim, d_state, rank, d_state // 4) is None:
+        return "cute"
+    return "triton" if all(is_power_of_two(v) for v in (headdim, d_state, rank)) else "torch"
 
 
 def decode_backend(token: Mamba3Inputs, state: Mamba3State, requested: str = "auto") -> str:
-    """`triton` for supported CUDA inputs under `auto`, else `torch`."""
+    """The backend that runs: `requested`, or under `auto` the first of cute, triton, torch
+    that can. A forced backend that cannot run raises ValueError naming why."""
     if requested not in DECODE_BACKENDS:
         raise ValueError(f"backend={requested!r} is invalid; allowed: {DECODE_BACKENDS}")
-    if requested != "auto":
-        return requested
-    if not state.ssm.is_cuda:
-        return "torch"
-    from hybrid.kernels.mamba3_step_triton import supports
-
-    return "triton" if supports(token, state) else "torch"
+    if requested == "auto":
+        if not state.ssm.is_cuda:
+            return "torch"
+        candidates = ("cute", "triton", "torch")
+        return next(b for b in candidates if backend_unavailable(token, state, b) is None)
+    reason = backend_unavailable(token, state, requested)
+    if reason is not None:
+        raise ValueError(
+            f"decode backend {requested!r} cannot run these inputs: {reason}; "
+            f"allowed: {DECODE_BACKENDS}"
+        )
+    return requested
 
 
 def mamba3_step(
@@ -37,7 +83,12 @@ def mamba3_step(
     backend: str = "auto",
 ) -> Tensor:
     """Advance `state` in place by one token (inputs without a token axis); returns o (Bt, H, P)."""
-    if decode_backend(token, state, backend) == "triton":
+    chosen = decode_backend(token, state, backend)
+    if chosen == "cute":
+        from hybrid.kernels.mamba3_step_cute import mamba3_step_cute
+
+        return mamba3_step_cute(token, weights, options, state)
+    if chosen == "triton":
         from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
 
         return mamba3_step_triton(token, weights, options, state)

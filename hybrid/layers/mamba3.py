@@ -23,6 +23,7 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Weights,
     n_rope_angles,
 )
+from hybrid.kernels.mamba3_decode import DECODE_BACKENDS
 from hybrid.kernels.mamba3_scan import SCAN_BACKENDS
 from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
@@ -46,7 +47,8 @@ class Mamba3Config:
     a decode step moves); arithmetic stays float32. chunk_size counts score rows per chunk
     (tokens x mimo_rank): MIMO chunks hold chunk_size / R tokens, as the paper's MIMO
     kernels do. backend "auto" runs the Triton scan on CUDA where it applies, "chunked"
-    forces PyTorch, "triton" forces Triton.
+    forces PyTorch, "triton" forces Triton. decode_backend picks the one-token step's kernel
+    (hybrid.kernels.mamba3_decode.DECODE_BACKENDS): "auto" is CuTe, then Triton, then PyTorch.
     """
 
     d_state: int = 128
@@ -63,6 +65,7 @@ class Mamba3Config:
     dt_init_floor: float = 1e-4
     a_floor: float = 1e-4
     backend: str = "auto"
+    decode_backend: str = "auto"
     state_dtype: str = "float32"
 
     @property
@@ -103,6 +106,8 @@ class Mamba3Config:
             )
         if self.backend not in SCAN_BACKENDS:
             raise invalid("mamba3.backend", self.backend, str(SCAN_BACKENDS))
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise invalid("mamba3.decode_backend", self.decode_backend, str(DECODE_BACKENDS))
         if self.state_dtype not in STATE_DTYPES:
             raise invalid("mamba3.state_dtype", self.state_dtype, str(STATE_DTYPES))
 
@@ -238,7 +243,9 @@ class Mamba3(Layer):
         return self.out_proj(out.flatten(-2))
 
     def step(self, x: Tensor, cache: Mamba3State) -> Tensor:
-        out = mamba3_step(self.project(x), self.weights(), self.options, cache)
+        out = mamba3_step(
+            self.project(x), self.weights(), self.options, cache, self.config.decode_backend
+        )
         return self.out_proj(out.flatten(-2))
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -1,0 +1,134 @@
+"""The CuTe DSL decode kernel on the CPU: where nvidia-cutlass-dsl is installed (the `test`
+extra installs it) every option compiles for an H100 (sm_90a) through the DSL and ptxas with
+no GPU present, and the thread layout covers each state element once; everywhere, the
+dispatch falls back cleanly when `cutlass` does not import. What the kernel computes is
+checked on the GPU (tests/test_gpu_cute_step.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+from helpers import random_inputs, random_state, random_weights
+
+from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options
+from hybrid.kernels.mamba3_decode import decode_backend, mamba3_step, planned_decode_backend
+from hybrid.kernels.mamba3_step_cute import (
+    _launch_tensors,
+    compiled_step,
+    cute_available,
+    shape_reason,
+    step_config,
+)
+from hybrid.layers.mamba3 import Mamba3Config
+
+needs_cutlass = pytest.mark.skipif(not cute_available(), reason="nvidia-cutlass-dsl missing")
+
+CASES = [  # headdim, d_state, rank, rotation, norm, state dtype, token dtype, groups, angles
+    (64, 128, 1, "pairwise", False, torch.float32, torch.bfloat16, 1, 32),
+    (64, 128, 4, "halves", True, torch.bfloat16, torch.bfloat16, 1, 32),
+    (48, 64, 2, "pairwise", True, torch.float32, torch.float16, 2, 16),
+    (32, 48, 1, "halves", False, torch.bfloat16, torch.float32, 1, 0),
+    (128, 256, 8, "halves", True, torch.float32, torch.bfloat16, 1, 64),
+]
+
+
+def _call(headdim, d_state, rank, rotation, norm, state_dtype, dtype, groups, angles, batch=2):
+    """CPU tensors of one decode call (only their shapes, dtypes and addresses are used)."""
+    heads = 4
+    token = Mamba3Inputs(
+        *(t[:, 0] for t in random_inputs(batch=batch, length=1, heads=heads, headdim=headdim,
+                                         d_state=d_state, rank=rank, groups=groups,
+                                         angles=angles, dtype=dtype))
+    )  # fmt: skip
+    weights = random_weights(heads=heads, headdim=headdim, d_state=d_state, rank=rank,
+                             mimo=rank > 1, out_norm=norm, dtype=torch.float32)  # fmt: skip
+    state = random_state(batch=batch, heads=heads, headdim=headdim, d_state=d_state,
+                         rank=rank, angles=angles, dtype=torch.float32)  # fmt: skip
+    state.ssm, state.k, state.x = state.ssm.to(state_dtype), state.k.to(dtype), state.x.to(dtype)
+    return token, weights, state, Mamba3Options(rotation=rotation)
+
+
+def _config(case):
+    token, weights, state, options = _call(*case)
+    tensors = _launch_tensors(token, weights, state, torch.empty_like(token.x))
+    return step_config(token, weights, options, state, tensors)
+
+
+@needs_cutlass
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"P{c[0]}-N{c[1]}-R{c[2]}-{c[3]}")
+def test_kernel_compiles_for_sm90(case):
+    cfg = _config(case)
+    start = time.perf_counter()
+    compiled = compiled_step(cfg, "sm_90a")
+    print(f"compiled {case[:5]} in {time.perf_counter() - start:.2f}s")
+    assert compiled is compiled_step(cfg, "sm_90a")  # cached, not recompiled
+
+
+@needs_cutlass
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"P{c[0]}-N{c[1]}-R{c[2]}")
+def test_threads_cover_every_state_element_once(case):
+    """The CTA's (row group, lane, vector) mapping hits each (p, n) once; rows past P only
+    on clamped reads, columns never past N."""
+    from hybrid.kernels.mamba3_step_cute_kernel import Mamba3StepKernel
+
+    k = Mamba3StepKernel(_config(case))
+    assert k.T & (k.T - 1) == 0 and 32 % k.T == 0 and k.E % k.V == 0
+    hits = torch.zeros(k.P, k.N, dtype=torch.int32)
+    for tid in range(k.NT):
+        warp, lane = divmod(tid, 32)
+        group, lt = warp * (32 // k.T) + lane // k.T, lane % k.T
+        for i in range(k.RT):
+            p = group + k.NG * i
+            if p < k.P:
+                for c in range(k.EV):
+                    start = (c * k.T + lt) * k.V
+                    assert start + k.V <= k.N
+                    hits[p, start : start + k.V] += 1
+    assert bool((hits == 1).all())
+
+
+@needs_cutlass
+def test_vector_width_follows_dtype_and_alignment():
+    cfg = _config(CASES[0])
+    assert cfg.ssm_align == 16 and cfg.vector == 4 and cfg.lanes_per_row == 32
+    assert _config(CASES[1]).vector == 8
+    from dataclasses import replace
+
+    assert replace(cfg, ssm_align=8).vector == 2  # a state view off a 16-byte boundary
+
+
+def test_shape_limits_name_the_reason():
+    assert shape_reason(64, 128, 4, 32) is None
+    assert "rank" in shape_reason(64, 128, 9, 32)
+    assert "smem" in shape_reason(1024, 256, 8, 64)
+
+
+def test_dispatch_without_cutlass(monkeypatch):
+    """With `cutlass` not importable: auto stays on torch (CPU) / triton (CUDA sizes), a
+    forced cute raises naming the reason and the allowed values, and the step still runs."""
+    monkeypatch.setitem(sys.modules, "cutlass", None)  # `import cutlass` raises ImportError
+    assert not cute_available()
+    token, weights, state, options = _call(*CASES[0][:5], torch.float32, torch.float32, 1, 32)
+    assert decode_backend(token, state) == "torch"
+    with pytest.raises(ValueError, match=r"nvidia-cutlass-dsl is not installed.*allowed"):
+        decode_backend(token, state, "cute")
+    assert planned_decode_backend("auto", True, 64, 128, 4) == "triton"
+    assert planned_decode_backend("auto", True, 48, 128, 1) == "torch"
+    assert planned_decode_backend("auto", False, 64, 128, 1) == "torch"
+    out = mamba3_step(token, weights, options, state)
+    assert out.shape == token.x.shape and torch.isfinite(out).all()
+
+
+@needs_cutlass
+def test_auto_plans_cute_on_cuda_when_installed():
+    assert planned_decode_backend("auto", True, 48, 96, 4) == "cute"
+    assert planned_decode_backend("auto", True, 128, 256, 16) == "triton"  # rank > 8
+
+
+def test_layer_config_validates_decode_backend():
+    Mamba3Config(decode_backend="cute").validate(512)
+    with pytest.raises(ValueError, match="cute"):
+        Mamba3Config(decode_backend="cuda").validate(512)
