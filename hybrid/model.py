@@ -5,12 +5,14 @@ prefill/step/generate over an `InferenceCache` for decoding."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from hybrid.cache import InferenceCache
 from hybrid.config import ModelConfig
+from hybrid.graphs import capture_cuda_graph
 from hybrid.layers import build
 from hybrid.layers.norms import RMSNorm
 from hybrid.layers.registry import Layer
@@ -65,8 +67,12 @@ class HybridLM(nn.Module):
                 nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
                 module.weight.mul_(scale)
 
-    def forward(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
-        """tokens (Bt, L) -> logits (Bt, L, vocab); with a cache, continue from it."""
+    def forward(
+        self, tokens: Tensor, cache: InferenceCache | None = None, *, last_only: bool = False
+    ) -> Tensor:
+        """tokens (Bt, L) -> logits (Bt, L, vocab); with a cache, continue from it. last_only
+        gives the last position's logits (Bt, 1, vocab), all a generation needs: at batch 128
+        × 2048 tokens the full logits would take gigabytes."""
         if cache is not None:
             self._check_room(cache, tokens.shape[1])
         x = self.embedding(tokens)
@@ -74,7 +80,7 @@ class HybridLM(nn.Module):
             x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seqlen += tokens.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def allocate_cache(
         self, batch: int, max_seqlen: int, *, dtype: torch.dtype | None = None
@@ -109,6 +115,29 @@ class HybridLM(nn.Module):
         cache.seqlen += 1
         return self.lm_head(self.norm(x))
 
+    def graphed_step(self, cache: InferenceCache, batch: int) -> Callable[[Tensor], Tensor]:
+        """`step` on `cache` captured once as a CUDA graph and replayed for every token:
+        token (Bt,) -> logits (Bt, vocab) at any position (positions live on the device).
+        Capturing runs one real step, so the cache is reset afterwards: capture before the
+        prefill. The returned logits are the graph's own tensor, overwritten by the next call."""
+        token = torch.zeros(batch, dtype=torch.long, device=self.embedding.weight.device)
+        out: dict[str, Tensor] = {}
+
+        def step() -> None:
+            out["logits"] = self.step(token, cache)
+
+        replay = capture_cuda_graph(step, warmup=1)
+        cache.reset()
+
+        def run(next_token: Tensor) -> Tensor:
+            self._check_room(cache, 1)
+            token.copy_(next_token)
+            replay()
+            cache.advance(1)
+            return out["logits"]
+
+        return run
+
     @torch.inference_mode()
     def generate(
         self,
@@ -118,16 +147,21 @@ class HybridLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = False,
     ) -> Tensor:
-        """Sample continuations (Bt, L) -> (Bt, L + max_new_tokens); temperature 0 is greedy."""
-        logits, cache = self.prefill(prompt, prompt.shape[1] + max_new_tokens)
+        """Sample continuations (Bt, L) -> (Bt, L + max_new_tokens); temperature 0 is greedy.
+        cuda_graph replays one captured step per token on CUDA (eager elsewhere)."""
+        batch, length = prompt.shape
+        cache = self.allocate_cache(batch, length + max_new_tokens)
+        graphed = cuda_graph and prompt.is_cuda and max_new_tokens > 1
+        step = self.graphed_step(cache, batch) if graphed else lambda t: self.step(t, cache)
+        next_logits = self(prompt, cache, last_only=True)[:, -1]
         tokens = [prompt]
-        next_logits = logits[:, -1]
         for i in range(max_new_tokens):
             token = sample(next_logits, temperature, top_k, generator)
             tokens.append(token[:, None])
             if i + 1 < max_new_tokens:
-                next_logits = self.step(token, cache)
+                next_logits = step(token)
         return torch.cat(tokens, dim=1)
 
     def _check_room(self, cache: InferenceCache, n_new: int) -> None:

@@ -201,3 +201,98 @@ def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, h
         Mamba3Inputs(*(t.float() for t in bf16)), weights, options, state
     )
     assert rel_err(out16.float(), ref16) <= 1e-2
+
+
+def _greedy_by_forwards(model, prompt, n):
+    """Every next token the argmax of a fresh forward over the whole sequence."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def _generation_model(pattern, dtype):
+    torch.manual_seed(0)
+    config = ModelConfig.from_pattern(
+        pattern,
+        d_model=256,
+        vocab_size=512,
+        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
+        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
+    )
+    return HybridLM(config, device=CUDA, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("pattern", ["M-*-M-*-", "*-*-"])
+def test_cuda_graph_generate_equals_greedy_through_forwards_fp32(pattern):
+    """One captured step replayed at 24 positions: in fp32 the tokens are exactly the greedy
+    argmax of full forwards (logit errors ~1e-6 against gaps between random logits)."""
+    model = _generation_model(pattern, torch.float32)
+    prompt = torch.randint(0, 512, (4, 50), device=CUDA)
+    graphed = model.generate(prompt, 24, temperature=0, cuda_graph=True)
+    assert torch.equal(graphed, model.generate(prompt, 24, temperature=0))
+    assert torch.equal(graphed, _greedy_by_forwards(model, prompt, 24))
+
+
+def test_cuda_graph_generate_in_bf16_is_greedy_within_bf16_error():
+    """bf16 (FA4 decode where available): graph replays pick what eager steps pick, and every
+    chosen token is within 3e-2 · max|logit| of the teacher-forced forward's best, the bound
+    `test_hybrid_decode_on_cuda_matches_forward` puts on bf16 decode against forward logits."""
+    model = _generation_model("M-*-M-*-", torch.bfloat16)
+    prompt = torch.randint(0, 512, (8, 50), device=CUDA)
+    graphed = model.generate(prompt, 32, temperature=0, cuda_graph=True)
+    eager = model.generate(prompt, 32, temperature=0)
+    assert (graphed == eager).float().mean() >= 0.9
+    with torch.no_grad():
+        logits = model(graphed[:, :-1])[:, 49:].float()
+    chosen = logits.gather(-1, graphed[:, 50:, None]).squeeze(-1)
+    assert (logits.amax(-1) - chosen <= 3e-2 * logits.abs().amax()).all()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 4, 128), (16, 16, 64)])
+def test_fa4_decode_matches_sdpa_decode_at_ragged_lengths(heads, kv_heads, head_dim):
+    from hybrid.cache import KVCache
+    from hybrid.layers.attention import fa4_decode, sdpa_decode, select_decode_backend
+
+    backend, why = select_decode_backend("auto", CUDA, torch.bfloat16)
+    if backend != "fa4":
+        pytest.skip(f"decode backend is {backend}: {why}")
+    torch.manual_seed(0)
+    cache = KVCache.empty(8, kv_heads, 1100, head_dim, device=CUDA, dtype=torch.bfloat16)
+    cache.k.normal_(), cache.v.normal_()
+    lengths = [1, 17, 128, 129, 500, 1000, 1099, 1100]
+    cache.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+    q = torch.randn(8, 1, heads, head_dim, device=CUDA, dtype=torch.bfloat16)
+    assert rel_err(fa4_decode(q, cache).float(), sdpa_decode(q, cache).float()) <= 1e-2
+
+
+def test_graphed_attention_step_is_valid_at_every_position():
+    """A graph of the auto-backend step captured once, replayed at 6 positions, against eager
+    SDPA steps of the same weights."""
+    from hybrid.graphs import capture_cuda_graph
+
+    def layer(backend):
+        torch.manual_seed(0)
+        config = AttentionConfig(n_heads=16, n_kv_heads=4, head_dim=128, backend=backend)
+        return build(LayerSpec("attention", config), 1024).to(CUDA, torch.bfloat16)
+
+    auto, sdpa = layer("auto"), layer("sdpa")
+    x = torch.randn(4, 300, 1024, device=CUDA, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        graphed = auto.allocate_cache(4, 320, device=CUDA, dtype=torch.bfloat16)
+        eager = sdpa.allocate_cache(4, 320, device=CUDA, dtype=torch.bfloat16)
+        auto(x, graphed), sdpa(x, eager)
+        token, out = torch.zeros(4, 1024, device=CUDA, dtype=torch.bfloat16), {}
+
+        def step():
+            out["y"] = auto.step(token, graphed)
+
+        replay = capture_cuda_graph(step, warmup=1)
+        graphed.rewind(300)
+        for _ in range(6):
+            token.copy_(torch.randn_like(token))
+            replay()
+            graphed.advance(1)
+            assert rel_err(out["y"].float(), sdpa.step(token, eager).float()) <= 1e-2
+        assert graphed.seqlens.tolist() == eager.seqlens.tolist() == [306] * 4

@@ -74,6 +74,46 @@ def test_generate_greedy_is_deterministic_and_consistent():
     assert sampled.shape == (2, 11)
 
 
+def _greedy_by_forwards(model, prompt, n):
+    """The oracle: every next token is the argmax of a fresh forward over the whole sequence."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("mamba3", [MAMBA_SISO, MAMBA_MIMO], ids=["siso", "mimo"])
+def test_generate_equals_greedy_decoding_through_full_forwards(mamba3):
+    model = _model("M-*-M-*-", mamba3)
+    prompt = torch.randint(0, 97, (3, 6))
+    expected = _greedy_by_forwards(model, prompt, 12)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
+    # on the CPU a graphed generation runs eagerly, with the same result
+    assert torch.equal(model.generate(prompt, 12, temperature=0, cuda_graph=True), expected)
+
+
+def test_reset_empties_the_cache_in_place():
+    model = _model("M-*-", MAMBA_SISO)
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        expected = model(tokens)
+        cache = model.allocate_cache(2, 8)
+        model(torch.randint(0, 97, (2, 7)), cache)
+        ssm = cache.layers[0].ssm
+        cache.reset()
+        assert cache.seqlen == 0 and cache.layers[2].seqlens.tolist() == [0, 0]
+        assert cache.layers[0].ssm is ssm and not ssm.any()
+        assert rel_err(model(tokens, cache), expected) <= 1e-5
+
+
+def test_last_only_logits_are_the_last_row():
+    model = _model("M-*-", MAMBA_SISO)
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        assert rel_err(model(tokens, last_only=True), model(tokens)[:, -1:]) <= 1e-6
+
+
 def test_step_past_max_seqlen_is_refused():
     model = _model("M-*-", MAMBA_SISO)
     _, cache = model.prefill(torch.randint(0, 97, (1, 4)), max_seqlen=5)
@@ -129,5 +169,6 @@ def test_rewind_forgets_kv_positions_only():
         model.step(torch.tensor([3]), cache)
         cache.rewind(6)
         assert cache.seqlen == 6 and cache.layers[2].length == 6
+        assert cache.layers[2].seqlens.tolist() == [6]
         with pytest.raises(ValueError, match="seqlen=9"):
             cache.rewind(9)

@@ -28,7 +28,7 @@ from hybrid.cache import KVCache
 from hybrid.config import LayerSpec
 from hybrid.kernels.mamba3_common import Mamba3State
 from hybrid.layers import build
-from hybrid.layers.attention import AttentionConfig, select_backend
+from hybrid.layers.attention import AttentionConfig, select_backend, select_decode_backend
 from hybrid.layers.mamba3 import Mamba3Config
 from hybrid.layers.swiglu import SwiGLUConfig
 from hybrid.search.latency import capture_cuda_graph
@@ -108,7 +108,8 @@ def fill_with_history(cache, context: int) -> None:
     if isinstance(cache, Mamba3State):
         tensors = cache.tensors()
     elif isinstance(cache, KVCache):
-        tensors, cache.length = (cache.k, cache.v), context
+        tensors = (cache.k, cache.v)
+        cache.rewind(context)
     else:
         return
     for t in tensors:
@@ -125,7 +126,7 @@ def decode_rows(layer, name, s: Setup, device, dtype, peak):
 
         def step(x=x, cache=cache):
             if isinstance(cache, KVCache):  # every timed step attends `context` past tokens
-                cache.length = s.context
+                cache.rewind(s.context)
             with torch.no_grad():
                 layer.step(x, cache)
 
@@ -168,7 +169,10 @@ def main() -> None:
     peak = measure_ceilings(device)
     s = setup(args.quick)
     print(f"device: {describe_device(device)}; {peak}; dtype {dtype}; d_model {s.d_model}")
-    print(f"attention auto backend: {select_backend('auto', device, dtype)}")
+    print(
+        f"attention auto backend: prefill {select_backend('auto', device, dtype)}, "
+        f"decode {select_decode_backend('auto', device, dtype)}"
+    )
     prefill, decode = [], []
     for name, spec in s.specs:
         layer = build(spec, s.d_model, device=device, dtype=dtype)

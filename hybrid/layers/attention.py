@@ -1,9 +1,12 @@
 """Causal multi-head attention with grouped KV heads, RoPE or NoPE, and a static KV cache.
 
-Backends, first that applies: flash-attn-4 (CuTe DSL; Hopper and Blackwell, fp16/bf16),
-flash-attn 2 (Ampere and newer, fp16/bf16), torch `scaled_dot_product_attention` (anything
-else, and every call that continues a non-empty KV cache). The choice and its reason are
-logged once per (backend, reason).
+Prefill backends, first that applies: flash-attn-4 (CuTe DSL; Hopper and Blackwell,
+fp16/bf16), flash-attn 2 (Ampere and newer, fp16/bf16), torch `scaled_dot_product_attention`
+(anything else, and every prefill that continues a non-empty KV cache). Decode steps (one token
+against the cache) read their positions from the cache's device tensor `seqlens`, so a CUDA
+graph of a step serves every position: flash-attn-4's `flash_attn_varlen_func` with
+`seqused_k` where the prefill runs flash-attn-4, else SDPA over the whole cache with a length
+mask. Each choice and its reason are logged once per (backend, reason).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from inspect import signature
 
 import torch
 import torch.nn.functional as F
@@ -116,17 +120,79 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     return choice
 
 
+def _import_fa4_decode() -> Callable | None:
+    """flash-attn-4's varlen entry point if it takes per-sequence cache lengths (`seqused_k`)."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return (
+        flash_attn_varlen_func
+        if "seqused_k" in signature(flash_attn_varlen_func).parameters
+        else None
+    )
+
+
+@cache
+def select_decode_backend(
+    requested: str, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str]:
+    """(backend, reason) for a decode step: flash-attn-4 against the cache where the prefill
+    runs flash-attn-4 and its varlen call takes `seqused_k`, else SDPA (also under a requested
+    fa2: only flash-attn-4's decode is wired). Logs each new choice once."""
+    prefill, why = select_backend(requested, device, dtype)
+    if prefill != "fa4":
+        choice = ("sdpa", why if prefill == "sdpa" else "no flash-attn 2 decode path is wired")
+    elif _import_fa4_decode() is None:
+        choice = ("sdpa", "this flash-attn-4 has no seqused_k in flash_attn_varlen_func")
+    else:
+        choice = ("fa4", f"{why}, flash_attn_varlen_func with seqused_k")
+    log.info("attention decode backend: %s (%s)", *choice)
+    return choice
+
+
 def rope_rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary embedding, rotate-half convention: x (Bt, T, heads, D), positions (T,)."""
+    """Rotary embedding, rotate-half convention: x (Bt, T, heads, D), positions (T,) shared
+    or (Bt, T) per sequence (a device tensor: no host sync, so decode steps can be graphed)."""
     head_dim = x.shape[-1]
     cdt = torch.promote_types(x.dtype, torch.float32)
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=cdt) / head_dim)
-    angles = positions.to(cdt)[:, None] * inv_freq[None, :]
-    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[:, None, :]
-    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[:, None, :]
+    angles = positions.to(cdt)[..., None] * inv_freq
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[..., None, :]
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[..., None, :]
     xf = x.to(cdt)
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def sdpa_decode(q: Tensor, cache: KVCache) -> Tensor:
+    """q (Bt, 1, H, D) against the whole cache buffer, positions at or past each sequence's
+    `seqlens` masked: shapes never depend on the position. The query heads of one KV head ride
+    along the query axis, so no SDPA backend needs GQA support or repeated keys."""
+    batch, _, heads, head_dim = q.shape
+    kv_heads = cache.k.shape[1]
+    visible = torch.arange(cache.max_seqlen, device=q.device) < cache.seqlens[:, None]
+    out = F.scaled_dot_product_attention(
+        q.reshape(batch, kv_heads, heads // kv_heads, head_dim),
+        cache.k,
+        cache.v,
+        attn_mask=visible[:, None, None, :],
+    )
+    return out.reshape(batch, 1, heads, head_dim)
+
+
+def fa4_decode(q: Tensor, cache: KVCache) -> Tensor:
+    """flash-attn-4 over the cache, reading `seqlens` keys per sequence on the device. The
+    cache's (Bt, H_kv, S, D) buffers go in as (Bt, S, H_kv, D) views (strides, no copy).
+    Hopper's kernel has no split-KV; Blackwell picks its split count by heuristic (0)."""
+    out = _import_fa4_decode()(
+        q,
+        cache.k.transpose(1, 2),
+        cache.v.transpose(1, 2),
+        seqused_k=cache.seqlens,
+        num_splits=1 if torch.cuda.get_device_capability(q.device)[0] == 9 else 0,
+    )
+    return out[0] if isinstance(out, tuple) else out
 
 
 @register("attention", symbol="*", config=AttentionConfig)
@@ -152,22 +218,40 @@ class Attention(Layer):
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         batch, length, _ = x.shape
-        offset = cache.length if cache is not None else 0
         q, k, v = self._split_qkv(x)
+        if cache is not None and length == 1:
+            out = self._decode(q, k, v, cache)
+        else:
+            out = self._prefill(q, k, v, cache)
+        return self.out_proj(out.reshape(batch, length, self.n_heads * self.head_dim))
+
+    def _prefill(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> Tensor:
+        """Tokens at host offsets: from position 0 (flash, causal) or after a filled cache."""
+        length = q.shape[1]
+        offset = cache.length if cache is not None else 0
         if self.config.rope:
-            positions = torch.arange(offset, offset + length, device=x.device)
+            positions = torch.arange(offset, offset + length, device=q.device)
             q = rope_rotate(q, positions, self.config.rope_theta)
             k = rope_rotate(k, positions, self.config.rope_theta)
-        backend, _ = select_backend(self.config.backend, x.device, x.dtype)
+        backend, _ = select_backend(self.config.backend, q.device, q.dtype)
         if cache is not None:
             keys, values = cache.append(k.transpose(1, 2), v.transpose(1, 2))
         if backend != "sdpa" and offset == 0:
-            out = self._flash(backend, q, k, v)
-        elif cache is None:
-            out = self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), offset)
-        else:
-            out = self._sdpa(q, keys, values, offset)
-        return self.out_proj(out.reshape(batch, length, self.n_heads * self.head_dim))
+            return self._flash(backend, q, k, v)
+        if offset == 0:
+            return self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), 0)
+        return self._sdpa(q, keys, values, offset)
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+        """One token per sequence at the device positions `cache.seqlens`: no host offset, so
+        a CUDA graph of the step is valid at every position."""
+        if self.config.rope:
+            positions = cache.seqlens[:, None]
+            q = rope_rotate(q, positions, self.config.rope_theta)
+            k = rope_rotate(k, positions, self.config.rope_theta)
+        cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
+        backend, _ = select_decode_backend(self.config.backend, q.device, q.dtype)
+        return fa4_decode(q, cache) if backend == "fa4" else sdpa_decode(q, cache)
 
     def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(Bt, T, d) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""

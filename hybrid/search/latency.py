@@ -39,9 +39,10 @@ from typing import Any, Literal, Protocol
 import torch
 
 from hybrid.config import ModelConfig
-from hybrid.kernels.mamba3_common import is_power_of_two
+from hybrid.graphs import capture_cuda_graph
+from hybrid.kernels.mamba3_decode import planned_decode_backend
 from hybrid.kernels.mamba3_prefill import unsupported_reason
-from hybrid.layers.attention import select_backend
+from hybrid.layers.attention import select_backend, select_decode_backend
 from hybrid.model import HybridLM
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -170,15 +171,21 @@ def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
             and unsupported_reason(c.headdim, c.d_state, c.mimo_rank, dtype, c.chunk_tokens) is None
             for c in configs
         )
-        step = cuda and all(
-            is_power_of_two(v) for c in configs for v in (c.headdim, c.d_state, c.mimo_rank)
+        step = sorted(
+            {
+                planned_decode_backend(c.decode_backend, cuda, c.headdim, c.d_state, c.mimo_rank)
+                for c in configs
+            }
         )
-        out["mamba3"] = (
-            f"{'triton' if scan else 'chunked'} scan / {'triton' if step else 'torch'} step"
-        )
+        out["mamba3"] = f"{'triton' if scan else 'chunked'} scan / {'|'.join(step)} step"
     if "attention" in kinds:
-        prefill = select_backend("auto", device, dtype)[0]
-        out["attention"] = f"{prefill} prefill / sdpa decode"
+        requested = {s.config.backend for s in config.layers if s.kind == "attention"}
+        out["attention"] = " | ".join(
+            "{} prefill ({}) / {} decode ({})".format(
+                *select_backend(r, device, dtype), *select_decode_backend(r, device, dtype)
+            )
+            for r in sorted(requested)
+        )
     return out
 
 
@@ -263,20 +270,6 @@ def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -
     for start in range(0, tokens.shape[1], piece):
         model(tokens[:, start : start + piece], cache)
     return cache
-
-
-def capture_cuda_graph(step: Callable[[], Any]) -> Callable[[], Any]:
-    """A CUDA graph of `step` (warmed up on a side stream first); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 @torch.inference_mode()
