@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 
 from hybrid.kernels import (
     fused_norms,
+    mamba3_coefficients,
     mamba3_gate,
     mamba3_prefill_core,
     mamba3_step_triton,
@@ -22,6 +23,7 @@ from hybrid.kernels import (
 )
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
+INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr"}
@@ -29,9 +31,15 @@ PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
     (segment_cumsum._segment_cumsum_kernel,
-     {"BT": 64, "BC": 32, "HAS_INIT": True, "REVERSE": False, "WRAP": True}, set()),
+     {"BT": 64, "BC": 32, "HAS_INIT": True, "REVERSE": False, "WRAP": True, "OUTER": True},
+     set()),
     (segment_cumsum._segment_cumsum_kernel,
-     {"BT": 64, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False}, set()),
+     {"BT": 64, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False, "OUTER": False},
+     set()),
+    (mamba3_coefficients._coef_fwd_kernel, {"BT": 4, "HP": 32, "SP": 32, "HEAVY_TAIL": True},
+     {"dt_ptr", "a_ptr", "trap_ptr", "ang_ptr"}),
+    (mamba3_coefficients._coef_bwd_kernel, {"BT": 2, "HP": 64, "SP": 32, "HEAVY_TAIL": False},
+     set()),
     (mamba3_prefill_core._state_pass_kernel,
      {"DX": 64, "DY": 128, "R": 4, "BT": 64, "BX": 64, "BY": 64, "HAS_INIT": True,
       "REVERSE": False, "PRECISION": "tf32"}, BF16_POINTERS),
@@ -79,8 +87,11 @@ def _signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = (
-                "*i32" if name in INT_POINTERS else "*bf16" if name in bf16 else "*fp32"
-            )
+                "*i32" if name in INT_POINTERS
+                else "*i1" if name in INT8_POINTERS
+                else "*bf16" if name in bf16
+                else "*fp32"
+            )  # fmt: skip
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return signature

@@ -3,10 +3,10 @@
 Same contract as `mamba3_chunked`, plus variable-length batches: with `cu_seqlens` the
 inputs are one packed row (Bt = 1) of several sequences, each with its own initial and final
 state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
-sequential across chunks), the B/C RMSNorm, bias and rotation into per-head k and q
-(`rotated_bc`) and the per-sequence angle sums (`segment_cumsum`, wrapped as they go, so
-float32 stays exact over any length) and the output stage (D skip, pre-gate norm, silu gate,
-MIMO sum: `mamba3_gate`), each with a Triton backward; Δ, A and λ are element-wise PyTorch.
+sequential across chunks), the per-token coefficients Δ, A, λ and the per-sequence angle sums
+(`mamba3_coefficients`, wrapped as they go, so float32 stays exact over any length), the B/C
+RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage (D skip,
+pre-gate norm, silu gate, MIMO sum: `mamba3_gate`), each with a Triton backward.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Options,
     Mamba3State,
     Mamba3Weights,
-    angle_increments,
     compute_dtype,
-    discretise,
     expand_x,
     is_power_of_two,
 )
@@ -66,16 +64,6 @@ def sequence_bounds(batch: int, length: int, cu_seqlens) -> list[int]:
     return bounds
 
 
-def _coefficients(dt, a_raw, trap, angle, last, dt_bias, options: Mamba3Options):
-    """Per token and head: log α, scale = γ + β'_next (β'_next = 0 at a sequence's last
-    token), γ, β', and the angle increments Δ·π·tanh(angle)."""
-    disc = discretise(dt, a_raw, trap, dt_bias, options)
-    beta_next = torch.cat((disc.beta_free[1:], disc.beta_free[:1] * 0))
-    scale = disc.gamma + beta_next.masked_fill(last[:, None], 0.0)
-    increments = angle_increments(angle, disc.delta).float()
-    return disc.log_alpha.float(), scale.float(), disc.gamma.float(), disc.beta_free, increments
-
-
 def _values(x, mimo_x):
     """x̃_r = mimo_x[h, r] ⊙ x in x's dtype (SISO: a view of x)."""
     if mimo_x is None:
@@ -96,10 +84,10 @@ def mamba3_prefill(
     chunk_size counts tokens; a chunk holds chunk_size·R score rows (MIMO folds its ranks
     into the rows), which must be a power of two >= 16.
     """
+    from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
     from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
     from hybrid.kernels.rotated_bc import rotated_bc
-    from hybrid.kernels.segment_cumsum import wrapped_angle_sum
 
     reason = inputs_unsupported_reason(inputs, chunk_size)
     if reason is not None:
@@ -113,12 +101,10 @@ def mamba3_prefill(
         return t.reshape(batch * length, *t.shape[2:])
 
     x, z, b, c, dt, a_raw, trap, angle = (tokens(t) for t in inputs)
-    log_alpha, scale, gamma, beta_free, increments = _coefficients(
-        dt, a_raw, trap, angle, table.last_token, weights.dt_bias, options
-    )
-    phi = wrapped_angle_sum(
-        increments, state.angle if state is not None else None, table.seq_starts
-    )
+    log_alpha, scale, gamma, beta_free, phi = mamba3_coefficients(
+        dt, a_raw, trap, angle, weights.dt_bias, state.angle if state is not None else None,
+        table.last_token, table.seq_starts, options,
+    )  # fmt: skip
     k, q = rotated_bc(
         b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,
         options.bc_norm_eps, options.rotation, kdt,

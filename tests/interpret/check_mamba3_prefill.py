@@ -1,9 +1,9 @@
 """Run under TRITON_INTERPRET=1 (by tests/test_triton_prefill.py): the Triton prefill against
 the float64 oracle — output, final state and the gradient of every input, weight and initial
 state entry — in float32 with fresh random inputs, for SISO and MIMO, with an initial state,
-partial last chunks and a variable-length batch; every other case splits a group's heads
-over programs (one head each), so the B/C backward adds per-program parts. Prints one line
-per case; non-zero exit past the tolerance."""
+partial last chunks, a variable-length batch and both A activations; every other case splits
+a group's heads over programs (one head each), so the B/C backward adds per-program parts.
+Prints one line per case; non-zero exit past the tolerance."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from helpers import (
 )
 
 from hybrid.kernels import rotated_bc
-from hybrid.kernels.mamba3_common import Mamba3Options
+from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_scan import run_per_sequence
 from hybrid.kernels.reference import mamba3_reference
@@ -90,7 +90,7 @@ def main() -> int:
                                  out_norm=norm)  # fmt: skip
         state = random_state(batch=n_seq, heads=HEADS, headdim=p, d_state=n, rank=rank,
                              angles=angles)  # fmt: skip
-        options = Mamba3Options(rotation=rotation)
+        options = Mamba3Options(rotation=rotation, a_activation=A_ACTIVATIONS[case % 2])
         leaves = named_leaves(inputs, weights, state)
         ref_leaves, mine_leaves = _detached(leaves, torch.float64), _detached(leaves, torch.float32)
 
@@ -119,7 +119,8 @@ def main() -> int:
         name_worst = max(errors, key=errors.get)
         worst = max(worst, errors[name_worst])
         print(
-            f"R={rank} {rotation:<8} norm={norm!s:<5} G={groups} S={angles} P={p} N={n} "
+            f"R={rank} {rotation:<8} A={options.a_activation:<10} norm={norm!s:<5} G={groups} "
+            f"S={angles} P={p} N={n} "
             f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
             f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 3} grads, worst {name_worst} "
