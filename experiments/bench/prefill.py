@@ -214,7 +214,8 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
     host_ms = (time.perf_counter() - start) / 5 * 1e3
     device_ms = time_ms(lambda: fn().backward(grad), device, warmup=1, reps=10).median_ms
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, record_shapes=True) as prof:
         fn().backward(grad)
         torch.cuda.synchronize()
     print(
@@ -222,6 +223,9 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
         f"(CUDA events), {host_ms:.3f} ms for the host to issue it (launch-bound if close)"
     )
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+    print("PyTorch operators by device time, with input shapes:")
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    print(by_shape.table(sort_by="device_time_total", row_limit=40, max_name_column_width=40))
 
 
 print = functools.partial(print, flush=True)  # rows appear as they are measured

@@ -95,10 +95,10 @@ def main() -> None:
         f"{'MFU %':>7}{'vs transformer':>16}"
     )
     for r in rows:
-        ratio = r["tokens_per_s"] / peer if peer else float("nan")
+        ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         print(
             f"{r['model']:<20}{r['pattern'][:21]:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
-            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>15.2f}x"
+            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>16}"
         )
     by_name = {r["model"]: r["tokens_per_s"] for r in rows}
     for name in by_name:

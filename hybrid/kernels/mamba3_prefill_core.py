@@ -381,7 +381,8 @@ def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
 
 
 def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
-    """y (T, R, H, P) in v's dtype and the final states (n_seq, H, P, N) fp32."""
+    """y (T, R, H, P) in v's dtype, the final states (n_seq, H, P, N) fp32 and the chunks'
+    start states (n_chunks, H, P, N) in the input dtype (kept for the backward)."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     chunk_rows = chunk_tokens * rank
     states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
@@ -393,15 +394,14 @@ def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64), BP=bp,
         PRECISION=_precision(q.dtype),
     )  # fmt: skip
-    return y, final
+    return y, final, states
 
 
-def scan_backward(q, k, v, a, s, g, init, dy, dfinal, table: ChunkTable, chunk_tokens: int):
-    """Gradients of the core: dq, dk, dv (input dtypes), per-row dA, ds, dγ (fp32), dinit,
-    and the final state (for the A gradient of the final-state term)."""
+def scan_backward(q, k, v, a, s, g, states, dy, dfinal, table: ChunkTable, chunk_tokens: int):
+    """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes),
+    per-row dA, ds, dγ (fp32) and dinit."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     chunk_rows = chunk_tokens * rank
-    states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
     dstates, dinit = _state_pass(dy, q, a, s, dfinal, table, rank, chunk_rows, reverse=True)
     dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))
     per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
@@ -411,29 +411,33 @@ def scan_backward(q, k, v, a, s, g, init, dy, dfinal, table: ChunkTable, chunk_t
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
         PRECISION=_precision(q.dtype),
     )  # fmt: skip
-    return dq, dk, dv, per_row, dinit, final
+    return dq, dk, dv, per_row, dinit
 
 
 class Mamba3CoreFunction(torch.autograd.Function):
-    """y, G_T = core(q, k, v, a, s, γ, G_0): the kernels above with a Triton backward."""
+    """y, G_T = core(q, k, v, a, s, γ, G_0): the kernels above with a Triton backward.
+
+    The chunks' start states are kept for the backward (a tensor of q's size at headdim 64)
+    rather than recomputed: one state pass fewer per training step."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, s, g, init, table, chunk_tokens):
-        y, final = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
-        ctx.save_for_backward(q, k, v, a, s, g, init)
+        y, final, states = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
+        ctx.save_for_backward(q, k, v, a, s, g, init, states, final)
         ctx.table, ctx.chunk_tokens = table, chunk_tokens
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        q, k, v, a, s, g, init = ctx.saved_tensors
+        q, k, v, a, s, g, init, states, final = ctx.saved_tensors
         table = ctx.table
         dy = dy.contiguous() if dy is not None else torch.zeros_like(v)
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        dq, dk, dv, per_row, dinit, final = scan_backward(
-            q, k, v, a, s, g, init, dy, dfinal, table, ctx.chunk_tokens
+        dq, dk, dv, per_row, dinit = scan_backward(
+            q, k, v, a, s, g, states, dy, dfinal, table, ctx.chunk_tokens
         )
-        da_rows, ds, dg = per_row.sum(dim=2)  # (T, H) each: ranks of a token summed
+        # (T, H) each: the ranks of a token summed
+        da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
         if dfinal is not None:
             da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
         da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
