@@ -18,6 +18,7 @@ from hybrid.kernels import (
     mamba3_gate,
     mamba3_prefill_core,
     mamba3_step_triton,
+    mimo_values,
     rotated_bc,
     segment_cumsum,
 )
@@ -55,6 +56,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"k_ptr", "q_ptr"}),
     (rotated_bc._rotated_bc_bwd_kernel, {"N": 64, "R": 4, "BT": 32, "HB": 2, "PAIRWISE": False},
      {"dk_ptr", "dq_ptr"}),
+    (mimo_values._values_fwd_kernel, {"R": 4, "P": 64, "BT": 16}, {"x_ptr", "xr_ptr"}),
+    (mimo_values._values_bwd_kernel, {"R": 8, "P": 128, "BT": 16},
+     {"x_ptr", "dxr_ptr", "dx_ptr"}),
     (mamba3_gate._gate_fwd_kernel, {"R": 4, "P": 64, "BT": 16, "HAS_MIMO": True,
                                     "HAS_NORM": True}, {"y_ptr", "x_ptr", "z_ptr", "out_ptr"}),
     (mamba3_gate._gate_bwd_kernel, {"R": 1, "P": 64, "BT": 16, "HAS_MIMO": False,

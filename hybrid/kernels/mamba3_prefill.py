@@ -5,8 +5,9 @@ inputs are one packed row (Bt = 1) of several sequences, each with its own initi
 state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
 sequential across chunks), the per-token coefficients Δ, A, λ and the per-sequence angle sums
 (`mamba3_coefficients`, wrapped as they go, so float32 stays exact over any length), the B/C
-RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage (D skip,
-pre-gate norm, silu gate, MIMO sum: `mamba3_gate`), each with a Triton backward.
+RMSNorm, bias and rotation into per-head k and q (`rotated_bc`), the MIMO values x̃_r
+(`mimo_values`) and the output stage (D skip, pre-gate norm, silu gate, MIMO sum:
+`mamba3_gate`), each with a Triton backward.
 """
 
 from __future__ import annotations
@@ -64,13 +65,6 @@ def sequence_bounds(batch: int, length: int, cu_seqlens) -> list[int]:
     return bounds
 
 
-def _values(x, mimo_x):
-    """x̃_r = mimo_x[h, r] ⊙ x in x's dtype (SISO: a view of x)."""
-    if mimo_x is None:
-        return x.unsqueeze(1)
-    return (x.unsqueeze(1) * mimo_x.transpose(0, 1)).to(x.dtype)
-
-
 def mamba3_prefill(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
@@ -87,6 +81,7 @@ def mamba3_prefill(
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
     from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
+    from hybrid.kernels.mimo_values import mimo_values
     from hybrid.kernels.rotated_bc import rotated_bc
 
     reason = inputs_unsupported_reason(inputs, chunk_size)
@@ -109,7 +104,7 @@ def mamba3_prefill(
         b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,
         options.bc_norm_eps, options.rotation, kdt,
     )  # fmt: skip
-    xr = _values(x, weights.mimo_x)
+    xr = x.unsqueeze(1) if weights.mimo_x is None else mimo_values(x, weights.mimo_x)
     init = None
     if state is not None:
         cdt = compute_dtype(kdt)
