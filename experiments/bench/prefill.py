@@ -31,10 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_device, measure_ceilings, time_ms
 
-from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
-from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
+from hybrid.kernels.mamba3_scan import mamba3_scan
 
 HEADS, HEADDIM, D_STATE, CHUNK_ROWS = 32, 64, 128, 64
 PAPER = {(8, 2048): (1.75, 3.73), (2, 8192): (2.15, 4.38), (1, 16384): (3.64, 7.74)}
@@ -86,10 +85,12 @@ def random_op(batch, length, rank, device):
 
 
 def op_runner(batch, length, rank, device, path: str) -> Callable[[], torch.Tensor]:
+    """The op as training runs it: no initial state, no final state gathered."""
     inputs, weights, options = random_op(batch, length, rank, device)
-    scan = mamba3_prefill if path == "triton" else mamba3_chunked
     tokens = CHUNK_ROWS // rank
-    return lambda: scan(inputs, weights, options, None, tokens)[0]
+    return lambda: mamba3_scan(
+        inputs, weights, options, None, tokens, backend=path, final_state=False
+    )[0]
 
 
 def core_runner(batch, length, rank, device) -> Callable[[], torch.Tensor]:

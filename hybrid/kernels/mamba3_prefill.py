@@ -72,11 +72,13 @@ def mamba3_prefill(
     state: Mamba3State | None = None,
     chunk_size: int = 64,
     cu_seqlens: Tensor | Sequence[int] | None = None,
-) -> tuple[Tensor, Mamba3State]:
+    final_state: bool = True,
+) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state (one entry per sequence) from `state` (None: empty).
 
     chunk_size counts tokens; a chunk holds chunk_size·R score rows (MIMO folds its ranks
-    into the rows), which must be a power of two >= 16.
+    into the rows), which must be a power of two >= 16. final_state=False (training) skips
+    gathering the state and returns None for it.
     """
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
@@ -117,6 +119,8 @@ def mamba3_prefill(
         y, x, z, weights.d, weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm,
         options.out_norm_eps,
     ).reshape(batch, length, heads, headdim)  # fmt: skip
+    if not final_state:
+        return out, None
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
     final_state = Mamba3State(
         angle=phi[table.seq_ends].to(torch.promote_types(state_dtype, torch.float32)),

@@ -62,19 +62,24 @@ def mamba3_scan(
     chunk_size: int = 64,
     backend: str = "auto",
     cu_seqlens: Tensor | Sequence[int] | None = None,
-) -> tuple[Tensor, Mamba3State]:
+    final_state: bool = True,
+) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state, starting from `state` (None: empty prefix).
 
     chunk_size counts tokens. With `cu_seqlens` (offsets of packed sequences, Bt = 1) every
-    sequence starts from its own state row and gets its own final state.
+    sequence starts from its own state row and gets its own final state. final_state=False
+    (training without a cache) returns None for the state and spares the Triton path its
+    gathering.
     """
     chosen = scan_backend(inputs, chunk_size, backend)
     if chosen == "triton":
-        return mamba3_prefill(inputs, weights, options, state, chunk_size, cu_seqlens)
+        return mamba3_prefill(inputs, weights, options, state, chunk_size, cu_seqlens, final_state)
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
-        return run_per_sequence(
+        out, final = run_per_sequence(
             lambda piece, row: mamba3_chunked(piece, weights, options, row, chunk_size),
             inputs, state, bounds,
         )  # fmt: skip
-    return mamba3_chunked(inputs, weights, options, state, chunk_size)
+    else:
+        out, final = mamba3_chunked(inputs, weights, options, state, chunk_size)
+    return out, final if final_state else None

@@ -237,6 +237,7 @@ class Mamba3(Layer):
             state=cache,
             chunk_size=self.config.chunk_tokens,
             backend=self.config.backend,
+            final_state=cache is not None,
         )
         if cache is not None:
             cache.copy_(final)
