@@ -32,6 +32,7 @@ CASES = [  # headdim, d_state, rank, rotation, norm, state dtype, token dtype, g
     (48, 64, 2, "pairwise", True, torch.float32, torch.float16, 2, 16),
     (32, 48, 1, "halves", False, torch.bfloat16, torch.float32, 1, 0),
     (128, 256, 8, "halves", True, torch.float32, torch.bfloat16, 1, 64),
+    (128, 64, 8, "pairwise", False, torch.float32, torch.bfloat16, 1, 16),  # y in rank chunks
 ]
 
 
@@ -65,6 +66,59 @@ def test_kernel_compiles_for_sm90(case):
     compiled = compiled_step(cfg, "sm_90a")
     print(f"compiled {case[:5]} in {time.perf_counter() - start:.2f}s")
     assert compiled is compiled_step(cfg, "sm_90a")  # cached, not recompiled
+
+
+@needs_cutlass
+def test_occupancy_hint_and_rank_chunks():
+    """64 registers a thread are asked for where a thread holds <= 32 state values and R <= 4
+    (the benchmark's shapes), nowhere else; y partials are reduced in rank chunks only where
+    there are many of them and few state values (P128 N64 R8 fp32)."""
+    from hybrid.kernels.mamba3_step_cute_kernel import Mamba3StepKernel
+
+    def kernel(headdim, d_state, rank, state_dtype):
+        case = (headdim, d_state, rank, "halves", False, state_dtype, torch.bfloat16, 1, 16)
+        return Mamba3StepKernel(_config(case))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for d_state in (64, 128):
+            for rank in (1, 2, 4):
+                k = kernel(64, d_state, rank, dtype)
+                assert k.min_ctas == 65536 // (64 * k.NT) and rank == k.RC
+        assert kernel(128, 64, 8, dtype).min_ctas == 0
+        assert kernel(128, 256, 8, dtype).min_ctas == 0
+        assert kernel(128, 256, 8, dtype).RC == 8  # 64 state values a thread: one chunk
+    assert kernel(128, 64, 8, torch.float32).RC == 4
+    assert kernel(128, 64, 8, torch.bfloat16).RC == 8
+
+
+@needs_cutlass
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8, 16, 32])
+def test_many_value_lane_reduction(lanes):
+    """_reduce_many's bookkeeping with numpy stand-ins (one entry per lane of a row): each
+    lane's sums are the row totals of the indices it reports, and every index is reported."""
+    import numpy as np
+
+    from hybrid.kernels.mamba3_step_cute_kernel import _reduce_many
+
+    rng = np.random.default_rng(0)
+    lane = np.arange(lanes)
+    for count in (1, 2, 3, 5, 8, 12, 16, 32, 48, 64):
+        parts = [rng.standard_normal(lanes) for _ in range(count)]
+        sums, slots = _reduce_many(
+            parts, lanes, lane,
+            select=lambda c, a, b: np.where(c, a, b),
+            shuffle=lambda v, d: np.broadcast_to(v, (lanes,))[lane ^ d],
+            slot=lambda i: np.full(lanes, i),
+        )  # fmt: skip
+        totals = np.array([p.sum() for p in parts])
+        seen = set()
+        for value, index in zip(sums, slots, strict=True):
+            value = np.broadcast_to(value, (lanes,))
+            index = np.broadcast_to(index, (lanes,))
+            np.testing.assert_allclose(value, totals[index], rtol=1e-12, atol=1e-12)
+            seen.update(index.tolist())
+        assert seen == set(range(count))
+        assert len(sums) == max(1, -(-count // lanes)) or count < lanes
 
 
 @needs_cutlass

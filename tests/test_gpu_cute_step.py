@@ -68,7 +68,9 @@ def _errors(out, mine: Mamba3State, expected, exact: Mamba3State) -> dict[str, f
     }
 
 
-SHAPES = [  # headdim, d_state, rank, rotation, norm
+# headdim, d_state, rank, rotation, norm. The first four get the occupancy hint (64 registers
+# a thread), the rest not; P128 N64 R8 fp32 reduces y in two rank chunks.
+SHAPES = [
     (64, 128, 1, "pairwise", False),
     (64, 128, 4, "halves", True),
     (32, 32, 2, "pairwise", True),

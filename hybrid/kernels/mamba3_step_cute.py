@@ -36,8 +36,8 @@ def cute_available() -> bool:
 
 def shared_bytes(headdim: int, d_state: int, rank: int, angles: int) -> int:
     """Shared memory of one CTA: rotated k, q and cached k (R·N each), the row coefficients
-    and y (R·P each), the angles and the norm's partial sums."""
-    return 4 * (3 * rank * d_state + 3 * rank * headdim + max(angles, 1) + 8 * rank) + 8 * 16
+    and y (R·P each), the angles' cos and sin and the norm's partial sums."""
+    return 4 * (3 * rank * d_state + 3 * rank * headdim + 2 * max(angles, 1) + 8 * rank) + 8 * 16
 
 
 def shape_reason(headdim: int, d_state: int, rank: int, angles: int) -> str | None:
@@ -142,7 +142,7 @@ def compiled_step(cfg, arch: str | None = None):
         for name, align in zip(cfg.dtypes, _alignments(cfg), strict=True)
     ]
     options = f"--gpu-arch {arch}" if arch else None
-    kernel = Mamba3StepKernel(cfg)
+    kernel = Mamba3StepKernel(cfg, offline=arch is not None)
     args = (*ptrs, cutlass.Int32(1), cuda.CUstream(0))
     return cute.compile(kernel, *args, options=options) if options else cute.compile(kernel, *args)
 

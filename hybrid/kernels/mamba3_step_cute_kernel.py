@@ -3,16 +3,24 @@ only `mamba3_step_cute` (which imports this lazily) should import it.
 
 One CTA per (head, sequence) keeps a whole head's P rows, so the pre-gate RMSNorm over P
 finishes in the same launch (a second kernel would re-read y and cost a launch; at batch 128
-and 64 heads there are 8192 CTAs, plenty to fill the GPU). The CTA first stages what every
-row needs in shared memory: the rotated k_r, q_r and the cached k_prev,r (R·N each), and the
-per-row coefficients β·x̃_prev,r[p] and γ·x̃_r[p] (R·P each); the new angle, k and x go to the
-cache. Then T lanes share a state row, each lane owning E = N/T columns in 16-byte vectors
-(coalesced, one load and one store per element), so a warp covers 32/T rows at a time; a
-thread loads a batch of its rows into registers, updates them once for all R ranks
-(α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r), stores them, and reduces y_r[p] = Σ_n s q_r
-over its T lanes with butterfly shuffles. A last phase adds D·x̃_r, applies the norm, the
-silu(mimo_z ⊙ z) gate and the mimo_o sum. MIMO therefore adds only shared-memory reads and
-FMAs per state element, not state traffic.
+and 64 heads there are 8192 CTAs, plenty to fill the GPU). T lanes share a state row, each
+owning E = N/T columns in 16-byte vectors (coalesced, one load and one store per element),
+so a warp covers 32/T rows at a time; a thread holds a batch of its rows in registers.
+
+The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the state
+streams in while the prologue runs: Δ, α, β, γ; the new angles (their cos and sin into shared
+memory, once per angle) and the cache's angle, k and x; B_r, C_r normalised (one warp per
+rank), biased and rotated into shared memory with the cached k_prev,r (R·N each) and the row
+coefficients β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R
+ranks (α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory
+reads and FMAs per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T
+lanes of a row for all ranks and rows of a batch together by recursive halving (about
+R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS
+partials would be live beside few state values), the epilogue's inputs loaded before those
+shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
+mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
+registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
+at the benchmark's shapes).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from cutlass import Float32, Int32
 F32 = Float32
 TWO_PI = 2.0 * math.pi
 STATE_REGISTERS = 64  # fp32 state values a thread holds at once (one row batch)
+Y_PARTS = 32  # y partial sums a thread reduces at once (more ranks: in rank chunks)
 
 
 @dataclass(frozen=True)
@@ -78,8 +87,9 @@ class StepConfig:
 class Mamba3StepKernel:
     """Builds the launch for one StepConfig; compile `__call__` with `cute.compile`."""
 
-    def __init__(self, cfg: StepConfig) -> None:
+    def __init__(self, cfg: StepConfig, offline: bool = False) -> None:
         self.cfg = cfg
+        self.offline = offline  # compiled for a GPU that is not present
         self.H, self.P, self.N = cfg.heads, cfg.headdim, cfg.d_state
         self.R, self.G, self.S = cfg.rank, cfg.groups, cfg.angles
         self.NT = cfg.threads
@@ -91,6 +101,18 @@ class Mamba3StepKernel:
         self.NG = self.W * (32 // self.T)  # row groups per CTA
         self.RT = -(-self.P // self.NG)  # rows per thread
         self.RB = max(1, min(self.RT, STATE_REGISTERS // self.E))  # rows per batch
+        # ranks whose y partial sums are reduced together: all of them, unless there are more
+        # than Y_PARTS partials and few state values (P128 N64 R8 fp32: 64 partials live at
+        # once took 127 registers, 78 in two chunks; with 64 state values a thread, as at
+        # P128 N256 R8, chunks keep the values live longer and spill instead)
+        self.RC = self.R
+        if self.RB * self.E <= Y_PARTS:
+            self.RC = max(1, min(self.R, max(Y_PARTS, self.T) // self.RB))
+        # occupancy hint: 64 registers a thread (4 CTAs of 256 threads / 8 of 128 per SM)
+        # where that barely spills (<= 32 state values a thread and R <= 4: 0-28 B at the
+        # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes)
+        small = self.RB * self.E <= 32 and self.R <= 4
+        self.min_ctas = 65536 // (64 * self.NT) if small else 0
 
     @cute.jit
     def __call__(
@@ -151,7 +173,16 @@ class Mamba3StepKernel:
             flat(st_x, batch * H * P),
             flat(out, batch * H * P),
         )
-        self.kernel(*tensors).launch(grid=(H, batch, 1), block=(self.NT, 1, 1), stream=stream)
+        # min_blocks_per_mp (.minnctapersm) > 0 makes the DSL query the device's smem size
+        # unless a carveout is given: an offline (CPU) compile gives the default (-1).
+        occ = self.min_ctas
+        self.kernel(*tensors).launch(
+            grid=(H, batch, 1),
+            block=(self.NT, 1, 1),
+            stream=stream,
+            min_blocks_per_mp=occ,
+            preferred_smem_carveout=-1 if occ and self.offline else None,
+        )
 
     @cute.kernel
     def kernel(
@@ -189,6 +220,13 @@ class Mamba3StepKernel:
         lane = tid % 32
         g = h // (H // G)
         bh = bi * H + h
+        lt = lane % T
+        group = warp * (32 // T) + lane // T
+
+        S1 = max(S, 1)
+
+        # the first batch of state rows, before anything else
+        first = self._load_rows(gst_ssm, bh, group, lt, 0)
 
         smem = cutlass.memory.SmemAllocator()
         s_k = smem.allocate_tensor(F32, cute.make_layout((R, N), stride=(N, 1)), 16)
@@ -197,7 +235,7 @@ class Mamba3StepKernel:
         s_u = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_v = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_y = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
-        s_phi = smem.allocate_tensor(F32, cute.make_layout(max(S, 1)), 16)
+        s_cs = smem.allocate_tensor(F32, cute.make_layout((2, S1), stride=(S1, 1)), 16)
         s_red = smem.allocate_tensor(F32, cute.make_layout((W, R), stride=(R, 1)), 16)
 
         # discretisation: Δ, α = exp(ΔA), β = (1-λ)Δα, γ = λΔ (every thread, in registers)
@@ -213,15 +251,18 @@ class Mamba3StepKernel:
         alpha = cute.math.exp(delta * big_a)
         beta = (F32(1.0) - lam) * delta * alpha
         gamma = lam * delta
+        d_h = gd[h].to(F32)  # for phase D, loaded now
 
-        # phase A: new angles; normalised, biased B and C; cached k; row coefficients; x cache
+        # phase A: new angles (cos, sin into smem); normalised, biased B and C; cached k;
+        # row coefficients; x cache
         for i in cutlass.range_constexpr(-(-S // NT)):
             s = tid + NT * i
             if s < S:
                 theta = F32(math.pi) * _tanh(gangle[bi * S + s].to(F32))
                 phi = gst_angle[bh * S + s].to(F32) + delta * theta
                 phi = phi - F32(TWO_PI) * cute.math.floor(phi / F32(TWO_PI))
-                s_phi[s] = phi
+                s_cs[0, s] = cute.math.cos(phi)
+                s_cs[1, s] = cute.math.sin(phi)
                 gst_angle[bh * S + s] = phi.to(gst_angle.element_type)
         for r in cutlass.range_constexpr(R):
             if warp == r % W:
@@ -258,9 +299,8 @@ class Mamba3StepKernel:
                 if cutlass.const_expr(cfg.halves):
                     n0 = j
                     n1 = j + N // 2
-                phi = s_phi[j]
-                cos = cute.math.cos(phi)
-                sin = cute.math.sin(phi)
+                cos = s_cs[0, j]
+                sin = s_cs[1, j]
                 k0 = s_k[r, n0]
                 k1 = s_k[r, n1]
                 s_k[r, n0] = k0 * cos - k1 * sin
@@ -277,19 +317,12 @@ class Mamba3StepKernel:
                 n = idx % N
                 gst_k[((bi * R + r) * H + h) * N + n] = s_k[r, n].to(gst_k.element_type)
 
-        # phase C: the state rows, a batch at a time; y_r[p] into shared memory
-        lt = lane % T
-        group = warp * (32 // T) + lane // T
+        # phase C: the state rows, a batch at a time (the first already in registers)
+        pieces = []
         for batch0 in cutlass.range_constexpr(0, self.RT, self.RB):
-            rows = []
-            for i in cutlass.range_constexpr(batch0, min(self.RT, batch0 + self.RB)):
-                p = group + NG * i
-                row = p
-                if cutlass.const_expr((i + 1) * NG > P):
-                    row = cutlass.min(p, P - 1)  # a valid row to read; stores are predicated
-                tiles = cute.zipped_divide(gst_ssm[bh * P + row, None], (V,))
-                values = [tiles[(None, c * T + lt)].load().to(F32) for c in range(EV)]
-                rows.append((p, tiles, values))
+            rows = first
+            if cutlass.const_expr(batch0 > 0):
+                rows = self._load_rows(gst_ssm, bh, group, lt, batch0)
             for r in cutlass.range_constexpr(R):
                 kp = _vectors(s_kp, r, V, T, lt, EV)
                 k = _vectors(s_k, r, V, T, lt, EV)
@@ -298,7 +331,7 @@ class Mamba3StepKernel:
                     u = s_u[r, row]
                     v = s_v[r, row]
                     if cutlass.const_expr(r == 0):
-                        values = [values[c] * alpha for c in range(EV)]
+                        values = [values[c].to(F32) * alpha for c in range(EV)]
                     rows[idx] = (
                         p,
                         tiles,
@@ -308,39 +341,43 @@ class Mamba3StepKernel:
                 if p < P:
                     for c in cutlass.range_constexpr(EV):
                         tiles[(None, c * T + lt)].store(values[c].to(gst_ssm.element_type))
-            for r in cutlass.range_constexpr(R):
-                q = _vectors(s_q, r, V, T, lt, EV)
-                for p, _, values in rows:
-                    part = F32(0.0)
-                    for c in cutlass.range_constexpr(EV):
-                        part = part + (values[c] * q[c]).reduce(cute.ReductionOp.ADD, F32(0.0), 0)
-                    part = cute.arch.warp_reduction_sum(part, threads_in_group=T)
-                    if lt == 0 and p < P:
-                        s_y[r, p] = part
+            nb = len(rows)
+            for r0 in cutlass.range_constexpr(0, R, self.RC):
+                parts = []  # index (r - r0)·nb + row: this lane's share of y_r[p]
+                for r in cutlass.range_constexpr(r0, min(R, r0 + self.RC)):
+                    q = _vectors(s_q, r, V, T, lt, EV)
+                    for _, _, values in rows:
+                        part = F32(0.0)
+                        for c in cutlass.range_constexpr(EV):
+                            part = part + (values[c] * q[c]).reduce(
+                                cute.ReductionOp.ADD, F32(0.0), 0
+                            )
+                        parts.append(part)
+                if cutlass.const_expr(r0 + self.RC >= R and batch0 + self.RB >= self.RT):
+                    pieces = self._epilogue_inputs(gx, gz, gmx, gmz, gmo, gonw, h, bh, tid)
+                sums, slots = _reduce_many(parts, T, lt)
+                for j in cutlass.range_constexpr(len(sums)):
+                    r = slots[j] // nb
+                    p = group + NG * (batch0 + slots[j] - r * nb)
+                    if p < P:
+                        s_y[r0 + r, p] = sums[j]
         cute.arch.sync_threads()
 
         # phase D: y_r + D x̃_r, the optional per-head RMSNorm, the gate, the rank sum
-        d_h = gd[h].to(F32)
-        pieces = []
-        for i in cutlass.range_constexpr(-(-P // NT)):
-            p = cutlass.min(tid + NT * i, P - 1)
-            valid = tid + NT * i < P
-            xv = gx[bh * P + p].to(F32)
+        ys_all = []
+        for i, (p, _, xv, _, _, mxs, _, _) in enumerate(pieces):
             ys = []
             for r in cutlass.range_constexpr(R):
-                xr = xv
-                if cutlass.const_expr(cfg.mimo):
-                    xr = xv * gmx[(h * R + r) * P + p].to(F32)
-                y = s_y[r, p] + d_h * xr
+                y = s_y[r, p] + d_h * xv * mxs[r]
                 if tid + NT * i >= P:
                     y = F32(0.0)
                 ys.append(y)
-            pieces.append((p, valid, ys))
+            ys_all.append(ys)
         scales = [F32(1.0)] * R
         if cutlass.const_expr(cfg.norm):
             for r in cutlass.range_constexpr(R):
                 ss = F32(0.0)
-                for _, _, ys in pieces:
+                for ys in ys_all:
                     ss = ss + ys[r] * ys[r]
                 ss = cute.arch.warp_reduction_sum(ss)
                 if lane == 0:
@@ -351,32 +388,61 @@ class Mamba3StepKernel:
                 for w in cutlass.range_constexpr(W):
                     total = total + s_red[w, r]
                 scales[r] = F32(1.0) / cute.math.sqrt(total / F32(P) + F32(cfg.out_eps))
-        for p, valid, ys in pieces:
-            zv = gz[bh * P + p].to(F32)
-            w_norm = F32(1.0)
-            if cutlass.const_expr(cfg.norm):
-                w_norm = gonw[h * P + p].to(F32)
+        for (p, valid, _, zv, w_norm, _, mzs, mos), ys in zip(pieces, ys_all, strict=True):
             acc = F32(0.0)
             for r in cutlass.range_constexpr(R):
-                zr = zv
-                mo = F32(1.0)
-                if cutlass.const_expr(cfg.mimo):
-                    zr = zv * gmz[(h * R + r) * P + p].to(F32)
-                    mo = gmo[(h * R + r) * P + p].to(F32)
-                acc = acc + ys[r] * scales[r] * w_norm * zr * _sigmoid(zr) * mo
+                zr = zv * mzs[r]
+                acc = acc + ys[r] * scales[r] * w_norm * zr * _sigmoid(zr) * mos[r]
             if valid:
                 gout[bh * P + p] = acc.to(gout.element_type)
 
+    def _load_rows(self, gst_ssm, bh, group, lt, batch0):
+        """Issue the loads of one batch of this thread's state rows: [(p, tiles, values)]."""
+        P, NG, V, T, EV = self.P, self.NG, self.V, self.T, self.EV
+        rows = []
+        for i in range(batch0, min(self.RT, batch0 + self.RB)):
+            p = group + NG * i
+            row = p
+            if (i + 1) * NG > P:
+                row = cutlass.min(p, P - 1)  # a valid row to read; stores are predicated
+            tiles = cute.zipped_divide(gst_ssm[bh * P + row, None], (V,))
+            values = [tiles[(None, c * T + lt)].load() for c in range(EV)]  # as stored
+            rows.append((p, tiles, values))
+        return rows
+
+    def _epilogue_inputs(self, gx, gz, gmx, gmz, gmo, gonw, h, bh, tid):
+        """Phase D's per-p inputs of this thread (p = tid + NT·i, clamped to P-1):
+        [(p, valid, x, z, out_norm weight, mimo_x[R], mimo_z[R], mimo_o[R])]."""
+        cfg, P, R, NT = self.cfg, self.P, self.R, self.NT
+        pieces = []
+        for i in range(-(-P // NT)):
+            p = cutlass.min(tid + NT * i, P - 1)
+            valid = tid + NT * i < P
+            xv = gx[bh * P + p].to(F32)
+            zv = gz[bh * P + p].to(F32)
+            w_norm = gonw[h * P + p].to(F32) if cfg.norm else F32(1.0)
+            one = [F32(1.0)] * R
+            mxs, mzs, mos = one, one, one
+            if cfg.mimo:
+                mxs = [gmx[(h * R + r) * P + p].to(F32) for r in range(R)]
+                mzs = [gmz[(h * R + r) * P + p].to(F32) for r in range(R)]
+                mos = [gmo[(h * R + r) * P + p].to(F32) for r in range(R)]
+            pieces.append((p, valid, xv, zv, w_norm, mxs, mzs, mos))
+        return pieces
+
     @cute.jit
     def _normalise(self, gv, gw, gbias, dst, r, g, h, bi, lane):
-        """dst[r] = RMSNorm(v_r over N)·w + bias[h, r], by one warp (lanes stride N)."""
+        """dst[r] = RMSNorm(v_r over N)·w + bias[h, r], by one warp (lanes stride N); the
+        weight and bias are loaded with v (one global round trip)."""
         N, R, G = self.N, self.R, self.G
         base = ((bi * R + r) * G + g) * N
         values = []
+        weights = []
         ss = F32(0.0)
         for j in cutlass.range_constexpr(-(-N // 32)):
             n = cutlass.min(lane + 32 * j, N - 1)
             val = gv[base + n].to(F32)
+            weights.append((gw[n].to(F32), gbias[(h * R + r) * N + n].to(F32)))
             if lane + 32 * j >= N:
                 val = F32(0.0)
             ss = ss + val * val
@@ -386,7 +452,43 @@ class Mamba3StepKernel:
         for j in cutlass.range_constexpr(-(-N // 32)):
             n = lane + 32 * j
             if n < N:
-                dst[r, n] = values[j] * scale * gw[n].to(F32) + gbias[(h * R + r) * N + n].to(F32)
+                dst[r, n] = values[j] * scale * weights[j][0] + weights[j][1]
+
+
+def _reduce_many(parts: list, t: int, lt, select=None, shuffle=None, slot=Int32):
+    """Sums over the t lanes of a row (t a power of two, lanes adjacent) of every value in
+    `parts`, by recursive halving: at each xor distance d a lane keeps one half of its list
+    (the upper half where bit d of lt is set) and adds its partner's copy of that half, so
+    a list of M values costs about M + log2 t shuffles instead of M·log2 t. An odd leftover
+    is reduced whole (both lanes keep it). Returns this lane's sums and, for each, its index
+    in `parts` (a runtime Int32: it depends on the lane's bits); every index is held by at
+    least one lane of the row (some by several, with equal values). `select`, `shuffle`
+    and `slot` default to the DSL's; the CPU test passes numpy stand-ins (one array entry
+    per lane) to check the bookkeeping."""
+    select = select or _select
+    shuffle = shuffle or (lambda value, d: cute.arch.shuffle_sync_bfly(value, offset=d))
+    vals = list(parts)
+    slots = [slot(i) for i in range(len(parts))]
+    d = t // 2
+    while d > 0:
+        up = (lt & d) != 0
+        half = len(vals) // 2
+        kept, kept_slots = [], []
+        for i in range(half):
+            lo, hi = vals[i], vals[i + half]
+            kept.append(select(up, hi, lo) + shuffle(select(up, lo, hi), d))
+            kept_slots.append(select(up, slots[i + half], slots[i]))
+        if len(vals) % 2:
+            kept.append(vals[-1] + shuffle(vals[-1], d))
+            kept_slots.append(slots[-1])
+        vals, slots = kept, kept_slots
+        d //= 2
+    return vals, slots
+
+
+def _select(cond, a, b):
+    """cond ? a : b for two DSL scalars of one type (F32 or Int32)."""
+    return type(a)(cutlass.select_(cond, a, b))
 
 
 def _vectors(buf: cute.Tensor, r: int, v: int, t: int, lt: Int32, count: int) -> list:
