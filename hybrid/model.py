@@ -82,6 +82,15 @@ class HybridLM(nn.Module):
             cache.seqlen += tokens.shape[1]
         return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
+    def forward_in_pieces(self, tokens: Tensor, cache: InferenceCache, piece_tokens: int) -> Tensor:
+        """`forward(tokens, cache, last_only=True)` over at most piece_tokens (batch × length)
+        tokens at a time: the same logits and cache, with activation memory bounded (a MIMO
+        prefill of 128 × 2048 tokens in one forward needs more than an 80 GB card)."""
+        piece = max(1, piece_tokens // tokens.shape[0])
+        for start in range(0, tokens.shape[1], piece):
+            logits = self.forward(tokens[:, start : start + piece], cache, last_only=True)
+        return logits
+
     def allocate_cache(
         self, batch: int, max_seqlen: int, *, dtype: torch.dtype | None = None
     ) -> InferenceCache:

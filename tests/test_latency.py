@@ -70,9 +70,9 @@ def test_decode_at_a_long_context_is_prefilled_in_pieces(monkeypatch):
     seen = []
     real = HybridLM.forward
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens, cache=None, **kwargs):
         seen.append(tokens.shape)
-        return real(self, tokens, cache)
+        return real(self, tokens, cache, **kwargs)
 
     monkeypatch.setattr(HybridLM, "forward", forward)
     measure(CONFIG, LatencyRequest("decode", 2, 100), CPU, repeats=3)

@@ -114,6 +114,19 @@ def test_last_only_logits_are_the_last_row():
         assert rel_err(model(tokens, last_only=True), model(tokens)[:, -1:]) <= 1e-6
 
 
+def test_prefill_in_pieces_equals_one_forward():
+    model = _model("M-*-M-", MAMBA_MIMO)
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        whole, one = model.prefill(tokens[:, :19])
+        pieces = model.allocate_cache(2, 32)
+        last = model.forward_in_pieces(tokens[:, :19], pieces, piece_tokens=12)  # 6 at a time
+        assert pieces.seqlen == one.seqlen == 19
+        assert rel_err(last, whole[:, -1:]) <= 1e-5
+        nxt = tokens[:, 19]
+        assert rel_err(model.step(nxt, pieces), model.step(nxt, one)) <= 1e-5
+
+
 def test_step_past_max_seqlen_is_refused():
     model = _model("M-*-", MAMBA_SISO)
     _, cache = model.prefill(torch.randint(0, 97, (1, 4)), max_seqlen=5)

@@ -7,8 +7,10 @@ Weights are random (timings only; nothing here measures quality). Attention: 16 
 of 128, 4 KV heads (GQA), RoPE; Mamba-3 at the paper's defaults (expand 2, headdim 64,
 d_state 128); SwiGLU hidden 5504 (8/3 · d_model); vocabulary 32,000.
 
-- prefill ms: one forward of batch × prompt tokens into a preallocated cache (last-position
-  logits only), median of `--repeats` after a warm-up prefill.
+- prefill ms: batch × prompt tokens into a preallocated cache (last-position logits only),
+  in forwards of at most `--prefill-piece` batch × tokens (65,536: 512 tokens a forward at
+  batch 128; a MIMO R=4 layer's one-forward activations over all 262,144 tokens exceed an
+  80 GB card), median of `--repeats` after a warm-up prefill.
 - decode ms/token: N - 1 replays of one CUDA graph of `HybridLM.step` (captured before the
   prefill, valid at every position) plus greedy sampling, over N - 1; eager on the CPU.
 - total s: prefill + decode; tokens/s: batch × N / total s (the prefill's first token counts).
@@ -124,7 +126,7 @@ def run_model(
 
     def prefill() -> None:
         cache.reset()
-        holder["logits"] = model(prompt, cache, last_only=True)[:, -1]
+        holder["logits"] = model.forward_in_pieces(prompt, cache, args.prefill_piece)[:, -1]
 
     prefill()  # warm-up: kernel compilation and autotuning are not timed
     prefills = [timed(prefill, device) for _ in range(args.repeats)]
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens (default 2048; quick 16)")
     parser.add_argument("--gen", type=int, help="generated tokens (default 2048; quick 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills (median)")
+    parser.add_argument(
+        "--prefill-piece", type=int, default=1 << 16,
+        help="batch x tokens per prefill forward (default 65536; bounds activation memory)",
+    )  # fmt: skip
     parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(PATTERNS)}")
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
     args = parser.parse_args(argv)
@@ -190,7 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         f"device: {describe_device(device)}; batch {args.batch}, prompt {args.prompt}, "
         f"generate {args.gen}; random weights (timings only)"
     )
-    rows = [run_model(name, config, args, device) for name, config in chosen.items()]
+    rows = []
+    for name, config in chosen.items():
+        try:
+            rows.append(run_model(name, config, args, device))
+        except torch.OutOfMemoryError:
+            print(f"{name}: out of memory at batch {args.batch} (try --batch or --prefill-piece)")
+            torch.cuda.empty_cache()
     print(
         f"\n{'model':<24}{'params':>15}{'prefill ms':>12}{'decode ms/tok':>15}{'total s':>9}"
         f"{'tokens/s':>11}{'peak GB':>9}{'max N @80GB':>13}"

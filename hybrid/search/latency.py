@@ -266,9 +266,7 @@ def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -
     """Prefill the cache to the whole context, PREFILL_PIECE_TOKENS (batch × length) at a
     time, so a long context at a large batch fits in memory (the result is the same)."""
     cache = model.allocate_cache(tokens.shape[0], max_seqlen)
-    piece = max(1, PREFILL_PIECE_TOKENS // tokens.shape[0])
-    for start in range(0, tokens.shape[1], piece):
-        model(tokens[:, start : start + piece], cache)
+    model.forward_in_pieces(tokens, cache, PREFILL_PIECE_TOKENS)
     return cache
 
 
