@@ -86,7 +86,7 @@ def print_rows(rows: list[dict[str, Any]], device: torch.device) -> None:
         f"copy bandwidth: {copy:,.0f} GB/s  backends: {first['backends']}"
     )
     header = (
-        f"{'model':<28}{'params':>12}{'B':>5}{'ctx':>7}{'prefill ms':>12}{'±%':>6}"
+        f"{'model':<36}{'params':>12}{'B':>5}{'ctx':>7}{'prefill ms':>12}{'±%':>6}"
         f"{'decode ms':>11}{'±%':>6}{'peak MB':>9}{'state MB':>10}{'GB/s':>8}{'%copy':>7}"
     )
     print(header)
