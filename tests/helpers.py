@@ -135,3 +135,13 @@ TINY_MODEL_ARGS = [
     "--set",
     "attention.n_heads=2",
 ]
+
+
+def greedy_by_forwards(model, prompt, n):
+    """The generation oracle: every next token is the argmax of a fresh forward over the
+    whole sequence."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_inputs, random_state, random_weights, rel_err
+from helpers import greedy_by_forwards, random_inputs, random_state, random_weights, rel_err
 
 from hybrid.config import LayerSpec, ModelConfig
 from hybrid.kernels.chunked import mamba3_chunked
@@ -203,15 +203,6 @@ def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, h
     assert rel_err(out16.float(), ref16) <= 1e-2
 
 
-def _greedy_by_forwards(model, prompt, n):
-    """Every next token the argmax of a fresh forward over the whole sequence."""
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq
-
-
 def _generation_model(pattern, dtype):
     torch.manual_seed(0)
     config = ModelConfig.from_pattern(
@@ -232,7 +223,7 @@ def test_cuda_graph_generate_equals_greedy_through_forwards_fp32(pattern):
     prompt = torch.randint(0, 512, (4, 50), device=CUDA)
     graphed = model.generate(prompt, 24, temperature=0, cuda_graph=True)
     assert torch.equal(graphed, model.generate(prompt, 24, temperature=0))
-    assert torch.equal(graphed, _greedy_by_forwards(model, prompt, 24))
+    assert torch.equal(graphed, greedy_by_forwards(model, prompt, 24))
 
 
 def test_cuda_graph_generate_in_bf16_is_greedy_within_bf16_error():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import greedy_by_forwards, rel_err
 
 from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
@@ -74,20 +74,11 @@ def test_generate_greedy_is_deterministic_and_consistent():
     assert sampled.shape == (2, 11)
 
 
-def _greedy_by_forwards(model, prompt, n):
-    """The oracle: every next token is the argmax of a fresh forward over the whole sequence."""
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq
-
-
 @pytest.mark.parametrize("mamba3", [MAMBA_SISO, MAMBA_MIMO], ids=["siso", "mimo"])
 def test_generate_equals_greedy_decoding_through_full_forwards(mamba3):
     model = _model("M-*-M-*-", mamba3)
     prompt = torch.randint(0, 97, (3, 6))
-    expected = _greedy_by_forwards(model, prompt, 12)
+    expected = greedy_by_forwards(model, prompt, 12)
     assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
     # on the CPU a graphed generation runs eagerly, with the same result
     assert torch.equal(model.generate(prompt, 12, temperature=0, cuda_graph=True), expected)

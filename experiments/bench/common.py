@@ -21,25 +21,27 @@ class Timing:
         return f"{self.median_ms:9.3f} ±{self.iqr_ms:6.3f}"
 
 
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on CUDA, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(
     fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
 ) -> Timing:
     """Median and interquartile range of `reps` timed calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+    samples = [time_once(fn, device) for _ in range(reps)]
     q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
     return Timing(statistics.median(samples), q3 - q1)
 

@@ -32,14 +32,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device
+from common import describe_device, time_once
 
 from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
@@ -93,20 +91,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call (CUDA events on CUDA)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 @torch.inference_mode()
 def run_model(
     name: str, config: ModelConfig, args: argparse.Namespace, device: torch.device
@@ -129,7 +113,7 @@ def run_model(
         holder["logits"] = model.forward_in_pieces(prompt, cache, args.prefill_piece)[:, -1]
 
     prefill()  # warm-up: kernel compilation and autotuning are not timed
-    prefills = [timed(prefill, device) for _ in range(args.repeats)]
+    prefills = [time_once(prefill, device) for _ in range(args.repeats)]
 
     def decode() -> None:
         token = holder["logits"].argmax(-1)
@@ -138,7 +122,7 @@ def run_model(
             token = step(token).argmax(-1)
             out[:, i] = token
 
-    decode_ms = timed(decode, device)
+    decode_ms = time_once(decode, device)
     sync(device)
     prefill_ms = statistics.median(prefills)
     total_s = (prefill_ms + decode_ms) / 1e3
