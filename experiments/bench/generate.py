@@ -41,7 +41,7 @@ from common import describe_device, time_once
 
 from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
-from hybrid.search.latency import _backends
+from hybrid.search.latency import layer_backends
 
 HBM_BYTES = 80e9  # the card the default N is sized for
 PATTERNS = {
@@ -139,7 +139,7 @@ def run_model(
         "tokens_per_s": args.batch * args.gen / total_s,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
         "graphed": cuda,
-        "backends": _backends(config, device, dtype),
+        "backends": layer_backends(config, device, dtype),
         "largest_gen_80gb": largest_gen(config, args.batch, args.prompt),
     }
 

@@ -15,24 +15,36 @@ from torch import Tensor
 
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
-from hybrid.kernels.mamba3_prefill import (
-    inputs_unsupported_reason,
-    mamba3_prefill,
-    sequence_bounds,
-)
+from hybrid.kernels.mamba3_prefill import mamba3_prefill, sequence_bounds, unsupported_reason
 
 SCAN_BACKENDS = ("auto", "chunked", "triton")
+
+
+def planned_scan_backend(
+    requested: str,
+    cuda: bool,
+    headdim: int,
+    d_state: int,
+    rank: int,
+    dtype: torch.dtype,
+    chunk_tokens: int,
+) -> str:
+    """The backend `mamba3_scan` picks for a layer of these sizes (no tensors needed: what
+    the latency record and the benchmarks print)."""
+    if requested != "auto":
+        return requested
+    fits = unsupported_reason(headdim, d_state, rank, dtype, chunk_tokens) is None
+    return "triton" if cuda and fits else "chunked"
 
 
 def scan_backend(inputs: Mamba3Inputs, chunk_size: int, requested: str = "auto") -> str:
     """The backend `mamba3_scan` will run for these inputs."""
     if requested not in SCAN_BACKENDS:
         raise ValueError(f"backend={requested!r} is invalid; allowed: {SCAN_BACKENDS}")
-    if requested != "auto":
-        return requested
-    if inputs.x.is_cuda and inputs_unsupported_reason(inputs, chunk_size) is None:
-        return "triton"
-    return "chunked"
+    x, b = inputs.x, inputs.b
+    return planned_scan_backend(
+        requested, x.is_cuda, x.shape[-1], b.shape[-1], b.shape[2], x.dtype, chunk_size
+    )
 
 
 def run_per_sequence(

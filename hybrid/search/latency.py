@@ -41,7 +41,7 @@ import torch
 from hybrid.config import ModelConfig
 from hybrid.graphs import capture_cuda_graph
 from hybrid.kernels.mamba3_decode import planned_decode_backend
-from hybrid.kernels.mamba3_prefill import unsupported_reason
+from hybrid.kernels.mamba3_scan import planned_scan_backend
 from hybrid.layers.attention import select_backend, select_decode_backend
 from hybrid.model import HybridLM
 
@@ -160,16 +160,21 @@ def _sm_clock(device: torch.device) -> int | None:
         return None
 
 
-def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+def layer_backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Per layer kind, the prefill and decode backends a model of this config runs, as the
+    dispatchers would pick them (printed by `hybrid bench`, stored with every record)."""
     kinds = {spec.kind for spec in config.layers}
     out = {}
     if "mamba3" in kinds:
         configs = [s.config for s in config.layers if s.kind == "mamba3"]
         cuda = device.type == "cuda"
-        scan = cuda and all(
-            c.backend != "chunked"
-            and unsupported_reason(c.headdim, c.d_state, c.mimo_rank, dtype, c.chunk_tokens) is None
-            for c in configs
+        scan = sorted(
+            {
+                planned_scan_backend(
+                    c.backend, cuda, c.headdim, c.d_state, c.mimo_rank, dtype, c.chunk_tokens
+                )
+                for c in configs
+            }
         )
         step = sorted(
             {
@@ -177,7 +182,7 @@ def _backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
                 for c in configs
             }
         )
-        out["mamba3"] = f"{'triton' if scan else 'chunked'} scan / {'|'.join(step)} step"
+        out["mamba3"] = f"{'|'.join(scan)} scan / {'|'.join(step)} step"
     if "attention" in kinds:
         requested = {s.config.backend for s in config.layers if s.kind == "attention"}
         out["attention"] = " | ".join(
@@ -327,7 +332,7 @@ def measure(
         dtype=str(dtype).removeprefix("torch."),
         graphed=graphed,
         sm_clock_mhz=_sm_clock(device) if cuda else None,
-        backends=_backends(config, device, dtype),
+        backends=layer_backends(config, device, dtype),
         versions=software_versions(),
     )
     if cache is not None:
