@@ -27,9 +27,15 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv,nohea
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 
 status=()
-python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::UserWarning tests 2>&1 | tee "$out/gpu_tests.log"
-status+=("gpu tests|$(tail -n 1 "$out/gpu_tests.log")")
-# BENCHES="layers latency_check" runs only those; default: every benchmark
+# TESTS="tests/test_gpu_cute_step.py tests/test_gpu.py" runs only those files' gpu tests,
+# TESTS=none none; default: every gpu-marked test
+if [ "${TESTS:-}" != none ]; then
+  # shellcheck disable=SC2086
+  python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    -W ignore::UserWarning ${TESTS:-tests} 2>&1 | tee "$out/gpu_tests.log"
+  status+=("gpu tests|$(tail -n 1 "$out/gpu_tests.log")")
+fi
+# BENCHES="layers latency_check" runs only those, BENCHES=none none; default: every benchmark
 for bench in experiments/bench/*.py; do
   name=$(basename "$bench" .py)
   [ "$name" = common ] && continue
