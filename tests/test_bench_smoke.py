@@ -45,3 +45,12 @@ def test_generate_bench_quick_on_cpu(tmp_path):
 def test_generate_bench_names_a_bad_model():
     with pytest.raises(SystemExit):
         _bench("generate").main(["--quick", "--device", "cpu", "--models", "GPT"])
+
+
+def test_issue_time_is_measured_on_the_cpu():
+    """`issue_ms` (the prefill bench's host column) times the host side of a call."""
+    import torch
+
+    common = _bench("common")
+    x = torch.randn(256, 256)
+    assert common.issue_ms(lambda: x @ x, torch.device("cpu")) > 0

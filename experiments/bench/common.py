@@ -35,6 +35,21 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def issue_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) -> float:
+    """Host milliseconds to issue one call without waiting for the device. Close to the
+    device time, the work is launch-bound (its timing then follows the host's speed). Few
+    calls, so the launch queue never fills and blocks the host."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e3
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed
+
+
 def time_ms(
     fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20
 ) -> Timing:

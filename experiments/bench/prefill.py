@@ -9,6 +9,8 @@ the scan core alone (prepared q, k, v); the chunked PyTorch path; fla-core's
 (B, L, H, K=N, V=P); torch SDPA causal attention at the same width (32 heads of 64).
 
 TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate measured here.
+"host ms" is what the host takes to issue one forward+backward without waiting: where it is
+close to "f+b ms" the op is launch-bound and its time follows the host's speed.
 
     python experiments/bench/prefill.py            # the H100 run in BENCHMARKS.md
     python experiments/bench/prefill.py --quick    # tiny shapes (CUDA), a smoke test
@@ -21,7 +23,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, measure_ceilings, time_ms
+from common import describe_device, issue_ms, measure_ceilings, time_ms
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
 from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
@@ -141,10 +142,11 @@ def sdpa_runner(batch, length, device) -> Callable[[], torch.Tensor]:
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, float | None, str]:
-    """(forward ms, forward+backward ms, note); None where it runs out of memory or the
-    kernel refuses (fla refuses its gated backward on Triton < 3.7.1 on Hopper, fla #640)."""
-    fwd = both = None
+def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
+    """(forward ms, forward+backward ms, host ms to issue a forward+backward, note); None
+    where it runs out of memory or the kernel refuses (fla refuses its gated backward on
+    Triton < 3.7.1 on Hopper, fla #640)."""
+    fwd = both = host = None
     note = ""
     try:
         with torch.no_grad():
@@ -157,13 +159,14 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, float |
             fn().backward(grad)
 
         both = time_ms(train, device, warmup=2, reps=10).median_ms
+        host = issue_ms(train, device)
     except torch.OutOfMemoryError:
         note = "out of memory"
     except RuntimeError as err:
         note = str(err).split(".")[0][:80]
     finally:
         torch.cuda.empty_cache()
-    return fwd, both, note
+    return fwd, both, host, note
 
 
 def rows_for(batch, length, device, only: str | None):
@@ -186,13 +189,14 @@ def rows_for(batch, length, device, only: str | None):
         if fn is None:
             out.append({"kernel": name, "batch": batch, "seq_len": length, "missing": True})
             continue
-        fwd, both, note = timed(fn, device)
+        fwd, both, host, note = timed(fn, device)
         flops = core_flops(batch * length, rank) if rank else None
         if rank is None:  # causal attention: QK and PV over the lower triangle
             flops = 2 * 2 * batch * HEADS * length * length * HEADDIM / 2
         out.append(
             {"kernel": name, "batch": batch, "seq_len": length, "fwd_ms": fwd,
-             "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9 if fwd else None,
+             "fwd_bwd_ms": both, "fwd_bwd_host_ms": host,
+             "fwd_tflops": flops / fwd / 1e9 if fwd else None,
              "fwd_bwd_tflops": 3.5 * flops / both / 1e9 if both else None, "note": note}
         )  # fmt: skip
         del fn
@@ -208,11 +212,7 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
     grad = torch.randn_like(fn())
     for _ in range(3):
         fn().backward(grad)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):  # few enough that the launch queue never fills and blocks the host
-        fn().backward(grad)
-    host_ms = (time.perf_counter() - start) / 5 * 1e3
+    host_ms = issue_ms(lambda: fn().backward(grad), device)
     device_ms = time_ms(lambda: fn().backward(grad), device, warmup=1, reps=10).median_ms
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
@@ -248,7 +248,8 @@ def main() -> None:
     shapes = [(2, 512)] if args.quick else list(PAPER)
     rows = []
     print(
-        f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+        f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'host ms':>9}"
+        f"{'fwd TF/s':>10}{'f+b TF/s':>10}"
     )
     for batch, length in shapes:
         for row in rows_for(batch, length, device, args.only):
@@ -260,7 +261,8 @@ def main() -> None:
 
             print(
                 f"{row['kernel']:<24}{batch:>3}{length:>7}{f('fwd_ms'):>9}{f('fwd_bwd_ms'):>9}"
-                f"{f('fwd_tflops', '.1f'):>10}{f('fwd_bwd_tflops', '.1f'):>10}"
+                f"{f('fwd_bwd_host_ms'):>9}{f('fwd_tflops', '.1f'):>10}"
+                f"{f('fwd_bwd_tflops', '.1f'):>10}"
                 f"  {row.get('note', '')}"
             )
         if (batch, length) in PAPER:
