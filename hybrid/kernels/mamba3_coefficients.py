@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_step_triton import _softplus
 from hybrid.kernels.segment_cumsum import segment_cumsum
+from hybrid.kernels.triton_math import a_coefficient, softplus, tanh
 
 TILE = 4096  # (tokens × padded heads × padded angles) elements per program
 
@@ -28,26 +28,7 @@ def _delta_lambda(dt_ptr, trap_ptr, offs, mask, bias):
     """Δ = softplus(dt + dt_bias), λ = sigmoid(trap), and softplus' (for the backward)."""
     u = tl.load(dt_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
     lam = tl.sigmoid(tl.load(trap_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    return _softplus(u), lam, tl.sigmoid(u)
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _a_coefficient(raw, a_floor, HEAVY_TAIL: tl.constexpr):
-    """A = −max(f(raw), floor) and dA/draw (0 where the floor binds)."""
-    if HEAVY_TAIL:
-        neg = 1.0 / (1.0 - tl.minimum(raw, 0.0))
-        f = tl.where(raw >= 0, 1.0 + raw, neg)
-        df = tl.where(raw >= 0, 1.0, neg * neg)
-    else:
-        f = _softplus(raw)
-        df = tl.sigmoid(raw)
-    above = f >= a_floor
-    return -tl.where(above, f, a_floor), tl.where(above, -df, 0.0)
+    return softplus(u), lam, tl.sigmoid(u)
 
 
 @triton.jit
@@ -73,7 +54,7 @@ def _coef_fwd_kernel(
     rows, heads, rmask, th, mask, ts, smask = _tile(tl.program_id(0), T, H, S, BT, HP, SP)
     bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
     delta, lam, _ = _delta_lambda(dt_ptr, trap_ptr, th, mask, bias)
-    a, _ = _a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32), a_floor,
+    a, _ = a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32), a_floor,
                           HEAVY_TAIL)  # fmt: skip
     # β' of the next token joins this token's scale, except at a sequence's last token
     last = tl.load(last_ptr + rows, mask=rmask, other=1) != 0
@@ -86,7 +67,7 @@ def _coef_fwd_kernel(
     tl.store(scale_ptr + th, lam * delta + beta_next, mask=mask)
     tl.store(delta_ptr + th, delta, mask=mask)
     raw = tl.load(ang_ptr + ts, mask=smask, other=0.0).to(tl.float32)
-    tl.store(theta_ptr + ts, 3.141592653589793 * _tanh(raw), mask=smask)
+    tl.store(theta_ptr + ts, 3.141592653589793 * tanh(raw), mask=smask)
 
 
 @triton.jit
@@ -102,10 +83,10 @@ def _coef_bwd_kernel(
     angles = tl.arange(0, SP)
     bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
     delta, lam, dsoftplus = _delta_lambda(dt_ptr, trap_ptr, th, mask, bias)
-    a, da_draw = _a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32),
+    a, da_draw = a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32),
                                 a_floor, HEAVY_TAIL)  # fmt: skip
     raw = tl.load(ang_ptr + ts, mask=smask, other=0.0).to(tl.float32)
-    tanh = _tanh(raw)
+    tanh_angle = tanh(raw)
     pi = 3.141592653589793
     dla = tl.load(dla_ptr + th, mask=mask, other=0.0)
     dgamma = tl.load(dgamma_ptr + th, mask=mask, other=0.0) + tl.load(
@@ -121,13 +102,13 @@ def _coef_bwd_kernel(
     inc_mask = mask[:, :, None] & (angles < S)[None, None, :]
     dinc = tl.load(dinc_ptr + inc_offs, mask=inc_mask, other=0.0)
     ddelta = dla * a + dgamma * lam + dbetaf * (1.0 - lam)
-    ddelta += tl.sum(dinc * (pi * tanh)[:, None, :], 2)
+    ddelta += tl.sum(dinc * (pi * tanh_angle)[:, None, :], 2)
     dtheta = tl.sum(dinc * delta[:, :, None], 1)
     ddt = ddelta * dsoftplus
     tl.store(ddt_ptr + th, ddt, mask=mask)
     tl.store(da_ptr + th, dla * delta * da_draw, mask=mask)
     tl.store(dtrap_ptr + th, (dgamma - dbetaf) * delta * lam * (1.0 - lam), mask=mask)
-    tl.store(dang_ptr + ts, dtheta * pi * (1.0 - tanh * tanh), mask=smask)
+    tl.store(dang_ptr + ts, dtheta * pi * (1.0 - tanh_angle * tanh_angle), mask=smask)
     tl.store(dbias_ptr + pid * HP + heads, tl.sum(ddt, 0))
 
 

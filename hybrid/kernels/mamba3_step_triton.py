@@ -22,21 +22,16 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Weights,
     is_power_of_two,
 )
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+from hybrid.kernels.triton_math import a_coefficient, softplus, tanh, wrap_angle
 
 
 @triton.jit
 def _angles(st_ang_ptr, ang_ptr, row, offs, mask, delta, S):
     """Accumulated angle at index offs (< S): φ + Δ·π·tanh(angle), wrapped to [0, 2π)."""
     raw = tl.load(ang_ptr + row * S + offs, mask=mask, other=0.0).to(tl.float32)
-    theta = 3.141592653589793 * (2.0 * tl.sigmoid(2.0 * raw) - 1.0)  # π·tanh
+    theta = 3.141592653589793 * tanh(raw)
     phi = tl.load(st_ang_ptr + offs, mask=mask, other=0.0).to(tl.float32) + delta * theta
-    two_pi = 6.283185307179586
-    return phi - two_pi * tl.floor(phi / two_pi)
+    return wrap_angle(phi)
 
 
 @triton.jit
@@ -98,13 +93,8 @@ def _mamba3_step_kernel(
     offs_r = tl.arange(0, R)
 
     # discretisation
-    delta = _softplus(tl.load(dt_ptr + bh).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32))
-    a = tl.load(a_ptr + bh).to(tl.float32)
-    if HEAVY_TAIL:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
-        f = tl.where(a >= 0, 1.0 + a, 1.0 / (1.0 - tl.minimum(a, 0.0)))
-    else:
-        f = _softplus(a)
-    big_a = -tl.maximum(f, a_floor)
+    delta = softplus(tl.load(dt_ptr + bh).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32))
+    big_a, _ = a_coefficient(tl.load(a_ptr + bh).to(tl.float32), a_floor, HEAVY_TAIL)
     lam = tl.sigmoid(tl.load(trap_ptr + bh).to(tl.float32))
     alpha = tl.exp(delta * big_a)
     beta = (1.0 - lam) * delta * alpha

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-TWO_PI = tl.constexpr(6.283185307179586)
+from hybrid.kernels.triton_math import wrap_angle
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def _segment_cumsum_kernel(
             sums = carry[None, :] + tl.cumsum(x, 0)
             carry = carry + tl.sum(x, 0)
         if WRAP:
-            sums = sums - TWO_PI * tl.floor(sums / TWO_PI)
-            carry = carry - TWO_PI * tl.floor(carry / TWO_PI)
+            sums = wrap_angle(sums)
+            carry = wrap_angle(carry)
         tl.store(out_ptr + offs, sums, mask=mask)
 
 
