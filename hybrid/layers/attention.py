@@ -120,8 +120,10 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     return choice
 
 
+@cache
 def _import_fa4_decode() -> Callable | None:
-    """flash-attn-4's varlen entry point if it takes per-sequence cache lengths (`seqused_k`)."""
+    """flash-attn-4's varlen entry point if it takes per-sequence cache lengths (`seqused_k`);
+    looked up once, since every eager decode step calls it."""
     try:
         from flash_attn.cute import flash_attn_varlen_func
     except ImportError:
