@@ -299,16 +299,8 @@ class Mamba3StepKernel:
                 if cutlass.const_expr(cfg.halves):
                     n0 = j
                     n1 = j + N // 2
-                cos = s_cs[0, j]
-                sin = s_cs[1, j]
-                k0 = s_k[r, n0]
-                k1 = s_k[r, n1]
-                s_k[r, n0] = k0 * cos - k1 * sin
-                s_k[r, n1] = k0 * sin + k1 * cos
-                q0 = s_q[r, n0]
-                q1 = s_q[r, n1]
-                s_q[r, n0] = q0 * cos - q1 * sin
-                s_q[r, n1] = q0 * sin + q1 * cos
+                for buf in (s_k, s_q):
+                    _rotate_pair(buf, r, n0, n1, s_cs[0, j], s_cs[1, j])
         cute.arch.sync_threads()
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = tid + NT * i
@@ -495,6 +487,14 @@ def _vectors(buf: cute.Tensor, r: int, v: int, t: int, lt: Int32, count: int) ->
     """The `count` V-vectors of row r of a (R, N) shared buffer that lane lt of a row owns."""
     tiles = cute.zipped_divide(buf[r, None], (v,))
     return [tiles[(None, c * t + lt)].load() for c in range(count)]
+
+
+def _rotate_pair(buf: cute.Tensor, r, n0, n1, cos, sin) -> None:
+    """Rotate (buf[r, n0], buf[r, n1]) in place by the angle of (cos, sin)."""
+    x0 = buf[r, n0]
+    x1 = buf[r, n1]
+    buf[r, n0] = x0 * cos - x1 * sin
+    buf[r, n1] = x0 * sin + x1 * cos
 
 
 @cute.jit
