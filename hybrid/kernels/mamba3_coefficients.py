@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.mamba3_common import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.triton_math import a_coefficient, softplus, tanh
 
@@ -32,41 +33,46 @@ def _delta_lambda(dt_ptr, trap_ptr, offs, mask, bias):
 
 
 @triton.jit
-def _tile(pid, T, H, S, BT: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr):
+def _tile(pid, T, H, S, SH, SA, BT: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr):
+    """Offsets of a token block: (token, head) and (token, angle) in the outputs (th, ts)
+    and in the raw inputs (ih, ia: token strides SH for dt, a, trap and SA for angle)."""
     rows = (pid * BT + tl.arange(0, BT)).to(tl.int64)
     heads = tl.arange(0, HP)
     angles = tl.arange(0, SP)
     rmask = rows < T
     th = rows[:, None] * H + heads[None, :]
+    ih = rows[:, None] * SH + heads[None, :]
     mask = rmask[:, None] & (heads < H)[None, :]
     ts = rows[:, None] * S + angles[None, :]
+    ia = rows[:, None] * SA + angles[None, :]
     smask = rmask[:, None] & (angles < S)[None, :]
-    return rows, heads, rmask, th, mask, ts, smask
+    return rows, heads, rmask, th, ih, mask, ts, ia, smask
 
 
 @triton.jit
 def _coef_fwd_kernel(
     dt_ptr, a_ptr, trap_ptr, ang_ptr, bias_ptr, last_ptr,
     la_ptr, scale_ptr, gamma_ptr, betaf_ptr, delta_ptr, theta_ptr,
-    T, H, S, a_floor,
+    T, H, S, SH, SA, a_floor,
     BT: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, HEAVY_TAIL: tl.constexpr,
 ):  # fmt: skip
-    rows, heads, rmask, th, mask, ts, smask = _tile(tl.program_id(0), T, H, S, BT, HP, SP)
+    rows, heads, rmask, th, ih, mask, ts, ia, smask = _tile(tl.program_id(0), T, H, S, SH, SA,
+                                                            BT, HP, SP)  # fmt: skip
     bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
-    delta, lam, _ = _delta_lambda(dt_ptr, trap_ptr, th, mask, bias)
-    a, _ = a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32), a_floor,
+    delta, lam, _ = _delta_lambda(dt_ptr, trap_ptr, ih, mask, bias)
+    a, _ = a_coefficient(tl.load(a_ptr + ih, mask=mask, other=0.0).to(tl.float32), a_floor,
                           HEAVY_TAIL)  # fmt: skip
     # β' of the next token joins this token's scale, except at a sequence's last token
     last = tl.load(last_ptr + rows, mask=rmask, other=1) != 0
     next_mask = mask & (~last)[:, None]
-    delta_next, lam_next, _ = _delta_lambda(dt_ptr, trap_ptr, th + H, next_mask, bias)
+    delta_next, lam_next, _ = _delta_lambda(dt_ptr, trap_ptr, ih + SH, next_mask, bias)
     beta_next = tl.where(next_mask, (1.0 - lam_next) * delta_next, 0.0)
     tl.store(la_ptr + th, delta * a, mask=mask)
     tl.store(gamma_ptr + th, lam * delta, mask=mask)
     tl.store(betaf_ptr + th, (1.0 - lam) * delta, mask=mask)
     tl.store(scale_ptr + th, lam * delta + beta_next, mask=mask)
     tl.store(delta_ptr + th, delta, mask=mask)
-    raw = tl.load(ang_ptr + ts, mask=smask, other=0.0).to(tl.float32)
+    raw = tl.load(ang_ptr + ia, mask=smask, other=0.0).to(tl.float32)
     tl.store(theta_ptr + ts, 3.141592653589793 * tanh(raw), mask=smask)
 
 
@@ -75,17 +81,19 @@ def _coef_bwd_kernel(
     dt_ptr, a_ptr, trap_ptr, ang_ptr, bias_ptr, last_ptr,
     dla_ptr, dscale_ptr, dgamma_ptr, dbetaf_ptr, dinc_ptr,
     ddt_ptr, da_ptr, dtrap_ptr, dang_ptr, dbias_ptr,
-    T, H, S, a_floor,
+    T, H, S, SH, SA, a_floor,
     BT: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, HEAVY_TAIL: tl.constexpr,
 ):  # fmt: skip
+    """Gradients of the raw inputs, stored in their dtype (contiguous), and per-block dt_bias
+    partials."""
     pid = tl.program_id(0)
-    rows, heads, rmask, th, mask, ts, smask = _tile(pid, T, H, S, BT, HP, SP)
+    rows, heads, rmask, th, ih, mask, ts, ia, smask = _tile(pid, T, H, S, SH, SA, BT, HP, SP)
     angles = tl.arange(0, SP)
     bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
-    delta, lam, dsoftplus = _delta_lambda(dt_ptr, trap_ptr, th, mask, bias)
-    a, da_draw = a_coefficient(tl.load(a_ptr + th, mask=mask, other=0.0).to(tl.float32),
+    delta, lam, dsoftplus = _delta_lambda(dt_ptr, trap_ptr, ih, mask, bias)
+    a, da_draw = a_coefficient(tl.load(a_ptr + ih, mask=mask, other=0.0).to(tl.float32),
                                 a_floor, HEAVY_TAIL)  # fmt: skip
-    raw = tl.load(ang_ptr + ts, mask=smask, other=0.0).to(tl.float32)
+    raw = tl.load(ang_ptr + ia, mask=smask, other=0.0).to(tl.float32)
     tanh_angle = tanh(raw)
     pi = 3.141592653589793
     dla = tl.load(dla_ptr + th, mask=mask, other=0.0)
@@ -132,7 +140,8 @@ class Mamba3Coefficients(torch.autograd.Function):
         theta = torch.empty(tokens, n_angles, **f32)
         _coef_fwd_kernel[(triton.cdiv(tokens, bt),)](
             dt, a, trap, angle, dt_bias, last, log_alpha, scale, gamma, beta_free, delta, theta,
-            tokens, heads, n_angles, floor, BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail,
+            tokens, heads, n_angles, dt.stride(0), angle.stride(0), floor,
+            BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail,
         )  # fmt: skip
         phi = segment_cumsum((delta, theta), seq_starts, angle0, wrap=True)
         ctx.save_for_backward(dt, a, trap, angle, dt_bias, last, seq_starts)
@@ -152,30 +161,35 @@ class Mamba3Coefficients(torch.autograd.Function):
 
         dinc = given(dphi, tokens, heads, n_angles)
         dinc = segment_cumsum(dinc, seq_starts, reverse=True)
-        f32 = {"device": dt.device, "dtype": torch.float32}
-        ddt, da, dtrap = (torch.empty(tokens, heads, **f32) for _ in range(3))
-        dangle = torch.empty(tokens, n_angles, **f32)
-        dbias = torch.empty(blocks, hp, **f32)
+        ddt, da, dtrap = (torch.empty(tokens, heads, device=t.device, dtype=t.dtype)
+                          for t in (dt, a, trap))  # fmt: skip
+        dangle = torch.empty(tokens, n_angles, device=angle.device, dtype=angle.dtype)
+        dbias = torch.empty(blocks, hp, device=dt.device, dtype=torch.float32)
         _coef_bwd_kernel[(blocks,)](
             dt, a, trap, angle, dt_bias, last,
             given(dla, tokens, heads), given(dscale, tokens, heads),
             given(dgamma, tokens, heads), given(dbetaf, tokens, heads), dinc,
-            ddt, da, dtrap, dangle, dbias, tokens, heads, n_angles, ctx.floor,
+            ddt, da, dtrap, dangle, dbias, tokens, heads, n_angles, dt.stride(0),
+            angle.stride(0), ctx.floor,
             BT=bt, HP=hp, SP=sp, HEAVY_TAIL=ctx.heavy_tail,
         )  # fmt: skip
         dangle0 = dinc[seq_starts[:-1].long()] if ctx.has_angle0 else None
         return (
-            ddt.to(dt.dtype), da.to(a.dtype), dtrap.to(trap.dtype), dangle.to(angle.dtype),
-            dbias.sum(0)[:heads].to(dt_bias.dtype), dangle0, None, None, None, None,
+            ddt, da, dtrap, dangle, dbias.sum(0)[:heads].to(dt_bias.dtype), dangle0,
+            None, None, None, None,
         )  # fmt: skip
 
 
 def mamba3_coefficients(dt, a, trap, angle, dt_bias, angle0, last, seq_starts, options):
-    """dt, a, trap (T, H), angle (T, S) raw; dt_bias (H,); angle0 (n_seq, H, S) or None;
+    """dt, a, trap (T, H), angle (T, S) raw (any token strides; dt, a, trap share one);
+    dt_bias (H,); angle0 (n_seq, H, S) or None;
     last (T,) bool marks each sequence's last token; seq_starts (n_seq + 1,) int32.
     Returns float32 log α, scale = γ + β'_next, γ, β' (T, H) and wrapped φ (T, H, S)."""
+    dt, a, trap = (token_major(t) for t in (dt, a, trap))
+    if not dt.stride(0) == a.stride(0) == trap.stride(0):
+        dt, a, trap = (t.contiguous() for t in (dt, a, trap))
     return Mamba3Coefficients.apply(
-        dt.contiguous(), a.contiguous(), trap.contiguous(), angle.contiguous(),
+        dt, a, trap, token_major(angle),
         dt_bias.float().contiguous(), angle0.float().contiguous() if angle0 is not None else None,
         last, seq_starts, options.a_activation == "heavy_tail", options.a_floor,
     )  # fmt: skip

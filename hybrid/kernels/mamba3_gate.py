@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.mamba3_common import token_major
+
 BLOCK_TOKENS = 16
 
 
@@ -44,8 +46,18 @@ def _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows, tmask, h, H, r,
 
 
 @triton.jit
+def _token_rows(x_ptr, z_ptr, rows, tmask, h, SX, SZ, offs, P: tl.constexpr):
+    """Head h of x and z (float32); SX, SZ are their token strides (slices of in_proj)."""
+    x = tl.load(x_ptr + (rows * SX + h * P)[:, None] + offs[None, :], mask=tmask[:, None],
+                other=0.0).to(tl.float32)  # fmt: skip
+    z = tl.load(z_ptr + (rows * SZ + h * P)[:, None] + offs[None, :], mask=tmask[:, None],
+                other=0.0).to(tl.float32)  # fmt: skip
+    return x, z
+
+
+@triton.jit
 def _gate_fwd_kernel(
-    y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, out_ptr, T, H, eps,
+    y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, out_ptr, T, H, SX, SZ, eps,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
     HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr,
 ):  # fmt: skip
@@ -54,8 +66,7 @@ def _gate_fwd_kernel(
     tmask = rows < T
     offs = tl.arange(0, P)
     io = (rows * H + h)[:, None] * P + offs[None, :]
-    x = tl.load(x_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    x, z = _token_rows(x_ptr, z_ptr, rows, tmask, h, SX, SZ, offs, P)
     d = tl.load(d_ptr + h).to(tl.float32)
     w = tl.load(w_ptr + h * P + offs).to(tl.float32) if HAS_NORM else tl.zeros([P], tl.float32)
     acc = tl.zeros([BT, P], dtype=tl.float32)
@@ -73,7 +84,7 @@ def _gate_fwd_kernel(
 @triton.jit
 def _gate_bwd_kernel(
     y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, do_ptr,
-    dy_ptr, dx_ptr, dz_ptr, dd_ptr, dmx_ptr, dmz_ptr, dmo_ptr, dw_ptr, T, H, eps,
+    dy_ptr, dx_ptr, dz_ptr, dd_ptr, dmx_ptr, dmz_ptr, dmo_ptr, dw_ptr, T, H, SX, SZ, eps,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
     HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr,
 ):  # fmt: skip
@@ -85,8 +96,7 @@ def _gate_bwd_kernel(
     tmask = rows < T
     offs = tl.arange(0, P)
     io = (rows * H + h)[:, None] * P + offs[None, :]
-    x = tl.load(x_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
+    x, z = _token_rows(x_ptr, z_ptr, rows, tmask, h, SX, SZ, offs, P)
     dout = tl.load(do_ptr + io, mask=tmask[:, None], other=0.0).to(tl.float32)
     d = tl.load(d_ptr + h).to(tl.float32)
     w = tl.load(w_ptr + h * P + offs).to(tl.float32) if HAS_NORM else tl.zeros([P], tl.float32)
@@ -145,7 +155,7 @@ class Mamba3Gate(torch.autograd.Function):
         grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
         _gate_fwd_kernel[grid](
             y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d), out,
-            tokens, heads, eps, R=rank, P=p, BT=BLOCK_TOKENS,
+            tokens, heads, x.stride(0), z.stride(0), eps, R=rank, P=p, BT=BLOCK_TOKENS,
             HAS_MIMO=mimo_x is not None, HAS_NORM=norm_w is not None,
         )  # fmt: skip
         ctx.save_for_backward(y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w)
@@ -159,13 +169,15 @@ class Mamba3Gate(torch.autograd.Function):
         blocks = triton.cdiv(tokens, BLOCK_TOKENS)
         mimo, norm = mimo_x is not None, norm_w is not None
         f32 = {"device": y.device, "dtype": torch.float32}
-        dy, dx, dz = torch.empty_like(y), torch.empty_like(x), torch.empty_like(z)
+        dy = torch.empty_like(y)
+        dx, dz = (torch.empty(tokens, heads, p, device=y.device, dtype=t.dtype) for t in (x, z))
         dd = torch.empty(blocks, heads, **f32)
         per_rank = [torch.empty(blocks, heads, rank, p, **f32) if mimo else dd for _ in range(3)]
         dw = torch.empty(blocks, heads, p, **f32) if norm else dd
         _gate_bwd_kernel[(blocks, heads)](
             y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d),
-            dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, ctx.eps,
+            dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, x.stride(0),
+            z.stride(0), ctx.eps,
             R=rank, P=p, BT=BLOCK_TOKENS, HAS_MIMO=mimo, HAS_NORM=norm,
         )  # fmt: skip
         dmx, dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
@@ -183,13 +195,13 @@ def mamba3_gate(
     norm_w: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Differentiable; y (T, R, H, P), x, z (T, H, P), d (H,), mimo_* (H, R, P) (all three or
-    none), norm_w (H, P) or None. Returns o (T, H, P) in x's dtype."""
+    """Differentiable; y (T, R, H, P), x, z (T, H, P) (any token stride), d (H,), mimo_*
+    (H, R, P) (all three or none), norm_w (H, P) or None. Returns o (T, H, P) in x's dtype."""
 
     def prepared(t: Tensor | None) -> Tensor | None:
         return t.float().contiguous() if t is not None else None
 
     return Mamba3Gate.apply(
-        y.contiguous(), x.contiguous(), z.contiguous(), prepared(d), prepared(mimo_x),
+        y.contiguous(), token_major(x), token_major(z), prepared(d), prepared(mimo_x),
         prepared(mimo_z), prepared(mimo_o), prepared(norm_w), eps,
     )  # fmt: skip

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.mamba3_common import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -144,6 +145,14 @@ def _token_weights(cum, s, g, tok, valid):
     return w, below, same, decay
 
 
+@triton.jit
+def _value_rows(rows, tok0_ptr, c, tok, SV, R: tl.constexpr, H, P: tl.constexpr, h):
+    """Offsets of head h's rows in v, whose token stride is SV (a slice of in_proj for SISO)
+    while its (rank, head, P) entries are contiguous."""
+    tokens = tl.load(tok0_ptr + c).to(tl.int64) + tok
+    return tokens * SV + (rows - tokens * R) * (H * P) + h * P
+
+
 @_autotune(["DX", "DY", "R", "BT", "BX", "BY", "REVERSE"])
 @triton.jit
 def _state_pass_kernel(
@@ -158,6 +167,7 @@ def _state_pass_kernel(
     ntok_ptr,
     seq_chunk0_ptr,
     H,
+    SX,
     DX: tl.constexpr,
     DY: tl.constexpr,
     R: tl.constexpr,
@@ -173,7 +183,8 @@ def _state_pass_kernel(
 
     Forward: x = v, y = k, coef = e^{A_end − A_i} s_i; states[c] is chunk c's start state.
     REVERSE (chunks last to first): x = dy, y = q, coef = e^{A_i}; states[c] is the gradient
-    of chunk c's end state, and the final carry is the initial state's gradient.
+    of chunk c's end state, and the final carry is the initial state's gradient. SX is x's
+    token stride (v may be a slice of in_proj); y is contiguous.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -194,11 +205,8 @@ def _state_pass_kernel(
         else:
             s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
             coef = tl.exp(total - cum) * s
-        xs = tl.load(
-            x_ptr + rows[:, None] * (H * DX) + h * DX + ox[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
+        x_rows = tokens * SX + (rows - tokens * R) * (H * DX) + h * DX
+        xs = tl.load(x_ptr + x_rows[:, None] + ox[None, :], mask=valid[:, None], other=0.0)
         ys = tl.load(
             y_ptr + rows[:, None] * (H * DY) + h * DY + oy[None, :],
             mask=valid[:, None],
@@ -225,6 +233,7 @@ def _chunk_output_kernel(
     tok0_ptr,
     ntok_ptr,
     H,
+    SV,
     N: tl.constexpr,
     P: tl.constexpr,
     R: tl.constexpr,
@@ -250,9 +259,8 @@ def _chunk_output_kernel(
         st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
         readout += tl.dot(q, tl.trans(st), input_precision=PRECISION)
     w, _, _, _ = _token_weights(cum, s, g, tok, valid)
-    v = tl.load(
-        v_ptr + rows[:, None] * (H * P) + h * P + op[None, :], mask=valid[:, None], other=0.0
-    )
+    v_rows = _value_rows(rows, tok0_ptr, c, tok, SV, R, H, P, h)
+    v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
     tl.store(
@@ -283,6 +291,7 @@ def _chunk_grad_kernel(
     tok0_ptr,
     ntok_ptr,
     H,
+    SV,
     N: tl.constexpr,
     P: tl.constexpr,
     R: tl.constexpr,
@@ -297,7 +306,8 @@ def _chunk_grad_kernel(
                                                       c, h, H, R, BT)  # fmt: skip
     op = tl.arange(0, P)
     pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
-    v = tl.load(v_ptr + pv_offs, mask=valid[:, None], other=0.0)
+    v_rows = _value_rows(rows, tok0_ptr, c, tok, SV, R, H, P, h)
+    v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
     dy = tl.load(dy_ptr + pv_offs, mask=valid[:, None], other=0.0)
     state_base = (c.to(tl.int64) * H + h) * (P * N)
 
@@ -373,7 +383,7 @@ def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
     grid = (table.n_seq, heads, (dx // bx) * (dy // by))
     _state_pass_kernel[grid](
         x, y, a, s, states, init if init is not None else final, final,
-        table.tok0, table.ntok, table.seq_chunk0, heads,
+        table.tok0, table.ntok, table.seq_chunk0, heads, x.stride(0),
         DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
         REVERSE=reverse, PRECISION=_precision(x.dtype),
     )  # fmt: skip
@@ -390,7 +400,7 @@ def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
     bp = min(headdim, 64)
     grid = (table.n_chunks, heads, headdim // bp)
     _chunk_output_kernel[grid](
-        q, k, v, a, s, g, states, y, table.tok0, table.ntok, heads,
+        q, k, v, a, s, g, states, y, table.tok0, table.ntok, heads, v.stride(0),
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64), BP=bp,
         PRECISION=_precision(q.dtype),
     )  # fmt: skip
@@ -403,11 +413,11 @@ def scan_backward(q, k, v, a, s, g, states, dy, dfinal, table: ChunkTable, chunk
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     chunk_rows = chunk_tokens * rank
     dstates, dinit = _state_pass(dy, q, a, s, dfinal, table, rank, chunk_rows, reverse=True)
-    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))
+    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))  # contiguous
     per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
     _chunk_grad_kernel[(table.n_chunks, heads)](
         q, k, v, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1], per_row[2],
-        table.tok0, table.ntok, heads,
+        table.tok0, table.ntok, heads, v.stride(0),
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
         PRECISION=_precision(q.dtype),
     )  # fmt: skip
@@ -422,6 +432,7 @@ class Mamba3CoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, a, s, g, init, table, chunk_tokens):
+        ctx.set_materialize_grads(False)  # training leaves G_T unused: no zeros, no work
         y, final, states = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
         ctx.save_for_backward(q, k, v, a, s, g, init, states, final)
         ctx.table, ctx.chunk_tokens = table, chunk_tokens
@@ -445,9 +456,10 @@ class Mamba3CoreFunction(torch.autograd.Function):
 
 
 def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
-    """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P); a, s, g: (T, H) fp32;
+    """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P) (any token stride); a, s, g:
+    (T, H) fp32;
     init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H, P), G_T (n_seq, H, P, N)."""
     return Mamba3CoreFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(), s.contiguous(),
+        q.contiguous(), k.contiguous(), token_major(v), a.contiguous(), s.contiguous(),
         g.contiguous(), init.contiguous() if init is not None else None, table, chunk_tokens,
     )  # fmt: skip

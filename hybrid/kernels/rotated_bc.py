@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.mamba3_common import token_major
+
 BLOCK_TOKENS = 32
 MAX_HEADS_PER_PROGRAM = 8
 
@@ -47,10 +49,11 @@ def _join_pairs(first, second, BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.c
 
 
 @triton.jit
-def _normalised(src_ptr, w_ptr, rows, g, G, cols, tmask, eps, N: tl.constexpr):
-    """RMSNorm of one group's rows: n̂ (without the weight), the weight row and 1/rms."""
-    v = tl.load(src_ptr + (rows[:, None] * G + g) * N + cols[None, :], mask=tmask[:, None],
-                other=0.0).to(tl.float32)  # fmt: skip
+def _normalised(src_ptr, w_ptr, tokens, stride, r, g, G, cols, tmask, eps, N: tl.constexpr):
+    """RMSNorm of one group's rows of rank r: n̂ (without the weight), the weight row and
+    1/rms. `stride` is the source's token stride (B and C are slices of in_proj)."""
+    v = tl.load(src_ptr + (tokens * stride + (r * G + g) * N)[:, None] + cols[None, :],
+                mask=tmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
     rstd = tl.rsqrt(tl.sum(v * v, 1) / N + eps)
     w = tl.load(w_ptr + cols).to(tl.float32)
     return v * rstd[:, None], w[None, :], rstd
@@ -77,7 +80,7 @@ def _write_rotated(n, w, bias_ptr, dst_ptr, bias_row, out, cos, sin, tmask,
 @triton.jit
 def _rotated_bc_fwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, k_ptr, q_ptr,
-    T, H, G, S, eps,
+    T, H, G, S, SB, SC, eps,
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
     PAIRWISE: tl.constexpr,
 ):  # fmt: skip
@@ -89,8 +92,8 @@ def _rotated_bc_fwd_kernel(
     tmask = tokens < T
     rows = tokens * R + r
     cols = tl.arange(0, N)
-    kn, kw, _ = _normalised(b_ptr, bw_ptr, rows, g, G, cols, tmask, eps, N)
-    qn, qw, _ = _normalised(c_ptr, cw_ptr, rows, g, G, cols, tmask, eps, N)
+    kn, kw, _ = _normalised(b_ptr, bw_ptr, tokens, SB, r, g, G, cols, tmask, eps, N)
+    qn, qw, _ = _normalised(c_ptr, cw_ptr, tokens, SC, r, g, G, cols, tmask, eps, N)
     for i in range(HB):
         h = h0 + i
         cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
@@ -132,7 +135,7 @@ def _norm_backward(n, w, rstd, dua, dub, dsrc_ptr, dw_ptr, wpart, dst, tmask,
 def _rotated_bc_bwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, dk_ptr, dq_ptr,
     db_ptr, dc_ptr, dbw_ptr, dcw_ptr, dbb_ptr, dcb_ptr, dphi_ptr,
-    T, H, G, S, eps,
+    T, H, G, S, SB, SC, eps,
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
     PAIRWISE: tl.constexpr,
 ):  # fmt: skip
@@ -152,8 +155,8 @@ def _rotated_bc_bwd_kernel(
     tmask = tokens < T
     rows = tokens * R + r
     cols = tl.arange(0, N)
-    kn, kw, krstd = _normalised(b_ptr, bw_ptr, rows, g, G, cols, tmask, eps, N)
-    qn, qw, qrstd = _normalised(c_ptr, cw_ptr, rows, g, G, cols, tmask, eps, N)
+    kn, kw, krstd = _normalised(b_ptr, bw_ptr, tokens, SB, r, g, G, cols, tmask, eps, N)
+    qn, qw, qrstd = _normalised(c_ptr, cw_ptr, tokens, SC, r, g, G, cols, tmask, eps, N)
     dku_a = tl.zeros([BT, N // 2], dtype=tl.float32)
     dku_b = tl.zeros([BT, N // 2], dtype=tl.float32)
     dqu_a = tl.zeros([BT, N // 2], dtype=tl.float32)
@@ -214,7 +217,8 @@ class RotatedBC(torch.autograd.Function):
         q = torch.empty_like(k)
         grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads // hb, rank)
         _rotated_bc_fwd_kernel[grid](
-            b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles, eps,
+            b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles,
+            b.stride(0), c.stride(0), eps,
             N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=pairwise,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
@@ -233,19 +237,24 @@ class RotatedBC(torch.autograd.Function):
         dq = dq.contiguous() if dq is not None else torch.zeros(shape, device=b.device)
         blocks = triton.cdiv(tokens, BLOCK_TOKENS)
         f32 = {"device": b.device, "dtype": torch.float32}
-        db, dc = (torch.empty(splits, *b.shape, **f32) for _ in range(2))
-        dbw, dcw = (torch.empty(blocks, heads // hb, rank, n, **f32) for _ in range(2))
-        dbb, dcb = (torch.empty(blocks, heads, rank, n, **f32) for _ in range(2))
+        # B's and C's parts share one buffer each, so one reduction (and cast) serves both
+        draw = torch.empty(2, splits, tokens, rank, groups, n, **f32)
+        dw = torch.empty(2, blocks, heads // hb, rank, n, **f32)
+        dbias = torch.empty(2, blocks, heads, rank, n, **f32)
         dphi = torch.empty(tokens, rank, heads, n_angles, **f32)
         _rotated_bc_bwd_kernel[(blocks, heads // hb, rank)](
-            b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, db, dc, dbw, dcw, dbb, dcb, dphi,
-            tokens, heads, groups, n_angles, ctx.eps,
-            N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
+            b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
+            dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
+            c.stride(0), ctx.eps, N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
         )  # fmt: skip
+        draw = draw[:, 0] if splits == 1 else draw.sum(1)
+        if b.dtype == c.dtype:
+            draw = draw.to(b.dtype)
+        dw = dw.sum((1, 2, 3))
+        dbias = dbias.sum(1)
         return (
-            _sum_first(db).to(b.dtype), _sum_first(dc).to(c.dtype),
-            dbw.sum((0, 1, 2)).to(b_w.dtype), dcw.sum((0, 1, 2)).to(c_w.dtype),
-            dbb.sum(0).to(b_bias.dtype), dcb.sum(0).to(c_bias.dtype),
+            draw[0].to(b.dtype), draw[1].to(c.dtype), dw[0].to(b_w.dtype), dw[1].to(c_w.dtype),
+            dbias[0].to(b_bias.dtype), dbias[1].to(c_bias.dtype),
             _sum_first(dphi.transpose(0, 1)).to(phi.dtype), None, None, None,
         )  # fmt: skip
 
@@ -262,10 +271,11 @@ def rotated_bc(
     rotation: str,
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """k, q (T, R, H, N) in out_dtype from b, c (T, R, G, N), norm weights (N,), biases
-    (H, R, N) and angles φ (T, H, S) (fp32); differentiable in every tensor."""
+    """k, q (T, R, H, N) in out_dtype from b, c (T, R, G, N) (any token stride), norm
+    weights (N,), biases (H, R, N) and angles φ (T, H, S) (fp32); differentiable in every
+    tensor."""
     return RotatedBC.apply(
-        b.contiguous(), c.contiguous(), b_norm.contiguous(), c_norm.contiguous(),
+        token_major(b), token_major(c), b_norm.contiguous(), c_norm.contiguous(),
         b_bias.float().contiguous(), c_bias.float().contiguous(), phi.float().contiguous(),
         eps, rotation == "pairwise", out_dtype,
     )  # fmt: skip

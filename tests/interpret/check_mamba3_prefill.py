@@ -2,7 +2,9 @@
 the float64 oracle — output, final state and the gradient of every input, weight and initial
 state entry — in float32 with fresh random inputs, for SISO and MIMO, with an initial state,
 partial last chunks, a variable-length batch and both A activations; every other case splits
-a group's heads over programs (one head each), so the B/C backward adds per-program parts.
+a group's heads over programs (one head each), so the B/C backward adds per-program parts,
+and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
+its in_proj output (the kernels read them through their token strides).
 Prints one line per case; non-zero exit past the tolerance."""
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from helpers import (
 )
 
 from hybrid.kernels import rotated_bc
-from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options
+from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Inputs, Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_scan import run_per_sequence
 from hybrid.kernels.reference import mamba3_reference
@@ -57,6 +59,15 @@ def _oracle(named, options, lengths):
         lambda piece, row: mamba3_reference(piece, ws, options, row),
         ins, st, [0, *itertools.accumulate(lengths)],
     )  # fmt: skip
+
+
+def as_projection_slices(inputs: Mamba3Inputs) -> Mamba3Inputs:
+    """The same values as views into one (Bt, L, width) tensor, like a split in_proj output;
+    differentiable back to the given tensors."""
+    flat = [t.flatten(2) for t in inputs]
+    pieces = torch.cat(flat, dim=-1).split([f.shape[-1] for f in flat], dim=-1)
+    views = (p.unflatten(-1, t.shape[2:]) for p, t in zip(pieces, inputs, strict=True))
+    return Mamba3Inputs(*views)
 
 
 def check_segment_cumsum() -> float:
@@ -96,6 +107,8 @@ def main() -> int:
 
         ref_out, ref_final = _oracle(ref_leaves, options, lengths)
         ins, ws, st = from_leaves(mine_leaves)
+        if case % 2 == 0:
+            ins = as_projection_slices(ins)
         out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk,
                                     cu_seqlens=[0, *torch.tensor(lengths).cumsum(0).tolist()]
                                     if lengths else None)  # fmt: skip
@@ -127,6 +140,7 @@ def main() -> int:
             f"R={rank} {rotation:<8} A={options.a_activation:<10} norm={norm!s:<5} G={groups} "
             f"S={angles} P={p} N={n} "
             f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
+            f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
             f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 3} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
