@@ -19,6 +19,7 @@ from hybrid.kernels import (
     mamba3_prefill_core,
     mamba3_step_triton,
     mimo_values,
+    rope,
     rotated_bc,
     segment_cumsum,
 )
@@ -27,7 +28,7 @@ FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
 INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
-INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr"}
+INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "pos_ptr"}
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
@@ -74,6 +75,8 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (fused_norms._swiglu_fwd_kernel, {"HIDDEN": 4096, "BLOCK": 1024}, {"h_ptr", "out_ptr"}),
     (fused_norms._swiglu_bwd_kernel, {"HIDDEN": 1376, "BLOCK": 1024},
      {"h_ptr", "do_ptr", "dh_ptr"}),
+    (rope._rope_kernel, {"HALF": 32, "HP": 32, "BT": 16, "INVERSE": False}, {"x_ptr", "out_ptr"}),
+    (rope._rope_kernel, {"HALF": 24, "HP": 32, "BT": 16, "INVERSE": True}, set()),
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
       "HAS_MIMO": True, "HAS_NORM": True}, set()),

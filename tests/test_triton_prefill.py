@@ -26,6 +26,11 @@ def test_fused_norm_and_swiglu_kernels_match_pytorch_under_the_interpreter():
     assert stdout.count("gated norm") == 4 and "swiglu" in stdout and "worst" in stdout
 
 
+def test_rope_kernel_matches_pytorch_under_the_interpreter():
+    stdout = run_interpreted("check_rope.py")
+    assert stdout.count("positions") == 8 and "worst" in stdout
+
+
 def test_dispatch_keeps_the_cpu_on_the_chunked_path():
     inputs = random_inputs(dtype=torch.float32)
     assert scan_backend(inputs, 16) == "chunked"

@@ -155,7 +155,17 @@ def select_decode_backend(
 
 def rope_rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotary embedding, rotate-half convention: x (Bt, T, heads, D), positions (T,) shared
-    or (Bt, T) per sequence (a device tensor: no host sync, so decode steps can be graphed)."""
+    or (Bt, T) per sequence (a device tensor: no host sync, so decode steps can be graphed).
+    One Triton kernel each way on CUDA (`hybrid.kernels.rope`), PyTorch elsewhere."""
+    if x.is_cuda:
+        from hybrid.kernels.rope import rope_triton
+
+        return rope_triton(x, positions, theta)
+    return rope_rotate_torch(x, positions, theta)
+
+
+def rope_rotate_torch(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """`rope_rotate` in PyTorch (float32 or wider): the CPU path and the kernel's oracle."""
     head_dim = x.shape[-1]
     cdt = torch.promote_types(x.dtype, torch.float32)
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=cdt) / head_dim)
