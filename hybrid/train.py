@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
@@ -133,6 +133,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
+
+
+def read_step(step: int, lr: float, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
+    """A step's loss and gradient norm as numbers (waits for its kernels); TrainingDiverged
+    when either is not finite."""
+    loss_value, grad_value = loss.item(), grad_norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss={loss_value}, grad norm={grad_value} "
+            f"(lr={lr:.3g}); lower train.lr or check the data"
+        )
+    return loss_value, grad_value
 
 
 def _autocast(device: torch.device):
@@ -251,6 +263,10 @@ def train(
 
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # A step's loss and gradient norm are read (a host-device sync) one step late, after the
+    # next step is queued, so the device never idles waiting for the host between steps.
+    unread: tuple[int, float, Tensor, Tensor] | None = None
+    loss_value = grad_value = math.nan
     started, first_step = time.perf_counter(), step
     elapsed = elapsed_before
     bar = tqdm(
@@ -276,21 +292,26 @@ def train(
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
-        loss_value, grad_value = loss.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            raise TrainingDiverged(
-                f"training diverged at step {step}: loss={loss_value}, grad norm={grad_value} "
-                f"(lr={lr:.3g}); lower train.lr or check the data"
-            )
+        if unread is not None:  # the previous step's, done by now or nearly
+            loss_value, grad_value = read_step(*unread)
+        unread = (step, lr, loss.detach(), grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         now = time.perf_counter()
         elapsed = elapsed_before + now - started
+        reporting = step % config.log_every == 0 or config.progress(step, elapsed) >= 1
+        saving = step % config.checkpoint_every == 0
+        evaluating = bool(config.eval_every) and step % config.eval_every == 0
+        if reporting or saving or evaluating:  # nothing is logged or saved unchecked
+            loss_value, grad_value = read_step(*unread)
+            unread = None
+            now = time.perf_counter()  # after the sync: rates count finished work
+            elapsed = elapsed_before + now - started
         rate = (step - first_step) * config.tokens_per_step / max(now - started, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
-        if step % config.log_every == 0 or config.progress(step, elapsed) >= 1:
+        if reporting:
             entry = {
                 "step": step,
                 "tokens": step * config.tokens_per_step,
@@ -302,7 +323,7 @@ def train(
             }
             curve.append(entry)
             emit("train", entry)
-        if config.eval_every and step % config.eval_every == 0:
+        if evaluating:
             emit(
                 "eval",
                 {
@@ -310,9 +331,11 @@ def train(
                     **evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size),
                 },
             )
-        if step % config.checkpoint_every == 0:
+        if saving:
             save(finished=False)
     bar.close()
+    if unread is not None:
+        read_step(*unread)
     save(finished=True)
     metrics = evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size)
     metrics.update(
