@@ -13,6 +13,7 @@ rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,12 @@ def main() -> None:
                 "final_loss": last["loss"],
             }
         )
+        # each model starts from an empty allocator: cached blocks of the previous model's
+        # shapes (the chunked path's float32 temporaries, say) must not shape the next one's
+        del result
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     peer = next((r["tokens_per_s"] for r in rows if r["model"] == "transformer"), None)
     print(
         f"\n{'model':<20}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
