@@ -310,7 +310,8 @@ def train(
             elapsed = elapsed_before + now - started
         rate = (step - first_step) * config.tokens_per_step / max(now - started, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        known = {} if math.isnan(loss_value) else {"loss": f"{loss_value:.4f}"}  # 1st step
+        bar.set_postfix(**known, tok_s=f"{rate:,.0f}", refresh=False)
         if reporting:
             entry = {
                 "step": step,

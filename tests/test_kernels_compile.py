@@ -42,6 +42,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"dt_ptr", "a_ptr", "trap_ptr", "ang_ptr"}),
     (mamba3_coefficients._coef_bwd_kernel, {"BT": 2, "HP": 64, "SP": 32, "HEAVY_TAIL": False},
      set()),
+    (mamba3_coefficients._coef_bwd_kernel,  # bf16 raw inputs: gradients stored as bf16
+     {"BT": 4, "HP": 32, "SP": 32, "HEAVY_TAIL": True},
+     {"dt_ptr", "a_ptr", "trap_ptr", "ang_ptr", "ddt_ptr", "da_ptr", "dtrap_ptr", "dang_ptr"}),
     (mamba3_prefill_core._state_pass_kernel,
      {"DX": 64, "DY": 128, "R": 4, "BT": 64, "BX": 64, "BY": 64, "HAS_INIT": True,
       "REVERSE": False, "PRECISION": "tf32"}, BF16_POINTERS),

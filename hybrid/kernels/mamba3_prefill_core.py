@@ -457,8 +457,8 @@ class Mamba3CoreFunction(torch.autograd.Function):
 
 def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
     """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P) (any token stride); a, s, g:
-    (T, H) fp32;
-    init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H, P), G_T (n_seq, H, P, N)."""
+    (T, H) fp32; init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H, P) and G_T
+    (n_seq, H, P, N)."""
     return Mamba3CoreFunction.apply(
         q.contiguous(), k.contiguous(), token_major(v), a.contiguous(), s.contiguous(),
         g.contiguous(), init.contiguous() if init is not None else None, table, chunk_tokens,
