@@ -264,9 +264,12 @@ class Mamba3StepKernel:
                 s_cs[0, s] = cute.math.cos(phi)
                 s_cs[1, s] = cute.math.sin(phi)
                 gst_angle[bh * S + s] = phi.to(gst_angle.element_type)
+        # each B_r and C_r on its own warp where there are enough (warp 0 has the angles):
+        # the normalisations are the prologue's longest chains and run side by side
         for r in cutlass.range_constexpr(R):
-            if warp == r % W:
+            if warp == (2 * r + 1) % W:
                 self._normalise(gb, gb_norm, gb_bias, s_k, r, g, h, bi, lane)
+            if warp == (2 * r + 2) % W:
                 self._normalise(gc, gc_norm, gc_bias, s_q, r, g, h, bi, lane)
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = tid + NT * i
