@@ -271,14 +271,17 @@ class Mamba3StepKernel:
                 self._normalise(gb, gb_norm, gb_bias, s_k, r, g, h, bi, lane)
             if warp == (2 * r + 2) % W:
                 self._normalise(gc, gc_norm, gc_bias, s_q, r, g, h, bi, lane)
+        # the cached k and the x rows from the last warps first, clear of the angle and
+        # normalising warps where the CTA has more warps than those need
+        top = NT - 1 - tid
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
-            idx = tid + NT * i
+            idx = top + NT * i
             if idx < R * N:
                 r = idx // N
                 n = idx % N
                 s_kp[r, n] = gst_k[((bi * R + r) * H + h) * N + n].to(F32)
         for i in cutlass.range_constexpr(-(-P // NT)):
-            p = tid + NT * i
+            p = top + NT * i
             if p < P:
                 xv = gx[bh * P + p].to(F32)
                 xp = gst_x[bh * P + p].to(F32)
