@@ -9,9 +9,11 @@ so a warp covers 32/T rows at a time; a thread holds a batch of its rows in regi
 
 The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the state
 streams in while the prologue runs: Δ, α, β, γ; the new angles (their cos and sin into shared
-memory, once per angle) and the cache's angle, k and x; B_r, C_r normalised (one warp per
-rank), biased and rotated into shared memory with the cached k_prev,r (R·N each) and the row
-coefficients β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R
+memory, once per angle, on warp 0) and the cache's angle, k and x (from the last warps);
+B_r and C_r normalised (one warp each, side by side: these are the prologue's longest
+chains, and a CTA's serial chain is what bounds a bf16-state step), biased and rotated into
+shared memory with the cached k_prev,r (R·N each) and the row coefficients β·x̃_prev,r[p],
+γ·x̃_r[p] (R·P each). Each row is then updated once for all R
 ranks (α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory
 reads and FMAs per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T
 lanes of a row for all ranks and rows of a batch together by recursive halving (about
