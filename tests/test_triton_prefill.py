@@ -31,6 +31,21 @@ def test_rope_kernel_matches_pytorch_under_the_interpreter():
     assert stdout.count("positions") == 8 and "worst" in stdout
 
 
+def test_token_major_passes_projection_slices_without_a_copy():
+    """The kernels read in_proj slices through their token strides: a column slice (each
+    token's entries contiguous) is passed as is, anything else is copied contiguous."""
+    from hybrid.kernels.mamba3_common import token_major
+
+    wide = torch.randn(7, 3 * 4 * 16 + 5)
+    x = wide[:, 5 : 5 + 4 * 16].unflatten(-1, (4, 16))  # (T, H, P) slice, token stride 197
+    assert token_major(x).data_ptr() == x.data_ptr() and token_major(x).stride(0) == 197
+    unsqueezed = x.unsqueeze(1)  # SISO v: (T, 1, H, P)
+    assert token_major(unsqueezed).data_ptr() == x.data_ptr()
+    for needs_copy in (x.transpose(1, 2), x[:, :, ::2], wide[:1, :16].expand(7, 16)):
+        made = token_major(needs_copy)
+        assert made.is_contiguous() and torch.equal(made, needs_copy)
+
+
 def test_dispatch_keeps_the_cpu_on_the_chunked_path():
     inputs = random_inputs(dtype=torch.float32)
     assert scan_backend(inputs, 16) == "chunked"
