@@ -132,7 +132,7 @@ def _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr, c, h, H, R: tl.constex
     cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
     s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
     g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
-    return rows, tok, valid, cum, total, s, g
+    return rows, tokens, tok, valid, cum, total, s, g
 
 
 @triton.jit
@@ -146,10 +146,9 @@ def _token_weights(cum, s, g, tok, valid):
 
 
 @triton.jit
-def _value_rows(rows, tok0_ptr, c, tok, SV, R: tl.constexpr, H, P: tl.constexpr, h):
-    """Offsets of head h's rows in v, whose token stride is SV (a slice of in_proj for SISO)
-    while its (rank, head, P) entries are contiguous."""
-    tokens = tl.load(tok0_ptr + c).to(tl.int64) + tok
+def _value_rows(rows, tokens, SV, R: tl.constexpr, H, P: tl.constexpr, h):
+    """Offsets of head h's rows in a (T, R, H, P) tensor whose token stride is SV (v may be a
+    slice of in_proj) while its (rank, head, P) entries are contiguous."""
     return tokens * SV + (rows - tokens * R) * (H * P) + h * P
 
 
@@ -205,7 +204,7 @@ def _state_pass_kernel(
         else:
             s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
             coef = tl.exp(total - cum) * s
-        x_rows = tokens * SX + (rows - tokens * R) * (H * DX) + h * DX
+        x_rows = _value_rows(rows, tokens, SX, R, H, DX, h)
         xs = tl.load(x_ptr + x_rows[:, None] + ox[None, :], mask=valid[:, None], other=0.0)
         ys = tl.load(
             y_ptr + rows[:, None] * (H * DY) + h * DY + oy[None, :],
@@ -245,8 +244,8 @@ def _chunk_output_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     op = tl.program_id(2) * BP + tl.arange(0, BP)
-    rows, tok, valid, cum, _, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr, c,
-                                                  h, H, R, BT)  # fmt: skip
+    rows, tokens, tok, valid, cum, _, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
+                                                          g_ptr, c, h, H, R, BT)  # fmt: skip
     state_base = (c.to(tl.int64) * H + h) * (P * N)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     readout = tl.zeros([BT, BP], dtype=tl.float32)
@@ -259,7 +258,7 @@ def _chunk_output_kernel(
         st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
         readout += tl.dot(q, tl.trans(st), input_precision=PRECISION)
     w, _, _, _ = _token_weights(cum, s, g, tok, valid)
-    v_rows = _value_rows(rows, tok0_ptr, c, tok, SV, R, H, P, h)
+    v_rows = _value_rows(rows, tokens, SV, R, H, P, h)
     v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
@@ -302,11 +301,11 @@ def _chunk_grad_kernel(
     """Gradients of one chunk, given its start state and the gradient of its end state."""
     c = tl.program_id(0)
     h = tl.program_id(1)
-    rows, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr,
-                                                      c, h, H, R, BT)  # fmt: skip
+    rows, tokens, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
+                                                              g_ptr, c, h, H, R, BT)  # fmt: skip
     op = tl.arange(0, P)
     pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
-    v_rows = _value_rows(rows, tok0_ptr, c, tok, SV, R, H, P, h)
+    v_rows = _value_rows(rows, tokens, SV, R, H, P, h)
     v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
     dy = tl.load(dy_ptr + pv_offs, mask=valid[:, None], other=0.0)
     state_base = (c.to(tl.int64) * H + h) * (P * N)
