@@ -22,6 +22,13 @@ from hybrid.layers.attention import rope_rotate_torch
 TOLERANCE = 1e-4
 
 
+def _heads(qkv, offset: int, width: int, head_dim: int):
+    """Heads offset..offset+width of a (Bt, T, heads·D) projection, as a (Bt, T, width, D)
+    view: q or k the way the attention layer slices them."""
+    columns = qkv[..., offset * head_dim : (offset + width) * head_dim]
+    return columns.unflatten(-1, (width, head_dim))
+
+
 def main() -> int:
     worst = 0.0
     for head_dim, heads, kv_heads in ((32, 4, 2), (48, 3, 1)):
@@ -32,14 +39,10 @@ def main() -> int:
             torch.randint(0, 5000, (batch, length)),
         ):
             for width, offset in ((heads, 0), (kv_heads, heads)):
-                leaf = qkv.clone().requires_grad_()
-                x = leaf[..., offset * head_dim : (offset + width) * head_dim]
-                x = x.unflatten(-1, (width, head_dim))
-                ref_leaf = qkv.double().requires_grad_()
-                ref_x = ref_leaf[..., offset * head_dim : (offset + width) * head_dim]
-                ref_x = ref_x.unflatten(-1, (width, head_dim))
-                out = rope_triton(x, positions, 10000.0)
-                expected = rope_rotate_torch(ref_x, positions, 10000.0)
+                leaf, ref_leaf = qkv.clone().requires_grad_(), qkv.double().requires_grad_()
+                sliced = (offset, width, head_dim)
+                out = rope_triton(_heads(leaf, *sliced), positions, 10000.0)
+                expected = rope_rotate_torch(_heads(ref_leaf, *sliced), positions, 10000.0)
                 probe = torch.randn_like(expected)
                 (out * probe.float()).sum().backward()
                 (expected * probe).sum().backward()
