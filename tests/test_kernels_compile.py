@@ -60,6 +60,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"k_ptr", "q_ptr"}),
     (rotated_bc._rotated_bc_bwd_kernel, {"N": 64, "R": 4, "BT": 32, "HB": 2, "PAIRWISE": False},
      {"dk_ptr", "dq_ptr"}),
+    (rotated_bc._rotated_bc_bwd_kernel,  # one head split: d raw B/C stored in their dtype
+     {"N": 128, "R": 1, "BT": 32, "HB": 32, "PAIRWISE": True},
+     {"b_ptr", "c_ptr", "dk_ptr", "dq_ptr", "db_ptr", "dc_ptr"}),
     (mimo_values._values_fwd_kernel, {"R": 4, "P": 64, "BT": 16}, {"x_ptr", "xr_ptr"}),
     (mimo_values._values_bwd_kernel, {"R": 8, "P": 128, "BT": 16},
      {"x_ptr", "dxr_ptr", "dx_ptr"}),

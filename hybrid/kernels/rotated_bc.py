@@ -4,11 +4,13 @@ C_bias, φ) and k = rot(RMSNorm(B)·w + B_bias, φ), forward and backward.
 B and C come per group (T, R, G, N); q and k are per head, because the bias and the angle φ
 (through Δ) are. A program owns a block of tokens, one rank and a few heads of one group: it
 normalises its B and C rows once and then writes (forward) or reads (backward) whole rows of
-every head it owns, so each head's rows move as contiguous vectors. The backward un-rotates
-dq and dk head by head, sums its heads in registers and runs the RMSNorm backward there
-(linear in the summed gradient, so programs that split a group's heads add their parts
-afterwards); it also gives the angle gradient per (token, rank, head) and per-block partial
-sums for the norm weights and the biases (summed by the caller).
+every head it owns, so each head's rows move as contiguous vectors. A backward program owns
+every rank of its tokens and heads: per rank it un-rotates dq and dk head by head, sums its
+heads in registers and runs the RMSNorm backward there (linear in the summed gradient, so
+programs that split a group's heads add their parts afterwards); it adds each rank's angle
+gradient into its own (token, head) rows, so the ranks are summed without an R-times-larger
+float32 buffer and a reduction (storing that buffer took 0.47 ms of the R=4 backward at
+8 × 2048 on an H100), and it writes per-block partial sums for the norm weights and the biases (summed by the caller).
 
 Rotation pairs are (2j, 2j+1) ("pairwise") or (j, j+N/2) ("halves") for j < S; rows are
 split into the pairs' first and second elements in registers, so both conventions are one
@@ -23,12 +25,16 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.kernels.mamba3_common import token_major
+from hybrid.kernels.triton_math import cos_sin_wrapped
 
 BLOCK_TOKENS = 32
 # the MIMO forward writes R rows per token and head: 16-token blocks were faster there (H100,
 # 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32); the backward is fastest at 32 for every R
 MIMO_FWD_BLOCK_TOKENS = 16
-MAX_HEADS_PER_PROGRAM = 8
+# H100, 8 × 2048, H=32: the backward took 0.37 ms (SISO) and 1.72 ms (R=4) with 32 heads per
+# program against 0.42 and 1.99 ms with 8; fewer than ~512 programs leave SMs idle
+MAX_HEADS_PER_PROGRAM = 32
+MIN_PROGRAMS = 512
 
 
 @triton.jit
@@ -64,11 +70,13 @@ def _normalised(src_ptr, w_ptr, tokens, stride, r, g, G, cols, tmask, eps, N: tl
 
 @triton.jit
 def _angles(phi_ptr, tokens, h, H, S, tmask, N: tl.constexpr):
-    """cos φ, sin φ of one head (BT, N/2); pairs j >= S are not rotated (φ = 0)."""
+    """cos φ, sin φ of one head (BT, N/2) from φ in [0, 2π); pairs j >= S are not rotated."""
     j = tl.arange(0, N // 2)
+    rotated = (j < S)[None, :]
     phi = tl.load(phi_ptr + (tokens[:, None] * H + h) * S + j[None, :],
-                  mask=tmask[:, None] & (j < S)[None, :], other=0.0)  # fmt: skip
-    return tl.cos(phi), tl.sin(phi)
+                  mask=tmask[:, None] & rotated, other=0.0)  # fmt: skip
+    cos, sin = cos_sin_wrapped(phi)
+    return tl.where(rotated, cos, 1.0), tl.where(rotated, sin, 0.0)
 
 
 @triton.jit
@@ -131,7 +139,8 @@ def _norm_backward(n, w, rstd, dua, dub, dsrc_ptr, dw_ptr, wpart, dst, tmask,
     tl.store(dw_ptr + wpart + tl.arange(0, N), tl.sum(du * n, 0))
     gw = du * w
     mean = tl.sum(gw * n, 1) / N
-    tl.store(dsrc_ptr + dst, rstd[:, None] * (gw - n * mean[:, None]), mask=tmask[:, None])
+    d_raw = rstd[:, None] * (gw - n * mean[:, None])
+    tl.store(dsrc_ptr + dst, d_raw.to(dsrc_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
@@ -142,70 +151,70 @@ def _rotated_bc_bwd_kernel(
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
     PAIRWISE: tl.constexpr,
 ):  # fmt: skip
-    """Program (token block, HB heads of one group, rank).
+    """Program (token block, HB heads of one group), every rank.
 
     Writes its heads' part of d(raw B|C) (one slice per head block of the group), partial
-    sums over its tokens of the norm-weight and bias gradients, and dφ per (token, rank,
-    head) from q and k together.
+    sums over its tokens of the norm-weight and bias gradients, and dφ per (token, head),
+    summed over q, k and the ranks.
     """
     blk = tl.program_id(0)
     hblk = tl.program_id(1)
-    r = tl.program_id(2)
     h0 = hblk * HB
     n_hblk = H // HB
     g = h0 // (H // G)
     tokens = (blk * BT + tl.arange(0, BT)).to(tl.int64)
     tmask = tokens < T
-    rows = tokens * R + r
     cols = tl.arange(0, N)
-    kn, kw, krstd = _normalised(b_ptr, bw_ptr, tokens, SB, r, g, G, cols, tmask, eps, N)
-    qn, qw, qrstd = _normalised(c_ptr, cw_ptr, tokens, SC, r, g, G, cols, tmask, eps, N)
-    dku_a = tl.zeros([BT, N // 2], dtype=tl.float32)
-    dku_b = tl.zeros([BT, N // 2], dtype=tl.float32)
-    dqu_a = tl.zeros([BT, N // 2], dtype=tl.float32)
-    dqu_b = tl.zeros([BT, N // 2], dtype=tl.float32)
     j = tl.arange(0, N // 2)
-    for i in range(HB):
-        h = h0 + i
-        cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
-        grad = (rows[:, None] * H + h) * N + cols[None, :]
-        bias_row = (h * R + r) * N + cols
-        partial = ((blk * H + h) * R + r) * N
-        dphi_k, dka, dkb = _unrotate(kn, kw, bb_ptr, dk_ptr, dbb_ptr, grad, bias_row, partial,
-                                     cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
-        dphi_q, dqa, dqb = _unrotate(qn, qw, cb_ptr, dq_ptr, dcb_ptr, grad, bias_row, partial,
-                                     cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
-        dku_a += dka
-        dku_b += dkb
-        dqu_a += dqa
-        dqu_b += dqb
-        tl.store(
-            dphi_ptr + (rows[:, None] * H + h) * S + j[None, :],
-            dphi_k + dphi_q,
-            mask=tmask[:, None] & (j < S)[None, :],
-        )
-    # d raw is (head blocks per group, T·R, G, N): slice hblk % (head blocks per group)
-    split = hblk % (n_hblk // G)
-    dst = ((split * T * R + rows[:, None]) * G + g) * N + cols[None, :]
-    wpart = ((blk * n_hblk + hblk) * R + r) * N
-    _norm_backward(kn, kw, krstd, dku_a, dku_b, db_ptr, dbw_ptr, wpart, dst, tmask,
-                   BT, N, PAIRWISE)  # fmt: skip
-    _norm_backward(qn, qw, qrstd, dqu_a, dqu_b, dc_ptr, dcw_ptr, wpart, dst, tmask,
-                   BT, N, PAIRWISE)  # fmt: skip
+    dphi_mask = tmask[:, None] & (j < S)[None, :]
+    for r in range(R):
+        rows = tokens * R + r
+        kn, kw, krstd = _normalised(b_ptr, bw_ptr, tokens, SB, r, g, G, cols, tmask, eps, N)
+        qn, qw, qrstd = _normalised(c_ptr, cw_ptr, tokens, SC, r, g, G, cols, tmask, eps, N)
+        dku_a = tl.zeros([BT, N // 2], dtype=tl.float32)
+        dku_b = tl.zeros([BT, N // 2], dtype=tl.float32)
+        dqu_a = tl.zeros([BT, N // 2], dtype=tl.float32)
+        dqu_b = tl.zeros([BT, N // 2], dtype=tl.float32)
+        for i in range(HB):
+            h = h0 + i
+            cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
+            grad = (rows[:, None] * H + h) * N + cols[None, :]
+            bias_row = (h * R + r) * N + cols
+            partial = ((blk * H + h) * R + r) * N
+            dphi_k, dka, dkb = _unrotate(kn, kw, bb_ptr, dk_ptr, dbb_ptr, grad, bias_row,
+                                         partial, cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
+            dphi_q, dqa, dqb = _unrotate(qn, qw, cb_ptr, dq_ptr, dcb_ptr, grad, bias_row,
+                                         partial, cos, sin, tmask, BT, N, PAIRWISE)  # fmt: skip
+            dku_a += dka
+            dku_b += dkb
+            dqu_a += dqa
+            dqu_b += dqb
+            # rank r > 0 adds to what this program stored for the earlier ranks
+            dphi_offs = (tokens[:, None] * H + h) * S + j[None, :]
+            earlier = tl.load(dphi_ptr + dphi_offs, mask=dphi_mask & (r > 0), other=0.0)
+            tl.store(dphi_ptr + dphi_offs, earlier + dphi_k + dphi_q, mask=dphi_mask)
+        # d raw is (head blocks per group, T·R, G, N): slice hblk % (head blocks per group)
+        split = hblk % (n_hblk // G)
+        dst = ((split * T * R + rows[:, None]) * G + g) * N + cols[None, :]
+        wpart = ((blk * n_hblk + hblk) * R + r) * N
+        _norm_backward(kn, kw, krstd, dku_a, dku_b, db_ptr, dbw_ptr, wpart, dst, tmask,
+                       BT, N, PAIRWISE)  # fmt: skip
+        _norm_backward(qn, qw, qrstd, dqu_a, dqu_b, dc_ptr, dcw_ptr, wpart, dst, tmask,
+                       BT, N, PAIRWISE)  # fmt: skip
+        tl.debug_barrier()  # the next rank reads dφ rows other threads of the program stored
 
 
-def heads_per_program(heads_per_group: int) -> int:
-    """The largest power of two <= MAX_HEADS_PER_PROGRAM dividing the group's head count:
-    enough heads to share a program's normalised B/C rows, few enough to fill the GPU."""
+def heads_per_program(heads_per_group: int, token_blocks: int) -> int:
+    """The largest power of two <= MAX_HEADS_PER_PROGRAM dividing the group's head count that
+    still leaves MIN_PROGRAMS programs: a program normalises its B/C rows once for all its
+    heads, and with the whole group in one program the backward writes d(raw B|C) once,
+    without per-split float32 parts and their reduction."""
     hb = MAX_HEADS_PER_PROGRAM
     while heads_per_group % hb:
         hb //= 2
+    while hb > 1 and token_blocks * (heads_per_group // hb) < MIN_PROGRAMS:
+        hb //= 2
     return hb
-
-
-def _sum_first(parts: Tensor) -> Tensor:
-    """Sum over the leading axis without a reduction kernel when it has one entry."""
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 class RotatedBC(torch.autograd.Function):
@@ -215,10 +224,10 @@ class RotatedBC(torch.autograd.Function):
     def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        hb = heads_per_program(heads // groups)
+        bt = MIMO_FWD_BLOCK_TOKENS if rank > 1 else BLOCK_TOKENS
+        hb = heads_per_program(heads // groups, triton.cdiv(tokens, bt) * rank)
         k = torch.empty(tokens, rank, heads, n, device=b.device, dtype=out_dtype)
         q = torch.empty_like(k)
-        bt = MIMO_FWD_BLOCK_TOKENS if rank > 1 else BLOCK_TOKENS
         grid = (triton.cdiv(tokens, bt), heads // hb, rank)
         _rotated_bc_fwd_kernel[grid](
             b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles,
@@ -234,32 +243,33 @@ class RotatedBC(torch.autograd.Function):
         b, c, b_w, c_w, b_bias, c_bias, phi = ctx.saved_tensors
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        hb = heads_per_program(heads // groups)
+        blocks = triton.cdiv(tokens, BLOCK_TOKENS)
+        hb = heads_per_program(heads // groups, blocks)
         splits = heads // groups // hb
         shape = (tokens, rank, heads, n)
         dk = dk.contiguous() if dk is not None else torch.zeros(shape, device=b.device)
         dq = dq.contiguous() if dq is not None else torch.zeros(shape, device=b.device)
-        blocks = triton.cdiv(tokens, BLOCK_TOKENS)
         f32 = {"device": b.device, "dtype": torch.float32}
-        # B's and C's parts share one buffer each, so one reduction (and cast) serves both
-        draw = torch.empty(2, splits, tokens, rank, groups, n, **f32)
+        # B's and C's parts share one buffer, so one reduction (and cast) serves both; with
+        # one split the kernel stores them in their own dtype
+        raw_dtype = b.dtype if b.dtype == c.dtype else torch.float32
+        draw = torch.empty(2, splits, tokens, rank, groups, n, device=b.device,
+                           dtype=raw_dtype if splits == 1 else torch.float32)  # fmt: skip
         dw = torch.empty(2, blocks, heads // hb, rank, n, **f32)
         dbias = torch.empty(2, blocks, heads, rank, n, **f32)
-        dphi = torch.empty(tokens, rank, heads, n_angles, **f32)
-        _rotated_bc_bwd_kernel[(blocks, heads // hb, rank)](
+        dphi = torch.empty(tokens, heads, n_angles, **f32)
+        _rotated_bc_bwd_kernel[(blocks, heads // hb)](
             b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
             dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
             c.stride(0), ctx.eps, N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
         )  # fmt: skip
-        draw = draw[:, 0] if splits == 1 else draw.sum(1)
-        if b.dtype == c.dtype:
-            draw = draw.to(b.dtype)
+        draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
         dw = dw.sum((1, 2, 3))
         dbias = dbias.sum(1)
         return (
             draw[0].to(b.dtype), draw[1].to(c.dtype), dw[0].to(b_w.dtype), dw[1].to(c_w.dtype),
             dbias[0].to(b_bias.dtype), dbias[1].to(c_bias.dtype),
-            _sum_first(dphi.transpose(0, 1)).to(phi.dtype), None, None, None,
+            dphi.to(phi.dtype), None, None, None,
         )  # fmt: skip
 
 
@@ -276,8 +286,8 @@ def rotated_bc(
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """k, q (T, R, H, N) in out_dtype from b, c (T, R, G, N) (any token stride), norm
-    weights (N,), biases (H, R, N) and angles φ (T, H, S) (fp32); differentiable in every
-    tensor."""
+    weights (N,), biases (H, R, N) and angles φ (T, H, S) (fp32, in [0, 2π) as
+    `mamba3_coefficients` gives them); differentiable in every tensor."""
     return RotatedBC.apply(
         token_major(b), token_major(c), b_norm.contiguous(), c_norm.contiguous(),
         b_bias.float().contiguous(), c_bias.float().contiguous(), phi.float().contiguous(),

@@ -4,8 +4,14 @@ forms are in `mamba3_common`)."""
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# the interpreter cannot run the hardware approximations: it takes the libm forms
+FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @triton.jit
@@ -22,6 +28,18 @@ def tanh(x):
 def wrap_angle(phi):
     """Reduce to [0, 2π): the same rotation, without float32 drift over long sequences."""
     return phi - 6.283185307179586 * tl.floor(phi / 6.283185307179586)
+
+
+@triton.jit
+def cos_sin_wrapped(phi):
+    """cos φ and sin φ of an angle in [0, 2π) (`wrap_angle`'s range). Compiled kernels use the
+    hardware approximations on φ − π, inside [−π, π) where their absolute error is ~1e-6
+    (the published Mamba-3 kernels use them too): libm's range reduction made the B/C
+    rotation's forward twice as slow (H100, 8 × 2048, SISO 0.42 against 0.22 ms)."""
+    if FAST_TRIG:
+        centred = phi - 3.141592653589793
+        return -libdevice.fast_cosf(centred), -libdevice.fast_sinf(centred)
+    return tl.cos(phi), tl.sin(phi)
 
 
 @triton.jit
