@@ -10,7 +10,8 @@ heads in registers and runs the RMSNorm backward there (linear in the summed gra
 programs that split a group's heads add their parts afterwards); it adds each rank's angle
 gradient into its own (token, head) rows, so the ranks are summed without an R-times-larger
 float32 buffer and a reduction (storing that buffer took 0.47 ms of the R=4 backward at
-8 × 2048 on an H100), and it writes per-block partial sums for the norm weights and the biases (summed by the caller).
+8 × 2048 on an H100), and it writes per-block partial sums for the norm weights and the
+biases (summed by the caller).
 
 Rotation pairs are (2j, 2j+1) ("pairwise") or (j, j+N/2) ("halves") for j < S; rows are
 split into the pairs' first and second elements in registers, so both conventions are one
