@@ -6,13 +6,17 @@ Bounds: float32 runs full-precision products ("ieee"), so 1e-4 leaves two orders
 chunked sums. bf16 rounds q, k, v, dy and the chunk states (unit roundoff 2^-9 ≈ 2e-3)
 before every tensor-core product; sums stay in float32, so relative L2 errors are a few
 roundoffs: 2e-2 for outputs and states, 5e-2 for gradients. The log-decay gradients (of
-`a`, the A pre-activation) are reverse sums over the later tokens of q·dq − k·dk, differences
-of bf16-rounded products that cancel: 1e-1 (measured 6.0e-2 at R=2, L=200). dt_bias's
-gradient is exactly the sum over tokens of dt's, which cancel heavily (e.g. 489 against
-terms of ±4000): its error is bounded by the same 5e-2 relative to Σ_t |d dt_t| per head,
-the most a sum of per-token errors of that size can reach. The initial angle's gradient is
-likewise the sum of every token's angle gradient over the sequence (measured 5.0e-2 at
-L=300): 1e-1.
+`a`, the A pre-activation) and the angle gradients are reverse sums over the later tokens of
+differences of bf16-rounded products that cancel, by an amount that varies from draw to draw
+(twice the bound for `a` and the initial angle failed about one draw in 25: `a` reached 0.22
+against 0.1). So in bf16 each
+gradient may also be off by SENSITIVITY times what the float64 reference itself moves when
+every input is perturbed by 2^-8 relative noise, the size of the rounding the kernels do:
+over 25 draws of each case the kernels' error reached 5.0 times that (`a`, R=2), 4.0 (`a`,
+R=4) and 3.4 (the initial angle, R=8). dt_bias's gradient is exactly the sum over tokens of
+dt's, which cancel heavily (e.g. 489 against terms of ±4000): its error is bounded by the
+same 5e-2 relative to Σ_t |d dt_t| per head, the most a sum of per-token errors of that size
+can reach.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ from hybrid.kernels.mamba3_prefill import mamba3_prefill
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 BOUNDS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
+SENSITIVITY = 8.0
+
+
+def _perturbed(leaves: dict, scale: float = 2.0**-8) -> dict:
+    """Float64 copies of the leaves times (1 + u), u uniform in ±scale."""
+    out = {}
+    for name, leaf in leaves.items():
+        noise = 2 * torch.rand_like(leaf, dtype=torch.float64) - 1
+        out[name] = (leaf.detach().double() * (1 + scale * noise)).requires_grad_()
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +96,16 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
     ref_leaves = {k: v.detach().double().requires_grad_() for k, v in mine_leaves.items()}
     probe_out = torch.randn(batch, length, heads, headdim, device=CUDA, dtype=torch.float64)
     probe_ssm = torch.randn(batch, heads, headdim, d_state, device=CUDA, dtype=torch.float64)
-    expected = _run(
-        lambda i, w, s: mamba3_chunked(i, w, options, s, chunk_size=chunk),
-        ref_leaves, probe_out, probe_ssm,
-    )  # fmt: skip
+
+    def chunked(i, w, s):
+        return mamba3_chunked(i, w, options, s, chunk_size=chunk)
+
+    expected = _run(chunked, ref_leaves, probe_out, probe_ssm)
+    moved = (
+        _run(chunked, _perturbed(mine_leaves), probe_out, probe_ssm)[2]
+        if dtype != torch.float32
+        else {}
+    )
     actual = _run(
         lambda i, w, s: mamba3_prefill(i, w, options, s, chunk_size=chunk),
         mine_leaves, probe_out, probe_ssm,
@@ -99,7 +119,10 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
             assert ((actual[2][name] - grad).abs() <= grad_bound * scale).all(), name
         elif grad is not None:
             bound = 2 * grad_bound if name in ("state.angle", "in.a") else grad_bound
-            assert rel_err(actual[2][name], grad) <= bound, name
+            if name in moved:  # bf16: what rounding-sized input noise moves the reference by
+                bound = max(bound, SENSITIVITY * rel_err(moved[name], grad))
+            error = rel_err(actual[2][name], grad)
+            assert error <= bound, f"{name}: {error:.3g} > {bound:.3g}"
 
 
 def test_varlen_equals_separate_sequences_on_cuda():
