@@ -21,9 +21,13 @@ from hybrid.kernels.mamba3_common import token_major
 
 BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger
-# token blocks halve that traffic (H100, 8 × 2048, R=4: 1.26 ms at 16 tokens, 0.85 ms at 64;
-# SISO and the forward are fastest at 16)
-MIMO_BWD_BLOCK_TOKENS = 64
+# token blocks cut that traffic, and each partial is a reduction over the block's tokens that
+# crosses warps, so fewer warps cut those; past 32 values of a (BT, P) tile per thread the
+# kernel spills. H100, 8 × 2048, R=4: 1.26 ms at 16 tokens (4 warps), 0.84 ms at 64 (4),
+# 0.68 ms at 32 (2), 12.3 ms at 64 (2); R=2 0.43 → 0.33 ms. SISO and the forward are fastest
+# at 16 tokens and 4 warps.
+MIMO_BWD_BLOCK_TOKENS = 32
+MIMO_BWD_WARPS = 2
 
 
 @triton.jit
@@ -184,6 +188,7 @@ class Mamba3Gate(torch.autograd.Function):
             dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, x.stride(0),
             z.stride(0), ctx.eps,
             R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm,
+            num_warps=MIMO_BWD_WARPS if rank > 1 else 4,
         )  # fmt: skip
         dmx, dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
         return dy, dx, dz, dd.sum(0), dmx, dmz, dmo, dw.sum(0) if norm else None, None
