@@ -54,6 +54,8 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (mamba3_prefill_core._chunk_output_kernel, {**PREFILL, "BP": 64}, BF16_POINTERS),
     (mamba3_prefill_core._chunk_output_kernel, {**PREFILL, "R": 2, "BP": 32,
                                                 "PRECISION": "ieee"}, set()),
+    (mamba3_prefill_core._chunk_output_kernel, {**PREFILL, "R": 4, "BN": 128, "BP": 64},
+     BF16_POINTERS),
     (mamba3_prefill_core._chunk_grad_kernel, PREFILL, BF16_POINTERS),
     (mamba3_prefill_core._chunk_grad_kernel, {**PREFILL, "R": 4, "PRECISION": "ieee"}, set()),
     (rotated_bc._rotated_bc_fwd_kernel, {"N": 128, "R": 1, "BT": 32, "HB": 8, "PAIRWISE": True},
