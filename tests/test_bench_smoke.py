@@ -54,3 +54,24 @@ def test_issue_time_is_measured_on_the_cpu():
     common = _bench("common")
     x = torch.randn(256, 256)
     assert common.issue_ms(lambda: x @ x, torch.device("cpu")) > 0
+
+
+def test_training_step_returns_gradients_without_accumulating():
+    """The benches' forward+backward leaves every .grad untouched and returns the gradients
+    a single backward gives (a repeated .backward() would add into .grad on every call)."""
+    import torch
+
+    common = _bench("common")
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    frozen = torch.randn(8)
+    grad = torch.randn(4, 8)
+    step = common.training_step(lambda: torch.tanh(x @ w) * frozen, grad)
+    first, second = step(), step()
+    assert w.grad is None and x.grad is None
+    (torch.tanh(x @ w) * frozen).backward(grad)
+    expected = {tuple(t.shape): t.grad for t in (w, x)}
+    for got in (first, second):
+        assert len(got) == 2
+        for g in got:
+            assert torch.allclose(g, expected[tuple(g.shape)])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Ceilings, describe_device, measure_ceilings, time_ms
+from common import Ceilings, describe_device, measure_ceilings, time_ms, training_step
 
 from hybrid.cache import KVCache
 from hybrid.graphs import capture_cuda_graph
@@ -127,11 +127,7 @@ def prefill_rows(s: Setup, device, dtype, peak: Ceilings) -> list[dict]:
                     )
                 for t in (q, k, v):
                     t.requires_grad_(True)
-                grad = torch.randn_like(q)
-
-                def train(fn=fn, q=q, k=k, v=v, grad=grad):
-                    fn(q, k, v).backward(grad)
-
+                train = training_step(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), torch.randn_like(q))
                 train_t = time_ms(train, device, warmup=2, reps=5)
             except Exception as exc:  # a backend that cannot take this shape or device
                 row["status"] = failure(exc)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, issue_ms, measure_ceilings, time_ms
+from common import describe_device, issue_ms, measure_ceilings, time_ms, training_step
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
 from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
@@ -151,13 +151,7 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
     try:
         with torch.no_grad():
             fwd = time_ms(fn, device, warmup=3, reps=10).median_ms
-        out = fn()
-        grad = torch.randn_like(out)
-        del out
-
-        def train():
-            fn().backward(grad)
-
+        train = training_step(fn, torch.randn_like(fn()))
         both = time_ms(train, device, warmup=2, reps=10).median_ms
         host = issue_ms(train, device)
     except torch.OutOfMemoryError:
@@ -209,15 +203,15 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     fn = op_runner(batch, length, rank, device, "triton")
-    grad = torch.randn_like(fn())
+    train = training_step(fn, torch.randn_like(fn()))
     for _ in range(3):
-        fn().backward(grad)
-    host_ms = issue_ms(lambda: fn().backward(grad), device)
-    device_ms = time_ms(lambda: fn().backward(grad), device, warmup=1, reps=10).median_ms
+        train()
+    host_ms = issue_ms(train, device)
+    device_ms = time_ms(train, device, warmup=1, reps=10).median_ms
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
     with profile(activities=activities, record_shapes=True) as prof:
-        fn().backward(grad)
+        train()
         torch.cuda.synchronize()
     print(
         f"\nB={batch} L={length} R={rank}: one forward+backward of the op: {device_ms:.3f} ms "
