@@ -1,5 +1,6 @@
-"""The attention and generation benchmarks run end to end in their --quick mode on the CPU
-(rows that need CUDA or flash-attn-4 say so instead of failing) and write their JSON."""
+"""The attention, generation and prefill benchmarks run end to end in their --quick mode on
+the CPU (rows that need CUDA or flash-attn-4 say so instead of failing) and write their
+JSON."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def test_generate_bench_quick_on_cpu(tmp_path):
         "Mamba-3:attention 5:1",
     ]
     assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
+
+
+def test_prefill_bench_quick_on_cpu(tmp_path):
+    _bench("prefill").main(["--quick", "--device", "cpu", "--out", str(tmp_path / "p.json")])
+    rows = {r["kernel"]: r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
+    for name in ("chunked PyTorch SISO", "torch SDPA causal"):
+        assert rows[name]["fwd_ms"] > 0 and rows[name]["fwd_bwd_ms"] > 0, rows[name]
+    assert rows["ours SISO (op)"]["note"] == "needs CUDA"
 
 
 def test_generate_bench_names_a_bad_model():

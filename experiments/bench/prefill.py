@@ -13,7 +13,8 @@ TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate meas
 close to "f+b ms" the op is launch-bound and its time follows the host's speed.
 
     python experiments/bench/prefill.py            # the H100 run in BENCHMARKS.md
-    python experiments/bench/prefill.py --quick    # tiny shapes (CUDA), a smoke test
+    python experiments/bench/prefill.py --quick    # one small shape, a smoke test
+    python experiments/bench/prefill.py --quick --device cpu  # the rows that run off CUDA
     python experiments/bench/prefill.py --profile 8,2048,1   # per-kernel times of one op
 """
 
@@ -164,20 +165,25 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
 
 
 def rows_for(batch, length, device, only: str | None):
-    runs = [
-        ("ours SISO (op)", lambda: op_runner(batch, length, 1, device, "triton"), 1),
-        ("ours SISO (core)", lambda: core_runner(batch, length, 1, device), 1),
-        ("ours MIMO R=2 (op)", lambda: op_runner(batch, length, 2, device, "triton"), 2),
-        ("ours MIMO R=4 (op)", lambda: op_runner(batch, length, 4, device, "triton"), 4),
-        ("ours MIMO R=4 (core)", lambda: core_runner(batch, length, 4, device), 4),
-        ("chunked PyTorch SISO", lambda: op_runner(batch, length, 1, device, "chunked"), 1),
-        ("fla chunk_simple_gla", lambda: fla_runner(batch, length, device, "simple_gla"), 1),
-        ("fla chunk_gated_delta", lambda: fla_runner(batch, length, device, "gdn"), 1),
-        ("torch SDPA causal", lambda: sdpa_runner(batch, length, device), None),
-    ]
+    runs = [  # (name, runner, MIMO rank (None: attention), needs CUDA)
+        ("ours SISO (op)", lambda: op_runner(batch, length, 1, device, "triton"), 1, True),
+        ("ours SISO (core)", lambda: core_runner(batch, length, 1, device), 1, True),
+        ("ours MIMO R=2 (op)", lambda: op_runner(batch, length, 2, device, "triton"), 2, True),
+        ("ours MIMO R=4 (op)", lambda: op_runner(batch, length, 4, device, "triton"), 4, True),
+        ("ours MIMO R=4 (core)", lambda: core_runner(batch, length, 4, device), 4, True),
+        ("chunked PyTorch SISO", lambda: op_runner(batch, length, 1, device, "chunked"), 1,
+         False),
+        ("fla chunk_simple_gla", lambda: fla_runner(batch, length, device, "simple_gla"), 1,
+         True),
+        ("fla chunk_gated_delta", lambda: fla_runner(batch, length, device, "gdn"), 1, True),
+        ("torch SDPA causal", lambda: sdpa_runner(batch, length, device), None, False),
+    ]  # fmt: skip
     out = []
-    for name, make, rank in runs:
+    for name, make, rank, needs_cuda in runs:
         if only and not any(word in name for word in only.split(",")):
+            continue
+        if needs_cuda and device.type != "cuda":
+            out.append({"kernel": name, "batch": batch, "seq_len": length, "note": "needs CUDA"})
             continue
         fn = make()
         if fn is None:
@@ -226,20 +232,22 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
 print = functools.partial(print, flush=True)  # rows appear as they are measured
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu: off CUDA "
+                        "only the chunked PyTorch and SDPA rows run")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--only", help="comma-separated substrings of the kernel names to run")
     parser.add_argument("--profile", metavar="B,L,R", help="profile the op at one shape, exit")
-    args = parser.parse_args()
-    device = torch.device("cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.profile:
         profile_op(*(int(v) for v in args.profile.split(",")), device)
         return
     ceilings = measure_ceilings(device)
     print(describe_device(device), "|", ceilings)
-    shapes = [(2, 512)] if args.quick else list(PAPER)
+    shapes = ([(2, 512)] if device.type == "cuda" else [(1, 128)]) if args.quick else list(PAPER)
     rows = []
     print(
         f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'host ms':>9}"
@@ -263,12 +271,13 @@ def main() -> None:
             fwd, both = PAPER[(batch, length)]
             print(f"{'published SISO (H100)':<24}{batch:>3}{length:>7}{fwd:>9.3f}{both:>9.3f}")
     ours = {(r["batch"], r["seq_len"]): r for r in rows if r["kernel"] == "ours SISO (op)"}
-    print("\nours SISO (op) vs the published Mamba-3 SISO kernel (ratio < 1 is faster):")
-    for shape, (fwd, both) in PAPER.items():
-        if shape in ours and ours[shape].get("fwd_ms"):
-            r = ours[shape]
-            print(f"  B={shape[0]} L={shape[1]}: fwd {r['fwd_ms'] / fwd:.2f}x, "
-                  f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x")  # fmt: skip
+    compared = [shape for shape in PAPER if ours.get(shape, {}).get("fwd_bwd_ms")]
+    if compared:
+        print("\nours SISO (op) vs the published Mamba-3 SISO kernel (ratio < 1 is faster):")
+    for shape in compared:
+        (fwd, both), r = PAPER[shape], ours[shape]
+        print(f"  B={shape[0]} L={shape[1]}: fwd {r['fwd_ms'] / fwd:.2f}x, "
+              f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x")  # fmt: skip
     if args.out:
         meta = {"device": describe_device(device), "ceilings": str(ceilings)}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
