@@ -64,11 +64,14 @@ def graph_leaves(out: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
-def training_step(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], object]:
-    """Forward then backward with fresh gradients on every call, as a step after zero_grad
-    runs them: calling `.backward()` again on the same leaves would add into their .grad, an
-    extra pass per leaf (~0.13 ms of the 8 × 2048 Mamba-3 op) that training does not pay."""
-    leaves = graph_leaves(forward())
+def training_step(forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+    """Forward then backward of a random output gradient, with fresh gradients on every call,
+    as a step after zero_grad runs them: calling `.backward()` again on the same leaves would
+    add into their .grad, an extra pass per leaf (~0.13 ms of the 8 × 2048 Mamba-3 op) that
+    training does not pay."""
+    out = forward()
+    leaves, grad = graph_leaves(out), torch.randn_like(out)
+    del out
     return lambda: torch.autograd.grad(forward(), leaves, grad)
 
 

@@ -152,7 +152,7 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
     try:
         with torch.no_grad():
             fwd = time_ms(fn, device, warmup=3, reps=10).median_ms
-        train = training_step(fn, torch.randn_like(fn()))
+        train = training_step(fn)
         both = time_ms(train, device, warmup=2, reps=10).median_ms
         host = issue_ms(train, device)
     except torch.OutOfMemoryError:
@@ -209,7 +209,7 @@ def profile_op(batch: int, length: int, rank: int, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     fn = op_runner(batch, length, rank, device, "triton")
-    train = training_step(fn, torch.randn_like(fn()))
+    train = training_step(fn)
     for _ in range(3):
         train()
     host_ms = issue_ms(train, device)
