@@ -85,3 +85,16 @@ def test_training_step_returns_gradients_without_accumulating():
         assert len(got) == 2
         for g in got:
             assert torch.allclose(g, expected[tuple(g.shape)])
+
+
+@pytest.mark.gpu
+def test_graphed_step_timing_replays_consecutive_steps():
+    """The timing graph holds GRAPH_STEPS calls of the step: the capture's 3 warm-up runs,
+    then 3 warm-up and 20 timed replays, each GRAPH_STEPS calls."""
+    import torch
+
+    common = _bench("common")
+    counter = torch.zeros((), device="cuda")
+    timing = common.graphed_step_timing(lambda: counter.add_(1), torch.device("cuda"), reps=20)
+    assert counter.item() == (3 + 3 + 20) * common.GRAPH_STEPS
+    assert timing.median_ms > 0

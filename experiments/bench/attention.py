@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Ceilings, describe_device, measure_ceilings, time_ms, training_step
+from common import (
+    Ceilings,
+    describe_device,
+    graphed_step_timing,
+    measure_ceilings,
+    time_ms,
+    training_step,
+)
 
 from hybrid.cache import KVCache
 from hybrid.graphs import capture_cuda_graph
@@ -199,8 +206,8 @@ def decode_row(name, fn, q, cache, device, peak: Ceilings, base: dict) -> dict:
             def step(fn=fn):
                 fn(q, cache)
 
-            timed = capture_cuda_graph(step) if device.type == "cuda" else step
-            t = time_ms(timed, device, reps=50 if device.type == "cuda" else 5)
+            cuda = device.type == "cuda"
+            t = graphed_step_timing(step, device) if cuda else time_ms(step, device, reps=5)
     except Exception as exc:  # e.g. a kernel that cannot be captured or take this shape
         return row | {"status": failure(exc)}
     gbs = base["kv_bytes"] / t.median_ms / 1e6

@@ -1,11 +1,11 @@
 """The Mamba-3 decode step alone (MAMBA3.md §4), at the paper's Table 6 shape: batch 128,
 d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=2 and R=4, fp32
 and bf16 SSM state (Table 6's columns), bf16 token inputs. Our CuTe DSL and Triton kernels
-against the PyTorch step (the oracle's token update) in the same run, all as CUDA-graph
-replays. Bandwidth is given two ways: all bytes the step must move (state read + written,
-cached k and x read + written, the token's inputs, the output), and the state's read + write
-only (what the paper's figure counts), each over the device-to-device copy bandwidth
-measured in the run.
+against the PyTorch step (the oracle's token update) in the same run, each timed in CUDA
+graphs of consecutive steps (common.graphed_step_timing). Bandwidth is given two ways: all
+bytes the step must move (state read + written, cached k and x read + written, the token's
+inputs, the output), and the state's read + write only (what the paper's figure counts),
+each over the device-to-device copy bandwidth measured in the run.
 
     python experiments/bench/decode.py [--out results.json]
 """
@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, measure_ceilings, time_ms
+from common import GRAPH_STEPS, describe_device, graphed_step_timing, measure_ceilings
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
 from hybrid.kernels.mamba3_decode import backend_unavailable, mamba3_step
-from hybrid.search.latency import capture_cuda_graph
 
 
 def problem(batch, heads, p, n, r, device, state_dtype=torch.float32):
@@ -73,7 +72,8 @@ def main() -> None:
         return
     device = torch.device("cuda")
     peak = measure_ceilings(device)
-    print(f"device: {describe_device(device)}; {peak}")
+    print(f"device: {describe_device(device)}; {peak}; per-step times from graphs of "
+          f"{GRAPH_STEPS} consecutive steps")  # fmt: skip
     rows = []
     for state_dtype in (torch.float32, torch.bfloat16):
         for n, r in ((64, 1), (64, 2), (64, 4), (128, 1), (128, 2), (128, 4)):
@@ -91,7 +91,7 @@ def main() -> None:
                          options=options):  # fmt: skip
                     return mamba3_step(token, weights, options, state, backend=backend)
 
-                ms = time_ms(capture_cuda_graph(step), device, reps=50).median_ms
+                ms = graphed_step_timing(step, device).median_ms
                 row[f"{backend}_ms"] = ms
                 row[f"{backend}_gbs"] = moved / ms / 1e6
                 row[f"{backend}_pct_copy"] = 100 * moved / ms / 1e6 / peak.copy_gbs

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, measure_ceilings, time_ms
+from common import describe_device, graphed_step_timing, measure_ceilings, time_ms
 
 from hybrid.cache import KVCache
 from hybrid.config import LayerSpec
@@ -31,7 +31,6 @@ from hybrid.layers import build
 from hybrid.layers.attention import AttentionConfig, select_backend, select_decode_backend
 from hybrid.layers.mamba3 import Mamba3Config
 from hybrid.layers.swiglu import SwiGLUConfig
-from hybrid.search.latency import capture_cuda_graph
 
 
 @dataclass(frozen=True)
@@ -131,9 +130,7 @@ def decode_rows(layer, name, s: Setup, device, dtype, peak):
                 layer.step(x, cache)
 
         eager = time_ms(step, device, reps=20)
-        graphed = (
-            time_ms(capture_cuda_graph(step), device, reps=50) if device.type == "cuda" else None
-        )
+        graphed = graphed_step_timing(step, device) if device.type == "cuda" else None
         best = graphed or eager
         state = layer.state_bytes(s.context, dtype) * batch
         # the SSM state is read and written back; a KV cache is only read
