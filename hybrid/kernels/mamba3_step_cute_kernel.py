@@ -22,7 +22,7 @@ partials would be live beside few state values), the epilogue's inputs loaded be
 shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
 mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
-at the benchmark's shapes).
+at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
 """
 
 from __future__ import annotations
@@ -112,9 +112,13 @@ class Mamba3StepKernel:
             self.RC = max(1, min(self.R, max(Y_PARTS, self.T) // self.RB))
         # occupancy hint: 64 registers a thread (4 CTAs of 256 threads / 8 of 128 per SM)
         # where that barely spills (<= 32 state values a thread and R <= 4: 0-28 B at the
-        # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes)
+        # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes). A bf16
+        # SISO step of 256 threads fits 48 (5 CTAs, 8 B of spill at P64 N128: 113 -> 109 us
+        # on an H100, each CTA's serial prologue overlapping four others' state loads; at
+        # 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us)
         small = self.RB * self.E <= 32 and self.R <= 4
-        self.min_ctas = 65536 // (64 * self.NT) if small else 0
+        registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
+        self.min_ctas = 65536 // (registers * self.NT) if small else 0
 
     @cute.jit
     def __call__(
