@@ -95,9 +95,9 @@ def graphed_step_timing(
 ) -> Timing:
     """Per-call device time of a short `step` (a decode step) from a CUDA graph of `steps`
     consecutive calls. Events around a single replay also time the host's graph launch: the
-    GPU has reached the start event before the kernels arrive (5-10 µs, 5-10% of a 100 µs
-    step on an H100). Back to back, as a decoding model runs its layers, only the in-graph
-    gap between kernels remains."""
+    GPU has reached the start event before the kernels arrive (~8 µs on an H100: 5-13% of
+    a 60-150 µs Mamba-3 step). Back to back, as a decoding model runs its layers, only the
+    in-graph gap between kernels remains."""
     graph = capture_cuda_graph(lambda: [step() for _ in range(steps)])
     timing = time_ms(graph, device, reps=reps)
     return Timing(timing.median_ms / steps, timing.iqr_ms / steps)

@@ -114,8 +114,8 @@ class Mamba3StepKernel:
         # where that barely spills (<= 32 state values a thread and R <= 4: 0-28 B at the
         # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes). A bf16
         # SISO step of 256 threads fits 48 (5 CTAs, 8 B of spill at P64 N128: 113 -> 109 us
-        # on an H100, each CTA's serial prologue overlapping four others' state loads; at
-        # 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us)
+        # on an H100, one more CTA whose state loads overlap the others' serial prologues;
+        # at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us)
         small = self.RB * self.E <= 32 and self.R <= 4
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
         self.min_ctas = 65536 // (registers * self.NT) if small else 0
