@@ -22,7 +22,13 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Weights,
     is_power_of_two,
 )
-from hybrid.kernels.triton_math import a_coefficient, softplus, tanh, wrap_angle
+from hybrid.kernels.triton_math import (
+    a_coefficient,
+    cos_sin_wrapped,
+    softplus,
+    tanh,
+    wrap_angle,
+)
 
 
 @triton.jit
@@ -119,9 +125,9 @@ def _mamba3_step_kernel(
         sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
     j = tl.where(rotated, j, 0)
     partner = tl.where(rotated, partner, offs_n)
-    phi_n = _angles(st_ang, ang_ptr, b, j, rotated, delta, S)
-    cos_n = tl.where(rotated, tl.cos(phi_n), 1.0)
-    sin_n = tl.where(rotated, tl.sin(phi_n), 0.0) * sign
+    cos_w, sin_w = cos_sin_wrapped(_angles(st_ang, ang_ptr, b, j, rotated, delta, S))
+    cos_n = tl.where(rotated, cos_w, 1.0)
+    sin_n = tl.where(rotated, sin_w, 0.0) * sign
 
     # B and C: RMSNorm over N, per-head bias, rotation
     base = (b * R * G + g) * N
