@@ -7,22 +7,26 @@ and 64 heads there are 8192 CTAs, plenty to fill the GPU). T lanes share a state
 owning E = N/T columns in 16-byte vectors (coalesced, one load and one store per element),
 so a warp covers 32/T rows at a time; a thread holds a batch of its rows in registers.
 
-The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the state
-streams in while the prologue runs: Δ, α, β, γ; the new angles (their cos and sin into shared
-memory, once per angle, on warp 0) and the cache's angle, k and x (from the last warps);
-B_r and C_r normalised (one warp each, side by side: these are the prologue's longest
-chains, and a CTA's serial chain is what bounds a bf16-state step), biased and rotated into
-shared memory with the cached k_prev,r (R·N each) and the row coefficients β·x̃_prev,r[p],
-γ·x̃_r[p] (R·P each). Each row is then updated once for all R
-ranks (α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory
-reads and FMAs per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T
-lanes of a row for all ranks and rows of a batch together by recursive halving (about
-R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS
-partials would be live beside few state values), the epilogue's inputs loaded before those
-shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
-mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
-registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
-at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
+The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the
+state streams in while the prologue runs. Just before it go the loads of what is read once
+per (sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the angles, the
+cached k and x; for a bf16-state SISO step also the epilogue's x and z): issued after the
+state they queued behind it, and the prologue waits on them (H100, batch 128: 4-12% faster,
+108.3 -> 102.0 us at bf16 N=128). The prologue: Δ, α, β, γ; the new angles (their cos and
+sin into shared memory, once per angle, on warp 0) and the cache's angle, k and x (from the
+last warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
+longest chains, and a CTA's serial chain is what bounds a bf16-state step), biased and
+rotated into shared memory with the cached k_prev,r (R·N each) and the row coefficients
+β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R ranks (α·s +
+Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory reads and FMAs
+per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T lanes of a row
+for all ranks and rows of a batch together by recursive halving (about R·rows + log2 T
+shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be
+live beside few state values), the epilogue's per-head weights loaded before those shuffles.
+A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the mimo_o sum.
+Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64 registers
+(.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100 at the
+benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
 """
 
 from __future__ import annotations
@@ -119,6 +123,10 @@ class Mamba3StepKernel:
         small = self.RB * self.E <= 32 and self.R <= 4
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
         self.min_ctas = 65536 // (registers * self.NT) if small else 0
+        # the epilogue's x and z loaded at entry too (before the state) for a bf16-state SISO
+        # step: 104.0 -> 102.0 us at N=128 (H100); elsewhere it cost 0.5-3% (fp32 N=128
+        # spills, MIMO holds its loads longer), so they load before the y reduction there
+        self.early_tokens = self.R == 1 and cfg.ssm_bytes == 2
 
     @cute.jit
     def __call__(
@@ -230,8 +238,30 @@ class Mamba3StepKernel:
         group = warp * (32 // T) + lane // T
 
         S1 = max(S, 1)
+        top = NT - 1 - tid
 
-        # the first batch of state rows, before anything else
+        # the inputs read once per step for this (sequence, head) come from DRAM, not L2:
+        # issued before the state, so the prologue that waits on them is not queued behind it
+        dt_in = gdt[bh]
+        a_in = ga[bh]
+        trap_in = gtrap[bh]
+        angles_in = []  # (raw angle, accumulated angle) of this thread's angles
+        for i in cutlass.range_constexpr(-(-S // NT)):
+            s = cutlass.min(tid + NT * i, S1 - 1)
+            angles_in.append((gangle[bi * S + s], gst_angle[bh * S + s]))
+        k_prev_in = []  # the cached k, on the last threads
+        for i in cutlass.range_constexpr(-(-(R * N) // NT)):
+            idx = cutlass.min(top + NT * i, R * N - 1)
+            k_prev_in.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
+        x_in = []  # (x, cached x) of this thread's rows, on the last threads
+        for i in cutlass.range_constexpr(-(-P // NT)):
+            p = cutlass.min(top + NT * i, P - 1)
+            x_in.append((gx[bh * P + p], gst_x[bh * P + p]))
+        tokens = None
+        if cutlass.const_expr(self.early_tokens):
+            tokens = self._epilogue_tokens(gx, gz, bh, tid)
+
+        # then the first batch of state rows
         first = self._load_rows(gst_ssm, bh, group, lt, 0)
 
         smem = cutlass.memory.SmemAllocator()
@@ -245,15 +275,15 @@ class Mamba3StepKernel:
         s_red = smem.allocate_tensor(F32, cute.make_layout((W, R), stride=(R, 1)), 16)
 
         # discretisation: Δ, α = exp(ΔA), β = (1-λ)Δα, γ = λΔ (every thread, in registers)
-        delta = _softplus(gdt[bh].to(F32) + gdt_bias[h].to(F32))
-        a_raw = ga[bh].to(F32)
+        delta = _softplus(dt_in.to(F32) + gdt_bias[h].to(F32))
+        a_raw = a_in.to(F32)
         if cutlass.const_expr(cfg.heavy_tail):
             # 1+u (u >= 0) or 1/(1-u) (u < 0): one of the two terms is exactly 0 or 1
             f = cutlass.max(a_raw, F32(0.0)) + F32(1.0) / (F32(1.0) - cutlass.min(a_raw, F32(0.0)))
         else:
             f = _softplus(a_raw)
         big_a = -cutlass.max(f, F32(cfg.a_floor))
-        lam = _sigmoid(gtrap[bh].to(F32))
+        lam = _sigmoid(trap_in.to(F32))
         alpha = cute.math.exp(delta * big_a)
         beta = (F32(1.0) - lam) * delta * alpha
         gamma = lam * delta
@@ -264,8 +294,8 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-S // NT)):
             s = tid + NT * i
             if s < S:
-                theta = F32(math.pi) * _tanh(gangle[bi * S + s].to(F32))
-                phi = gst_angle[bh * S + s].to(F32) + delta * theta
+                theta = F32(math.pi) * _tanh(angles_in[i][0].to(F32))
+                phi = angles_in[i][1].to(F32) + delta * theta
                 phi = phi - F32(TWO_PI) * cute.math.floor(phi / F32(TWO_PI))
                 s_cs[0, s] = cute.math.cos(phi)
                 s_cs[1, s] = cute.math.sin(phi)
@@ -279,19 +309,16 @@ class Mamba3StepKernel:
                 self._normalise(gc, gc_norm, gc_bias, s_q, r, g, h, bi, lane)
         # the cached k and the x rows from the last warps first, clear of the angle and
         # normalising warps where the CTA has more warps than those need
-        top = NT - 1 - tid
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = top + NT * i
             if idx < R * N:
-                r = idx // N
-                n = idx % N
-                s_kp[r, n] = gst_k[((bi * R + r) * H + h) * N + n].to(F32)
+                s_kp[idx // N, idx % N] = k_prev_in[i].to(F32)
         for i in cutlass.range_constexpr(-(-P // NT)):
             p = top + NT * i
             if p < P:
-                xv = gx[bh * P + p].to(F32)
-                xp = gst_x[bh * P + p].to(F32)
-                gst_x[bh * P + p] = gx[bh * P + p].to(gst_x.element_type)
+                xv = x_in[i][0].to(F32)
+                xp = x_in[i][1].to(F32)
+                gst_x[bh * P + p] = x_in[i][0].to(gst_x.element_type)
                 for r in cutlass.range_constexpr(R):
                     m = F32(1.0)
                     if cutlass.const_expr(cfg.mimo):
@@ -322,7 +349,6 @@ class Mamba3StepKernel:
                 gst_k[((bi * R + r) * H + h) * N + n] = s_k[r, n].to(gst_k.element_type)
 
         # phase C: the state rows, a batch at a time (the first already in registers)
-        pieces = []
         for batch0 in cutlass.range_constexpr(0, self.RT, self.RB):
             rows = first
             if cutlass.const_expr(batch0 > 0):
@@ -357,8 +383,11 @@ class Mamba3StepKernel:
                                 cute.ReductionOp.ADD, F32(0.0), 0
                             )
                         parts.append(part)
-                if cutlass.const_expr(r0 + self.RC >= R and batch0 + self.RB >= self.RT):
-                    pieces = self._epilogue_inputs(gx, gz, gmx, gmz, gmo, gonw, h, bh, tid)
+                last = r0 + self.RC >= R and batch0 + self.RB >= self.RT
+                if cutlass.const_expr(last):
+                    if cutlass.const_expr(tokens is None):
+                        tokens = self._epilogue_tokens(gx, gz, bh, tid)
+                    pieces = self._epilogue_inputs(tokens, gmx, gmz, gmo, gonw, h)
                 sums, slots = _reduce_many(parts, T, lt)
                 for j in cutlass.range_constexpr(len(sums)):
                     r = slots[j] // nb
@@ -414,16 +443,22 @@ class Mamba3StepKernel:
             rows.append((p, tiles, values))
         return rows
 
-    def _epilogue_inputs(self, gx, gz, gmx, gmz, gmo, gonw, h, bh, tid):
-        """Phase D's per-p inputs of this thread (p = tid + NT·i, clamped to P-1):
-        [(p, valid, x, z, out_norm weight, mimo_x[R], mimo_z[R], mimo_o[R])]."""
-        cfg, P, R, NT = self.cfg, self.P, self.R, self.NT
-        pieces = []
+    def _epilogue_tokens(self, gx, gz, bh, tid):
+        """Phase D's per-token loads for this thread: [(p, valid, x, z)] as stored, for
+        p = tid + NT·i clamped to P-1."""
+        P, NT = self.P, self.NT
+        tokens = []
         for i in range(-(-P // NT)):
             p = cutlass.min(tid + NT * i, P - 1)
-            valid = tid + NT * i < P
-            xv = gx[bh * P + p].to(F32)
-            zv = gz[bh * P + p].to(F32)
+            tokens.append((p, tid + NT * i < P, gx[bh * P + p], gz[bh * P + p]))
+        return tokens
+
+    def _epilogue_inputs(self, tokens, gmx, gmz, gmo, gonw, h):
+        """Phase D's per-p inputs of this thread, the per-head weights loaded now:
+        [(p, valid, x, z, out_norm weight, mimo_x[R], mimo_z[R], mimo_o[R])]."""
+        cfg, P, R = self.cfg, self.P, self.R
+        pieces = []
+        for p, valid, x_raw, z_raw in tokens:
             w_norm = gonw[h * P + p].to(F32) if cfg.norm else F32(1.0)
             one = [F32(1.0)] * R
             mxs, mzs, mos = one, one, one
@@ -431,7 +466,7 @@ class Mamba3StepKernel:
                 mxs = [gmx[(h * R + r) * P + p].to(F32) for r in range(R)]
                 mzs = [gmz[(h * R + r) * P + p].to(F32) for r in range(R)]
                 mos = [gmo[(h * R + r) * P + p].to(F32) for r in range(R)]
-            pieces.append((p, valid, xv, zv, w_norm, mxs, mzs, mos))
+            pieces.append((p, valid, x_raw.to(F32), z_raw.to(F32), w_norm, mxs, mzs, mos))
         return pieces
 
     @cute.jit
