@@ -10,23 +10,24 @@ so a warp covers 32/T rows at a time; a thread holds a batch of its rows in regi
 The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the
 state streams in while the prologue runs. Just before it go the loads of what is read once
 per (sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the angles, the
-cached k and x; for a bf16-state SISO step also the epilogue's x and z): issued after the
-state they queued behind it, and the prologue waits on them (H100, batch 128: 4-12% faster,
-108.3 -> 102.0 us at bf16 N=128). The prologue: Δ, α, β, γ; the new angles (their cos and
-sin into shared memory, once per angle, on warp 0) and the cache's angle, k and x (from the
-last warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
-longest chains, and a CTA's serial chain is what bounds a bf16-state step), biased and
-rotated into shared memory with the cached k_prev,r (R·N each) and the row coefficients
-β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R ranks (α·s +
-Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory reads and FMAs
-per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T lanes of a row
-for all ranks and rows of a batch together by recursive halving (about R·rows + log2 T
-shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be
-live beside few state values), the epilogue's per-head weights loaded before those shuffles.
-A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the mimo_o sum.
-Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64 registers
-(.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100 at the
-benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
+cached k, x and z): issued after the state they queued behind it, and the prologue waits on
+them (H100, batch 128: 4-12% faster, 108.3 -> 104.0 us at bf16 N=128); x and z reach the
+epilogue through shared memory, so nothing after the update waits on DRAM. The prologue: Δ,
+α, β, γ; the new angles (their cos and sin into shared memory, once per angle, on warp 0)
+and the cache's angle, k and x (from the last warps); B_r and C_r normalised (one warp each,
+side by side: these are the prologue's longest chains, and a CTA's serial chain is what
+bounds a bf16-state step), biased and rotated into shared memory with the cached k_prev,r
+(R·N each) and the row coefficients β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then
+updated once for all R ranks (α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so
+MIMO adds shared-memory reads and FMAs per element, never state traffic. y_r[p] = Σ_n s q_r
+is reduced over the T lanes of a row for all ranks and rows of a batch together by recursive
+halving (about R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks where more
+than Y_PARTS partials would be live beside few state values), the epilogue's per-head
+weights (L2) loaded before those shuffles. A last phase adds D·x̃_r, applies the norm, the
+silu(mimo_z ⊙ z) gate and the mimo_o sum. Where a thread holds at most 32 state values and R
+≤ 4, ptxas is asked for 64 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per
+SM; 0-10% faster on an H100 at the benchmark's shapes), 48 for a bf16-state SISO step of 256
+threads (5 CTAs).
 """
 
 from __future__ import annotations
@@ -123,10 +124,6 @@ class Mamba3StepKernel:
         small = self.RB * self.E <= 32 and self.R <= 4
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
         self.min_ctas = 65536 // (registers * self.NT) if small else 0
-        # the epilogue's x and z loaded at entry too (before the state) for a bf16-state SISO
-        # step: 104.0 -> 102.0 us at N=128 (H100); elsewhere it cost 0.5-3% (fp32 N=128
-        # spills, MIMO holds its loads longer), so they load before the y reduction there
-        self.early_tokens = self.R == 1 and cfg.ssm_bytes == 2
 
     @cute.jit
     def __call__(
@@ -253,13 +250,10 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = cutlass.min(top + NT * i, R * N - 1)
             k_prev_in.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
-        x_in = []  # (x, cached x) of this thread's rows, on the last threads
+        x_in = []  # (x, cached x, z) of this thread's rows, on the last threads
         for i in cutlass.range_constexpr(-(-P // NT)):
             p = cutlass.min(top + NT * i, P - 1)
-            x_in.append((gx[bh * P + p], gst_x[bh * P + p]))
-        tokens = None
-        if cutlass.const_expr(self.early_tokens):
-            tokens = self._epilogue_tokens(gx, gz, bh, tid)
+            x_in.append((gx[bh * P + p], gst_x[bh * P + p], gz[bh * P + p]))
 
         # then the first batch of state rows
         first = self._load_rows(gst_ssm, bh, group, lt, 0)
@@ -273,6 +267,7 @@ class Mamba3StepKernel:
         s_y = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_cs = smem.allocate_tensor(F32, cute.make_layout((2, S1), stride=(S1, 1)), 16)
         s_red = smem.allocate_tensor(F32, cute.make_layout((W, R), stride=(R, 1)), 16)
+        s_xz = smem.allocate_tensor(F32, cute.make_layout((2, P), stride=(P, 1)), 16)
 
         # discretisation: Δ, α = exp(ΔA), β = (1-λ)Δα, γ = λΔ (every thread, in registers)
         delta = _softplus(dt_in.to(F32) + gdt_bias[h].to(F32))
@@ -319,6 +314,8 @@ class Mamba3StepKernel:
                 xv = x_in[i][0].to(F32)
                 xp = x_in[i][1].to(F32)
                 gst_x[bh * P + p] = x_in[i][0].to(gst_x.element_type)
+                s_xz[0, p] = xv  # for phase D: no global load after the state update
+                s_xz[1, p] = x_in[i][2].to(F32)
                 for r in cutlass.range_constexpr(R):
                     m = F32(1.0)
                     if cutlass.const_expr(cfg.mimo):
@@ -385,9 +382,7 @@ class Mamba3StepKernel:
                         parts.append(part)
                 last = r0 + self.RC >= R and batch0 + self.RB >= self.RT
                 if cutlass.const_expr(last):
-                    if cutlass.const_expr(tokens is None):
-                        tokens = self._epilogue_tokens(gx, gz, bh, tid)
-                    pieces = self._epilogue_inputs(tokens, gmx, gmz, gmo, gonw, h)
+                    pieces = self._epilogue_inputs(s_xz, gmx, gmz, gmo, gonw, h, tid)
                 sums, slots = _reduce_many(parts, T, lt)
                 for j in cutlass.range_constexpr(len(sums)):
                     r = slots[j] // nb
@@ -443,22 +438,15 @@ class Mamba3StepKernel:
             rows.append((p, tiles, values))
         return rows
 
-    def _epilogue_tokens(self, gx, gz, bh, tid):
-        """Phase D's per-token loads for this thread: [(p, valid, x, z)] as stored, for
-        p = tid + NT·i clamped to P-1."""
-        P, NT = self.P, self.NT
-        tokens = []
+    def _epilogue_inputs(self, s_xz, gmx, gmz, gmo, gonw, h, tid):
+        """Phase D's per-p inputs of this thread (p = tid + NT·i, clamped to P-1): x and z
+        from shared memory, the per-head weights loaded now (L2):
+        [(p, valid, x, z, out_norm weight, mimo_x[R], mimo_z[R], mimo_o[R])]."""
+        cfg, P, R, NT = self.cfg, self.P, self.R, self.NT
+        pieces = []
         for i in range(-(-P // NT)):
             p = cutlass.min(tid + NT * i, P - 1)
-            tokens.append((p, tid + NT * i < P, gx[bh * P + p], gz[bh * P + p]))
-        return tokens
-
-    def _epilogue_inputs(self, tokens, gmx, gmz, gmo, gonw, h):
-        """Phase D's per-p inputs of this thread, the per-head weights loaded now:
-        [(p, valid, x, z, out_norm weight, mimo_x[R], mimo_z[R], mimo_o[R])]."""
-        cfg, P, R = self.cfg, self.P, self.R
-        pieces = []
-        for p, valid, x_raw, z_raw in tokens:
+            valid = tid + NT * i < P
             w_norm = gonw[h * P + p].to(F32) if cfg.norm else F32(1.0)
             one = [F32(1.0)] * R
             mxs, mzs, mos = one, one, one
@@ -466,7 +454,7 @@ class Mamba3StepKernel:
                 mxs = [gmx[(h * R + r) * P + p].to(F32) for r in range(R)]
                 mzs = [gmz[(h * R + r) * P + p].to(F32) for r in range(R)]
                 mos = [gmo[(h * R + r) * P + p].to(F32) for r in range(R)]
-            pieces.append((p, valid, x_raw.to(F32), z_raw.to(F32), w_norm, mxs, mzs, mos))
+            pieces.append((p, valid, s_xz[0, p], s_xz[1, p], w_norm, mxs, mzs, mos))
         return pieces
 
     @cute.jit
