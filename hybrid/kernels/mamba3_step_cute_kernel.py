@@ -13,21 +13,21 @@ per (sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the ang
 cached k, x and z): issued after the state they queued behind it, and the prologue waits on
 them (H100, batch 128: 4-12% faster); x and z reach the epilogue through shared memory, so
 nothing after the update waits on DRAM (bf16 N=128 SISO: 108.3 -> 100.5 us for both). The
-prologue: Δ, α, β, γ; the new angles (their cos and sin into shared memory, once per angle,
-on warp 0) and the cache's angle, k and x (from the last warps); B_r and C_r normalised (one
-warp each, side by side: these are the prologue's longest chains, and a CTA's serial chain
-is what bounds a bf16-state step), biased and rotated into shared memory with the cached
-k_prev,r (R·N each) and the row coefficients β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row
-is then updated once for all R ranks (α·s + Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and
-stored, so MIMO adds shared-memory reads and FMAs per element, never state traffic. y_r[p] =
-Σ_n s q_r is reduced over the T lanes of a row for all ranks and rows of a batch together by
-recursive halving (about R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks
-where more than Y_PARTS partials would be live beside few state values), the epilogue's per-
-head weights (L2) loaded before those shuffles. A last phase adds D·x̃_r, applies the norm,
-the silu(mimo_z ⊙ z) gate and the mimo_o sum. Where a thread holds at most 32 state values
-and R ≤ 4, ptxas is asked for 64 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128
-per SM; 0-10% faster on an H100 at the benchmark's shapes), 48 for a bf16-state SISO step of
-256 threads (5 CTAs).
+prologue: Δ, α, β, γ; the new angles (their cos and sin into shared memory, the accumulated
+angle back into the cache, once per angle, on warp 0) and the cache's k and x (from the last
+warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
+longest chains, and a CTA's serial chain is what bounds a bf16-state step), biased and
+rotated into shared memory with the cached k_prev,r (R·N each) and the row coefficients
+β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R ranks (α·s +
+Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory reads and FMAs
+per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T lanes of a row
+for all ranks and rows of a batch together by recursive halving (about R·rows + log2 T
+shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be
+live beside few state values), the epilogue's per- head weights (L2) loaded before those
+shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
+mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
+registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
+at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
 """
 
 from __future__ import annotations
