@@ -13,6 +13,11 @@ per (sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the ang
 cached k, x and z): issued after the state they queued behind it, and the prologue waits on
 them (H100, batch 128: 4-12% faster); x and z reach the epilogue through shared memory, so
 nothing after the update waits on DRAM (bf16 N=128 SISO: 108.3 -> 100.5 us for both). The
+L2-resident inputs the prologue waits on are issued at entry too: each warp's B_r or C_r row
+with its norm weight and bias, and the mimo_x weights of the row coefficients; issued where
+they are used, they waited behind the stores before them and then made a second round trip
+after the DRAM one (bf16 N=128 R=4: 134 -> 125.6 us, bf16 N=64 SISO: 55.0 -> 52.0 us; fp32
+N=128 SISO 2% slower, 187 -> 191 us, from four more live registers at entry). The
 prologue: Δ, α, β, γ; the new angles (their cos and sin into shared memory, the accumulated
 angle back into the cache, once per angle, on warp 0) and the cache's k and x (from the last
 warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
@@ -250,17 +255,29 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = cutlass.min(top + NT * i, R * N - 1)
             k_prev_in.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
-        x_in = []  # (x, cached x, z) of this thread's rows, on the last threads
+        x_in = []  # (x, cached x, z, mimo_x[:, p]) of this thread's rows, on the last threads
         for i in cutlass.range_constexpr(-(-P // NT)):
             p = cutlass.min(top + NT * i, P - 1)
-            x_in.append((gx[bh * P + p], gst_x[bh * P + p], gz[bh * P + p]))
+            mx = [gmx[(h * R + r) * P + p] for r in range(R)] if cfg.mimo else [F32(1.0)] * R
+            x_in.append((gx[bh * P + p], gst_x[bh * P + p], gz[bh * P + p], mx))
+
+        # B_r and C_r rows with their norm weights and biases (L2) for this warp's
+        # normalisations: issued now, so their round trip overlaps the DRAM loads instead of
+        # following them (the prologue waits on both)
+        norm_in = [
+            self._normalise_loads(gb, gc, gb_norm, gc_norm, gb_bias, gc_bias,
+                                  (warp + W - 1) % W + W * m, g, h, bi, lane)
+            for m in range(-(-(2 * R) // W))
+        ]  # fmt: skip
 
         # then the first batch of state rows
         first = self._load_rows(gst_ssm, bh, group, lt, 0)
 
         smem = cutlass.memory.SmemAllocator()
-        s_k = smem.allocate_tensor(F32, cute.make_layout((R, N), stride=(N, 1)), 16)
-        s_q = smem.allocate_tensor(F32, cute.make_layout((R, N), stride=(N, 1)), 16)
+        # k_r and q_r interleaved: normalisation job j = 2r + (0 for B, 1 for C) writes row j
+        s_kq = smem.allocate_tensor(F32, cute.make_layout((2 * R, N), stride=(N, 1)), 16)
+        s_k = cute.make_tensor(s_kq.iterator, cute.make_layout((R, N), stride=(2 * N, 1)))
+        s_q = cute.make_tensor(s_kq.iterator + N, cute.make_layout((R, N), stride=(2 * N, 1)))
         s_kp = smem.allocate_tensor(F32, cute.make_layout((R, N), stride=(N, 1)), 16)
         s_u = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_v = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
@@ -297,11 +314,10 @@ class Mamba3StepKernel:
                 gst_angle[bh * S + s] = phi.to(gst_angle.element_type)
         # each B_r and C_r on its own warp where there are enough (warp 0 has the angles):
         # the normalisations are the prologue's longest chains and run side by side
-        for r in cutlass.range_constexpr(R):
-            if warp == (2 * r + 1) % W:
-                self._normalise(gb, gb_norm, gb_bias, s_k, r, g, h, bi, lane)
-            if warp == (2 * r + 2) % W:
-                self._normalise(gc, gc_norm, gc_bias, s_q, r, g, h, bi, lane)
+        for m, loaded in enumerate(norm_in):
+            job = (warp + W - 1) % W + W * m
+            if job < 2 * R:
+                self._normalise(loaded, s_kq, job, lane)
         # the cached k and the x rows from the last warps first, clear of the angle and
         # normalising warps where the CTA has more warps than those need
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
@@ -317,9 +333,7 @@ class Mamba3StepKernel:
                 s_xz[0, p] = xv  # for phase D: no global load after the state update
                 s_xz[1, p] = x_in[i][2].to(F32)
                 for r in cutlass.range_constexpr(R):
-                    m = F32(1.0)
-                    if cutlass.const_expr(cfg.mimo):
-                        m = gmx[(h * R + r) * P + p].to(F32)
+                    m = x_in[i][3][r].to(F32)
                     s_u[r, p] = beta * m * xp
                     s_v[r, p] = gamma * m * xv
         cute.arch.sync_threads()
@@ -458,28 +472,48 @@ class Mamba3StepKernel:
         return pieces
 
     @cute.jit
-    def _normalise(self, gv, gw, gbias, dst, r, g, h, bi, lane):
-        """dst[r] = RMSNorm(v_r over N)·w + bias[h, r], by one warp (lanes stride N); the
-        weight and bias are loaded with v (one global round trip)."""
+    def _normalise_loads(self, gb, gc, gb_norm, gc_norm, gb_bias, gc_bias, job, g, h, bi, lane):
+        """Normalisation `job` (2r: B_r, 2r+1: C_r; none when job >= 2R): this lane's
+        (value, weight, bias) for n = lane + 32·j, as float32."""
+        N, R = self.N, self.R
+        count = -(-N // 32)
+        values = [F32(0.0)] * count
+        weights = [F32(0.0)] * count
+        biases = [F32(0.0)] * count
+        for r in cutlass.range_constexpr(R):
+            if job == 2 * r:
+                values, weights, biases = self._row_loads(gb, gb_norm, gb_bias, r, g, h, bi, lane)
+            if job == 2 * r + 1:
+                values, weights, biases = self._row_loads(gc, gc_norm, gc_bias, r, g, h, bi, lane)
+        return values, weights, biases
+
+    def _row_loads(self, gv, gw, gbias, r, g, h, bi, lane):
+        """Row r of B or C (raw), its norm weight and bias at this lane's columns; lanes
+        past N read column N-1 and get value 0 (no effect on the sum of squares)."""
         N, R, G = self.N, self.R, self.G
         base = ((bi * R + r) * G + g) * N
-        values = []
-        weights = []
-        ss = F32(0.0)
-        for j in cutlass.range_constexpr(-(-N // 32)):
+        values, weights, biases = [], [], []
+        for j in range(-(-N // 32)):
             n = cutlass.min(lane + 32 * j, N - 1)
-            val = gv[base + n].to(F32)
-            weights.append((gw[n].to(F32), gbias[(h * R + r) * N + n].to(F32)))
-            if lane + 32 * j >= N:
-                val = F32(0.0)
+            values.append(_select(lane + 32 * j >= N, F32(0.0), gv[base + n].to(F32)))
+            weights.append(gw[n].to(F32))
+            biases.append(gbias[(h * R + r) * N + n].to(F32))
+        return values, weights, biases
+
+    @cute.jit
+    def _normalise(self, loaded, dst, job, lane):
+        """dst[job] = RMSNorm(v over N)·w + bias, by one warp, from `_normalise_loads`."""
+        N = self.N
+        values, weights, biases = loaded
+        ss = F32(0.0)
+        for val in values:
             ss = ss + val * val
-            values.append(val)
         ss = cute.arch.warp_reduction_sum(ss)
         scale = F32(1.0) / cute.math.sqrt(ss / F32(N) + F32(self.cfg.bc_eps))
-        for j in cutlass.range_constexpr(-(-N // 32)):
+        for j in cutlass.range_constexpr(len(values)):
             n = lane + 32 * j
             if n < N:
-                dst[r, n] = values[j] * scale * weights[j][0] + weights[j][1]
+                dst[job, n] = values[j] * scale * weights[j] + biases[j]
 
 
 def _reduce_many(parts: list, t: int, lt, select=None, shuffle=None, slot=Int32):
