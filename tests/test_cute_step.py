@@ -33,6 +33,7 @@ CASES = [  # headdim, d_state, rank, rotation, norm, state dtype, token dtype, g
     (32, 48, 1, "halves", False, torch.bfloat16, torch.float32, 1, 0),
     (128, 256, 8, "halves", True, torch.float32, torch.bfloat16, 1, 64),
     (128, 64, 8, "pairwise", False, torch.float32, torch.bfloat16, 1, 16),  # y in rank chunks
+    (48, 64, 3, "halves", True, torch.bfloat16, torch.bfloat16, 1, 16),  # rank not a power of 2
 ]
 
 

@@ -79,6 +79,7 @@ SHAPES = [
     (128, 256, 8, "halves", True),
     (128, 64, 8, "pairwise", False),
     (64, 256, 2, "halves", False),
+    (48, 64, 3, "halves", True),  # a rank that is not a power of two
 ]
 
 
