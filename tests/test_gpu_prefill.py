@@ -9,14 +9,13 @@ roundoffs: 2e-2 for outputs and states, 5e-2 for gradients. The log-decay gradie
 `a`, the A pre-activation) and the angle gradients are reverse sums over the later tokens of
 differences of bf16-rounded products that cancel, by an amount that varies from draw to draw
 (twice the bound for `a` and the initial angle failed about one draw in 25: `a` reached 0.22
-against 0.1). So in bf16 each
-gradient may also be off by SENSITIVITY times what the float64 reference itself moves when
-every input is perturbed by 2^-8 relative noise, the size of the rounding the kernels do:
-over 25 draws of each case the kernels' error reached 5.0 times that (`a`, R=2), 4.0 (`a`,
-R=4) and 3.4 (the initial angle, R=8). dt_bias's gradient is exactly the sum over tokens of
-dt's, which cancel heavily (e.g. 489 against terms of ±4000): its error is bounded by the
-same 5e-2 relative to Σ_t |d dt_t| per head, the most a sum of per-token errors of that size
-can reach.
+against 0.1). So in bf16 each gradient may also be off by SENSITIVITY times what the float64
+reference itself moves when every input is perturbed by 2^-8 relative noise, the size of the
+rounding the kernels do: over 25 draws of each case the kernels' error reached 5.0 times
+that (`a`, R=2), 4.0 (`a`, R=4) and 3.4 (the initial angle, R=8). dt_bias's gradient is
+exactly the sum over tokens of dt's, which cancel heavily (e.g. 489 against terms of ±4000):
+its error is bounded by the same 5e-2 relative to Σ_t |d dt_t| per head, the most a sum of
+per-token errors of that size can reach.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ rotated into shared memory with the cached k_prev,r (R·N each) and the row coef
 per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T lanes of a row
 for all ranks and rows of a batch together by recursive halving (about R·rows + log2 T
 shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be
-live beside few state values), the epilogue's per- head weights (L2) loaded before those
+live beside few state values), the epilogue's per-head weights (L2) loaded before those
 shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
 mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
