@@ -173,19 +173,22 @@ def test_decode_latency_is_repeatable_in_process():
 
 
 @pytest.mark.parametrize(
-    ("rank", "rotation", "norm"), [(1, "pairwise", False), (4, "halves", True)]
+    ("rank", "rotation", "norm"),
+    [(1, "pairwise", False), (2, "pairwise", True), (4, "halves", True)],
 )
-@pytest.mark.parametrize("headdim", [32, 64])
-def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, headdim):
+@pytest.mark.parametrize(("headdim", "d_state"), [(32, 128), (64, 128), (64, 64)])
+def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, headdim, d_state):
     from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State
     from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
     from hybrid.kernels.reference import mamba3_reference_step
 
-    shape = {"heads": 8, "headdim": headdim, "d_state": 128, "rank": rank}
-    inputs = random_inputs(batch=16, length=1, groups=1, angles=32, dtype=torch.float32, **shape)
+    shape = {"heads": 8, "headdim": headdim, "d_state": d_state, "rank": rank}
+    angles = d_state // 4
+    inputs = random_inputs(batch=16, length=1, groups=1, angles=angles, dtype=torch.float32,
+                           **shape)  # fmt: skip
     token = Mamba3Inputs(*(t[:, 0].to(CUDA) for t in inputs))
     weights = _to(random_weights(mimo=rank > 1, out_norm=norm, dtype=torch.float32, **shape), CUDA)
-    state = random_state(batch=16, angles=32, dtype=torch.float32, **shape)
+    state = random_state(batch=16, angles=angles, dtype=torch.float32, **shape)
     state = Mamba3State(*(t.to(CUDA) for t in state.tensors()))
     options = Mamba3Options(rotation=rotation)
     expected, expected_state = mamba3_reference_step(token, weights, options, state)
