@@ -9,8 +9,8 @@ meant to run at memory bandwidth. headdim, d_state and rank must be powers of tw
 
 The ranks are unrolled loops over the (P, N) state tile, one adding each rank's outer
 products to it and one reading each y_r from it, with small programs (64 state values a
-thread): (R, P, N) products summed over R, on 4-8 warps, ran MIMO R=4 at 12-17% of copy
-bandwidth on an H100 and SISO at 39-67%; this form runs them at 1.5-3.1× that speed (see
+thread): (R, P, N) products summed over R, on 4-8 warps, ran MIMO R=4 at 13-31% of copy
+bandwidth on an H100 and SISO at 38-67%; this form takes 1.3-3.1× less time (see
 BENCHMARKS.md).
 """
 
@@ -170,13 +170,14 @@ def _mamba3_step_kernel(
 
     # output: y_r = H q_r + D x̃_r, optional per-head RMSNorm, gate, rank sum
     d = tl.load(d_ptr + h).to(tl.float32)
+    if HAS_NORM:
+        w = tl.load(onw_ptr + h * P + offs_p).to(tl.float32)
     out = tl.zeros((P,), dtype=tl.float32)
     for r in tl.static_range(R):
         q = _rotated_row(row_c + r * G * N, cnw_ptr, bias_c + r * N, offs_n, partner, cos_n,
                          sin_n, bc_eps, N)  # fmt: skip
         y = tl.sum(state * q[None, :], axis=1) + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO) * x
         if HAS_NORM:
-            w = tl.load(onw_ptr + h * P + offs_p).to(tl.float32)
             y = y / tl.sqrt(tl.sum(y * y, axis=0) / P + out_eps) * w
         zr = _mimo_row(mz_ptr, h, r, R, P, HAS_MIMO) * z
         out += y * zr * tl.sigmoid(zr) * _mimo_row(mo_ptr, h, r, R, P, HAS_MIMO)
@@ -258,7 +259,7 @@ def mamba3_step_triton(
         HAS_MIMO=mimo,
         HAS_NORM=weights.out_norm is not None,
         # 64 state values a thread (H100, batch 128, 64 heads × 64: 2 warps at N=64 and 4 at
-        # N=128 beat 4 and 8 by 1.0-4× for R=1-4; fewer spill)
+        # N=128 took 1.0-4.0× less time than 4 and 8 for R=1-4; fewer warps spill)
         num_warps=min(16, max(2, headdim * d_state // 2048)),
     )
     return out
