@@ -166,6 +166,8 @@ def _mamba3_step_kernel(
         mx = _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)
         state += (beta * mx * x_prev)[:, None] * k_prev[None, :]
         state += (gamma * mx * x)[:, None] * k[None, :]
+        tl.debug_barrier()  # every thread has read k_prev,r before its row is overwritten
+        tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
     tl.store(st_ssm_ptr + ssm_off, state.to(st_ssm_ptr.dtype.element_ty))
 
     # output: y_r = H q_r + D x̃_r, optional per-head RMSNorm, gate, rank sum
@@ -183,13 +185,9 @@ def _mamba3_step_kernel(
         out += y * zr * tl.sigmoid(zr) * _mimo_row(mo_ptr, h, r, R, P, HAS_MIMO)
     tl.store(out_ptr + bh * P + offs_p, out.to(out_ptr.dtype.element_ty))
 
-    # the cache: angle, rotated biased k (after every rank's k_prev was read), raw x
+    # the rest of the cache: angle (read at the start), raw x
     tl.debug_barrier()
     tl.store(st_ang + offs_s, phi_s, mask=smask)
-    for r in tl.static_range(R):
-        k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner, cos_n,
-                         sin_n, bc_eps, N)  # fmt: skip
-        tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
     tl.store(st_x_ptr + bh * P + offs_p, x.to(st_x_ptr.dtype.element_ty))
 
 
