@@ -10,7 +10,7 @@ meant to run at memory bandwidth. headdim, d_state and rank must be powers of tw
 The ranks are unrolled loops over the (P, N) state tile, one adding each rank's outer
 products to it and one reading each y_r from it, with small programs (64 state values a
 thread): (R, P, N) products summed over R, on 4-8 warps, ran MIMO R=4 at 13-31% of copy
-bandwidth on an H100 and SISO at 38-67%; this form takes 1.3-3.1× less time (see
+bandwidth on an H100 and SISO at 38-67%; this form takes 1.3-3.4× less time (see
 BENCHMARKS.md).
 """
 
