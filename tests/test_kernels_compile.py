@@ -33,7 +33,7 @@ PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
     (segment_cumsum._segment_cumsum_kernel,
-     {"BT": 64, "BC": 32, "HAS_INIT": True, "REVERSE": False, "WRAP": True, "OUTER": True},
+     {"BT": 128, "BC": 4, "HAS_INIT": True, "REVERSE": False, "WRAP": True, "OUTER": True},
      set()),
     (segment_cumsum._segment_cumsum_kernel,
      {"BT": 64, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False, "OUTER": False},

@@ -19,6 +19,14 @@ from torch import Tensor
 
 from hybrid.kernels.triton_math import wrap_angle
 
+BLOCK_TOKENS = 128
+# programs the column strips should make: each walks its sequence's tokens serially, so a few
+# long sequences need narrow strips to fill the GPU (H100, 1024 columns: 32-column strips
+# took 776 + 401 us for the angle sum and a reverse sum at 1 × 16384 and 418 + 240 us at
+# 2 × 8192; 4-column strips 251 + 230 and 217 + 162; at 8 × 2048, 16 columns: 154 + 103 ->
+# 146 + 89)
+TARGET_PROGRAMS = 512
+
 
 @triton.jit
 def _segment_cumsum_kernel(
@@ -70,6 +78,13 @@ def _segment_cumsum_kernel(
         tl.store(out_ptr + offs, sums, mask=mask)
 
 
+def strip_columns(total_columns: int) -> int:
+    """Columns a program owns: a power of two in [4, 32] (16-128-byte rows) that gives about
+    TARGET_PROGRAMS programs over all sequences' columns."""
+    wanted = max(1, total_columns // TARGET_PROGRAMS)
+    return 1 << max(2, min(5, wanted.bit_length() - 1))
+
+
 def segment_cumsum(
     x: Tensor | tuple[Tensor, Tensor],
     starts: Tensor,
@@ -88,12 +103,13 @@ def segment_cumsum(
         shape, inner = x.shape, 1
     columns = math.prod(shape[1:])
     out = torch.empty(shape[0], columns, device=left.device, dtype=torch.float32)
-    bc = min(triton.next_power_of_2(columns), 32)
-    grid = (starts.numel() - 1, triton.cdiv(columns, bc))
+    n_seq = starts.numel() - 1
+    bc = min(triton.next_power_of_2(columns), strip_columns(n_seq * columns))
+    grid = (n_seq, triton.cdiv(columns, bc))
     init_flat = init.reshape(init.shape[0], -1).float().contiguous() if init is not None else out
     _segment_cumsum_kernel[grid](
         left, right, out, init_flat, starts, columns, inner,
-        BT=64, BC=bc, HAS_INIT=init is not None, REVERSE=reverse, WRAP=wrap,
+        BT=BLOCK_TOKENS, BC=bc, HAS_INIT=init is not None, REVERSE=reverse, WRAP=wrap,
         OUTER=isinstance(x, tuple),
     )  # fmt: skip
     return out.view(shape)
