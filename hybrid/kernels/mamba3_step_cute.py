@@ -37,8 +37,9 @@ def cute_available() -> bool:
 def shared_bytes(headdim: int, d_state: int, rank: int, angles: int) -> int:
     """Shared memory of one CTA: rotated k, q and cached k (R·N each), the row coefficients
     and y (R·P each), x and z (P each), the angles' cos and sin and the norm's partial sums
-    (each buffer 16-byte aligned)."""
-    floats = 3 * rank * d_state + (3 * rank + 2) * headdim + 2 * max(angles, 1) + 8 * rank
+    (each buffer 16-byte aligned); k/q rows may carry N/8 floats of padding."""
+    row = d_state + d_state // 8 if d_state % 32 == 0 else d_state
+    floats = 3 * rank * row + (3 * rank + 2) * headdim + 2 * max(angles, 1) + 8 * rank
     return 4 * floats + 9 * 16
 
 

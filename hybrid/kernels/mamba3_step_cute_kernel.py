@@ -32,7 +32,9 @@ live beside few state values), the epilogue's per-head weights (L2) loaded befor
 shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
 mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
-at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs).
+at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs). With a
+bf16 state the shared k/q rows are padded against bank conflicts (`_rows_layout`; H100,
+bf16 MIMO: 4-7% faster at R=4/8, N=128 and R=2, N=64; 3% slower at R=2, N=128).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Mamba3StepKernel:
         self.V = cfg.vector
         self.T = cfg.lanes_per_row
         self.E = self.N // self.T  # columns per thread
+        # shared k/q rows: 4 floats of padding per 32 where lanes read 8-float vectors
+        self.NP = self.N + self.N // 8 if self.V == 8 and self.N % 32 == 0 else self.N
         self.EV = self.E // self.V  # vectors per row per thread
         self.NG = self.W * (32 // self.T)  # row groups per CTA
         self.RT = -(-self.P // self.NG)  # rows per thread
@@ -275,10 +279,10 @@ class Mamba3StepKernel:
 
         smem = cutlass.memory.SmemAllocator()
         # k_r and q_r interleaved: normalisation job j = 2r + (0 for B, 1 for C) writes row j
-        s_kq = smem.allocate_tensor(F32, cute.make_layout((2 * R, N), stride=(N, 1)), 16)
-        s_k = cute.make_tensor(s_kq.iterator, cute.make_layout((R, N), stride=(2 * N, 1)))
-        s_q = cute.make_tensor(s_kq.iterator + N, cute.make_layout((R, N), stride=(2 * N, 1)))
-        s_kp = smem.allocate_tensor(F32, cute.make_layout((R, N), stride=(N, 1)), 16)
+        s_kq = smem.allocate_tensor(F32, self._rows_layout(2 * R, 1), 16)
+        s_k = cute.make_tensor(s_kq.iterator, self._rows_layout(R, 2))
+        s_q = cute.make_tensor(s_kq.iterator + self.NP, self._rows_layout(R, 2))
+        s_kp = smem.allocate_tensor(F32, self._rows_layout(R, 1), 16)
         s_u = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_v = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_y = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
@@ -437,6 +441,17 @@ class Mamba3StepKernel:
                 acc = acc + ys[r] * scales[r] * w_norm * zr * _sigmoid(zr) * mos[r]
             if valid:
                 gout[bh * P + p] = acc.to(gout.element_type)
+
+    def _rows_layout(self, rows: int, spacing: int) -> cute.Layout:
+        """(rows, N) view of a shared buffer of N-float rows, every `spacing`-th one. Where a
+        lane reads 8 floats per state vector (bf16 state), 16 bytes of padding follow every
+        32 floats: the 8 lanes of one 16-byte access phase then cover all 32 banks, where at a
+        32-byte stride lanes 4 apart share banks and every k, k_prev and q read takes two
+        wavefronts (41% of the step's shared wavefronts at bf16 N=128 R=4, ncu)."""
+        if self.NP == self.N:
+            return cute.make_layout((rows, self.N), stride=(spacing * self.N, 1))
+        cols = (8, 4, self.N // 32)
+        return cute.make_layout((rows, cols), stride=(spacing * self.NP, (1, 8, 36)))
 
     def _load_rows(self, gst_ssm, bh, group, lt, batch0):
         """Issue the loads of one batch of this thread's state rows: [(p, tiles, values)]."""
