@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hybrid.kernels.mamba3_common import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
-from hybrid.kernels.triton_math import a_coefficient, softplus, tanh
+from hybrid.kernels.triton_math import PI, a_coefficient, softplus, tanh
 
 TILE = 4096  # (tokens × padded heads × padded angles) elements per program
 
@@ -73,7 +73,7 @@ def _coef_fwd_kernel(
     tl.store(scale_ptr + th, lam * delta + beta_next, mask=mask)
     tl.store(delta_ptr + th, delta, mask=mask)
     raw = tl.load(ang_ptr + ia, mask=smask, other=0.0).to(tl.float32)
-    tl.store(theta_ptr + ts, 3.141592653589793 * tanh(raw), mask=smask)
+    tl.store(theta_ptr + ts, tanh(raw) * PI, mask=smask)
 
 
 @triton.jit
@@ -95,7 +95,6 @@ def _coef_bwd_kernel(
                                 a_floor, HEAVY_TAIL)  # fmt: skip
     raw = tl.load(ang_ptr + ia, mask=smask, other=0.0).to(tl.float32)
     tanh_angle = tanh(raw)
-    pi = 3.141592653589793
     dla = tl.load(dla_ptr + th, mask=mask, other=0.0)
     dgamma = tl.load(dgamma_ptr + th, mask=mask, other=0.0) + tl.load(
         dscale_ptr + th, mask=mask, other=0.0
@@ -110,13 +109,13 @@ def _coef_bwd_kernel(
     inc_mask = mask[:, :, None] & (angles < S)[None, None, :]
     dinc = tl.load(dinc_ptr + inc_offs, mask=inc_mask, other=0.0)
     ddelta = dla * a + dgamma * lam + dbetaf * (1.0 - lam)
-    ddelta += tl.sum(dinc * (pi * tanh_angle)[:, None, :], 2)
+    ddelta += tl.sum(dinc * (tanh_angle * PI)[:, None, :], 2)
     dtheta = tl.sum(dinc * delta[:, :, None], 1)
     ddt = ddelta * dsoftplus
     tl.store(ddt_ptr + th, ddt, mask=mask)
     tl.store(da_ptr + th, dla * delta * da_draw, mask=mask)
     tl.store(dtrap_ptr + th, (dgamma - dbetaf) * delta * lam * (1.0 - lam), mask=mask)
-    tl.store(dang_ptr + ts, dtheta * pi * (1.0 - tanh_angle * tanh_angle), mask=smask)
+    tl.store(dang_ptr + ts, dtheta * PI * (1.0 - tanh_angle * tanh_angle), mask=smask)
     tl.store(dbias_ptr + pid * HP + heads, tl.sum(ddt, 0))
 
 

@@ -47,8 +47,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from hybrid.kernels.mamba3_common import TWO_PI
+
 F32 = Float32
-TWO_PI = 2.0 * math.pi
 STATE_REGISTERS = 64  # fp32 state values a thread holds at once (one row batch)
 Y_PARTS = 32  # y partial sums a thread reduces at once (more ranks: in rank chunks)
 

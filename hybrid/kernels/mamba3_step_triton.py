@@ -29,6 +29,7 @@ from hybrid.kernels.mamba3_common import (
     is_power_of_two,
 )
 from hybrid.kernels.triton_math import (
+    PI,
     a_coefficient,
     cos_sin_wrapped,
     softplus,
@@ -41,7 +42,7 @@ from hybrid.kernels.triton_math import (
 def _angles(st_ang_ptr, ang_ptr, row, offs, mask, delta, S):
     """Accumulated angle at index offs (< S): φ + Δ·π·tanh(angle), wrapped to [0, 2π)."""
     raw = tl.load(ang_ptr + row * S + offs, mask=mask, other=0.0).to(tl.float32)
-    theta = 3.141592653589793 * tanh(raw)
+    theta = tanh(raw) * PI
     phi = tl.load(st_ang_ptr + offs, mask=mask, other=0.0).to(tl.float32) + delta * theta
     return wrap_angle(phi)
 
