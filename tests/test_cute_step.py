@@ -72,9 +72,9 @@ def test_kernel_compiles_for_sm90(case):
 @needs_cutlass
 def test_occupancy_hint_and_rank_chunks():
     """64 registers a thread are asked for where a thread holds <= 32 state values and R <= 4
-    (the benchmark's shapes; 48 for a bf16 SISO step of 256 threads), nowhere else; y
-    partials are reduced in rank chunks only where there are many of them and few state
-    values (P128 N64 R8 fp32)."""
+    (the benchmark's shapes; 48 for a bf16 SISO step of 256 threads), 80 for R > 4 with a
+    bf16 state at 256 threads, nowhere else; y partials are reduced in rank chunks only where
+    there are many of them and few state values (P128 N64 R8 fp32)."""
     from hybrid.kernels.mamba3_step_cute_kernel import Mamba3StepKernel
 
     def kernel(headdim, d_state, rank, state_dtype):
@@ -87,7 +87,7 @@ def test_occupancy_hint_and_rank_chunks():
                 k = kernel(64, d_state, rank, dtype)
                 five = dtype == torch.bfloat16 and rank == 1 and k.NT == 256  # 48 registers
                 assert k.min_ctas == (5 if five else 65536 // (64 * k.NT)) and rank == k.RC
-        assert kernel(128, 64, 8, dtype).min_ctas == 0
+        assert kernel(128, 64, 8, dtype).min_ctas == (3 if dtype == torch.bfloat16 else 0)
         assert kernel(128, 256, 8, dtype).min_ctas == 0
         assert kernel(128, 256, 8, dtype).RC == 8  # 64 state values a thread: one chunk
     assert kernel(128, 64, 8, torch.float32).RC == 4

@@ -17,7 +17,10 @@ L2-resident inputs the prologue waits on are issued at entry too: each warp's B_
 with its norm weight and bias, and the mimo_x weights of the row coefficients; issued where
 they are used, they waited behind the stores before them and then made a second round trip
 after the DRAM one (bf16 N=128 R=4: 134 -> 125.6 us, bf16 N=64 SISO: 55.0 -> 52.0 us; fp32
-N=128 SISO 2% slower, 187 -> 191 us, from four more live registers at entry). The
+N=128 SISO 2% slower, 187 -> 191 us, from four more live registers at entry). They stay in
+their storage type until the normalisation uses them: converted where they were loaded,
+inside the branch that picks a warp's row, the first one stalled the warp before it issued
+its state loads (fp32 N=64 R=8: 171 -> 131 us; bf16 R >= 2: 1-6%). The
 prologue: Δ, α, β, γ; the new angles (their cos and sin into shared memory, the accumulated
 angle back into the cache, once per angle, on warp 0) and the cache's k and x (from the last
 warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
@@ -33,8 +36,8 @@ shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) g
 mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
 at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs). With a
-bf16 state the shared k/q rows are padded against bank conflicts (`_rows_layout`; H100,
-bf16 MIMO: 4-7% faster at R=4/8, N=128 and R=2, N=64; 3% slower at R=2, N=128).
+bf16 state and R > 2 the shared k/q rows are padded against bank conflicts (`_rows_layout`;
+H100, bf16: 4-9% faster at R=4/8).
 """
 
 from __future__ import annotations
@@ -112,8 +115,11 @@ class Mamba3StepKernel:
         self.V = cfg.vector
         self.T = cfg.lanes_per_row
         self.E = self.N // self.T  # columns per thread
-        # shared k/q rows: 4 floats of padding per 32 where lanes read 8-float vectors
-        self.NP = self.N + self.N // 8 if self.V == 8 and self.N % 32 == 0 else self.N
+        # shared k/q rows: 4 floats of padding per 32 where lanes read 8-float vectors and
+        # R > 2 (its bank conflicts cost per rank; its index arithmetic cost R=2, N=128 a
+        # spill at the 64-register hint: 100 -> 109 us on an H100)
+        padded = self.V == 8 and self.N % 32 == 0 and self.R > 2
+        self.NP = self.N + self.N // 8 if padded else self.N
         self.EV = self.E // self.V  # vectors per row per thread
         self.NG = self.W * (32 // self.T)  # row groups per CTA
         self.RT = -(-self.P // self.NG)  # rows per thread
@@ -130,9 +136,14 @@ class Mamba3StepKernel:
         # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes). A bf16
         # SISO step of 256 threads fits 48 (5 CTAs, 8 B of spill at P64 N128: 113 -> 109 us
         # on an H100, one more CTA whose state loads overlap the others' serial prologues;
-        # at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us)
-        small = self.RB * self.E <= 32 and self.R <= 4
+        # at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us). R > 4 with a bf16 state at
+        # 256 threads fits 80 without spilling (3 CTAs; left alone, ptxas took 88 at P64 N128
+        # R8: 2 CTAs, 186 -> 226 us)
+        small = self.RB * self.E <= 32
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
+        if self.R > 4:
+            small = small and cfg.ssm_bytes == 2 and self.NT == 256
+            registers = 80
         self.min_ctas = 65536 // (registers * self.NT) if small else 0
 
     @cute.jit
@@ -490,37 +501,44 @@ class Mamba3StepKernel:
     @cute.jit
     def _normalise_loads(self, gb, gc, gb_norm, gc_norm, gb_bias, gc_bias, job, g, h, bi, lane):
         """Normalisation `job` (2r: B_r, 2r+1: C_r; none when job >= 2R): this lane's
-        (value, weight, bias) for n = lane + 32·j, as float32."""
+        (value, weight, bias) for n = lane + 32·j, as loaded (in B's element types). Nothing
+        here waits on a load: converted inside the branch, the first value stalled each warp
+        before the state loads after it were issued (one L2 round trip on every CTA's chain)."""
         N, R = self.N, self.R
         count = -(-N // 32)
-        values = [F32(0.0)] * count
-        weights = [F32(0.0)] * count
-        biases = [F32(0.0)] * count
+        types = (gb.element_type, gb_norm.element_type, gb_bias.element_type)
+        loaded = tuple([kind(0.0)] * count for kind in types)
         for r in cutlass.range_constexpr(R):
             if job == 2 * r:
-                values, weights, biases = self._row_loads(gb, gb_norm, gb_bias, r, g, h, bi, lane)
+                loaded = self._row_loads(gb, gb_norm, gb_bias, r, g, h, bi, lane)
             if job == 2 * r + 1:
-                values, weights, biases = self._row_loads(gc, gc_norm, gc_bias, r, g, h, bi, lane)
-        return values, weights, biases
+                c_loaded = self._row_loads(gc, gc_norm, gc_bias, r, g, h, bi, lane)
+                loaded = tuple(
+                    [v.to(kind) for v in vs] for kind, vs in zip(types, c_loaded, strict=True)
+                )
+        return loaded
 
     def _row_loads(self, gv, gw, gbias, r, g, h, bi, lane):
-        """Row r of B or C (raw), its norm weight and bias at this lane's columns; lanes
-        past N read column N-1 and get value 0 (no effect on the sum of squares)."""
+        """Row r of B or C (raw), its norm weight and bias at this lane's columns, as stored;
+        lanes past N read column N-1 (`_normalise` zeroes their values)."""
         N, R, G = self.N, self.R, self.G
         base = ((bi * R + r) * G + g) * N
         values, weights, biases = [], [], []
         for j in range(-(-N // 32)):
             n = cutlass.min(lane + 32 * j, N - 1)
-            values.append(_select(lane + 32 * j >= N, F32(0.0), gv[base + n].to(F32)))
-            weights.append(gw[n].to(F32))
-            biases.append(gbias[(h * R + r) * N + n].to(F32))
+            values.append(gv[base + n])
+            weights.append(gw[n])
+            biases.append(gbias[(h * R + r) * N + n])
         return values, weights, biases
 
     @cute.jit
     def _normalise(self, loaded, dst, job, lane):
         """dst[job] = RMSNorm(v over N)·w + bias, by one warp, from `_normalise_loads`."""
         N = self.N
-        values, weights, biases = loaded
+        raw, weights, biases = loaded
+        values = [v.to(F32) for v in raw]
+        if cutlass.const_expr(N % 32):  # the last lanes read column N-1 again
+            values[-1] = _select(lane + 32 * (len(raw) - 1) >= N, F32(0.0), values[-1])
         ss = F32(0.0)
         for val in values:
             ss = ss + val * val
@@ -529,7 +547,7 @@ class Mamba3StepKernel:
         for j in cutlass.range_constexpr(len(values)):
             n = lane + 32 * j
             if n < N:
-                dst[job, n] = values[j] * scale * weights[j] + biases[j]
+                dst[job, n] = values[j] * scale * weights[j].to(F32) + biases[j].to(F32)
 
 
 def _reduce_many(parts: list, t: int, lt, select=None, shuffle=None, slot=Int32):
