@@ -25,6 +25,7 @@ from hybrid.kernels import (
 )
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}  # as every launch in hybrid/kernels asks
 INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
@@ -118,7 +119,7 @@ def _signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
 def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     source = ASTSource(fn=fn, signature=_signature(fn, constexprs, bf16), constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
 
 
@@ -146,6 +147,8 @@ def test_largest_supported_shape_fits_h100_shared_memory(kernel, constexprs, num
     source = ASTSource(fn=fn, signature=_signature(fn, constexprs, BF16_POINTERS),
                        constexprs=constexprs)  # fmt: skip
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": num_stages}
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={**LAUNCH_OPTIONS, "num_warps": 8, "num_stages": num_stages},
     )
     assert 0 < compiled.metadata.shared <= H100_SHARED_MEMORY

@@ -103,6 +103,7 @@ class FusedNorm(torch.autograd.Function):
         _norm_fwd_kernel[grid](
             x, z if z is not None else x, weight if weight is not None else x, out, rows, dim,
             eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size), **flags,
+            enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(x, z, weight)
         ctx.eps, ctx.group_size, ctx.flags = eps, group_size, flags
@@ -119,7 +120,7 @@ class FusedNorm(torch.autograd.Function):
         _norm_bwd_kernel[(blocks, dim // ctx.group_size)](
             x, z if z is not None else x, weight if weight is not None else x,
             dout.contiguous(), dx, dz, dw, rows, dim, ctx.eps, GS=ctx.group_size,
-            BLOCK=triton.next_power_of_2(ctx.group_size), **ctx.flags,
+            BLOCK=triton.next_power_of_2(ctx.group_size), **ctx.flags, enable_fp_fusion=True,
         )  # fmt: skip
         return (
             dx,
@@ -187,7 +188,9 @@ class SwiGLUProduct(torch.autograd.Function):
         hidden = h.shape[-1] // 2
         out = torch.empty(*h.shape[:-1], hidden, device=h.device, dtype=h.dtype)
         n = out.numel()
-        _swiglu_fwd_kernel[(triton.cdiv(n, 1024),)](h, out, n, HIDDEN=hidden, BLOCK=1024)
+        _swiglu_fwd_kernel[(triton.cdiv(n, 1024),)](
+            h, out, n, HIDDEN=hidden, BLOCK=1024, enable_fp_fusion=True
+        )
         ctx.save_for_backward(h)
         return out
 
@@ -197,7 +200,9 @@ class SwiGLUProduct(torch.autograd.Function):
         dh = torch.empty_like(h)
         n = dout.numel()
         grid = (triton.cdiv(n, 1024),)
-        _swiglu_bwd_kernel[grid](h, dout.contiguous(), dh, n, HIDDEN=h.shape[-1] // 2, BLOCK=1024)
+        _swiglu_bwd_kernel[grid](
+            h, dout.contiguous(), dh, n, HIDDEN=h.shape[-1] // 2, BLOCK=1024, enable_fp_fusion=True
+        )
         return dh
 
 

@@ -140,7 +140,7 @@ class Mamba3Coefficients(torch.autograd.Function):
         _coef_fwd_kernel[(triton.cdiv(tokens, bt),)](
             dt, a, trap, angle, dt_bias, last, log_alpha, scale, gamma, beta_free, delta, theta,
             tokens, heads, n_angles, dt.stride(0), angle.stride(0), floor,
-            BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail,
+            BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail, enable_fp_fusion=True,
         )  # fmt: skip
         phi = segment_cumsum((delta, theta), seq_starts, angle0, wrap=True)
         ctx.save_for_backward(dt, a, trap, angle, dt_bias, last, seq_starts)
@@ -170,7 +170,7 @@ class Mamba3Coefficients(torch.autograd.Function):
             given(dgamma, tokens, heads), given(dbetaf, tokens, heads), dinc,
             ddt, da, dtrap, dangle, dbias, tokens, heads, n_angles, dt.stride(0),
             angle.stride(0), ctx.floor,
-            BT=bt, HP=hp, SP=sp, HEAVY_TAIL=ctx.heavy_tail,
+            BT=bt, HP=hp, SP=sp, HEAVY_TAIL=ctx.heavy_tail, enable_fp_fusion=True,
         )  # fmt: skip
         dangle0 = dinc[seq_starts[:-1].long()] if ctx.has_angle0 else None
         return (

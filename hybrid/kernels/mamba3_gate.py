@@ -164,7 +164,7 @@ class Mamba3Gate(torch.autograd.Function):
         _gate_fwd_kernel[grid](
             y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d), out,
             tokens, heads, x.stride(0), z.stride(0), eps, R=rank, P=p, BT=BLOCK_TOKENS,
-            HAS_MIMO=mimo_x is not None, HAS_NORM=norm_w is not None,
+            HAS_MIMO=mimo_x is not None, HAS_NORM=norm_w is not None, enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w)
         ctx.eps = eps
@@ -188,7 +188,7 @@ class Mamba3Gate(torch.autograd.Function):
             dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, x.stride(0),
             z.stride(0), ctx.eps,
             R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm,
-            num_warps=MIMO_BWD_WARPS if rank > 1 else 4,
+            num_warps=MIMO_BWD_WARPS if rank > 1 else 4, enable_fp_fusion=True,
         )  # fmt: skip
         dmx, dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
         return dy, dx, dz, dd.sum(0), dmx, dmz, dmo, dw.sum(0) if norm else None, None

@@ -384,7 +384,7 @@ def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
         x, y, a, s, states, init if init is not None else final, final,
         table.tok0, table.ntok, table.seq_chunk0, heads, x.stride(0),
         DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
-        REVERSE=reverse, PRECISION=_precision(x.dtype),
+        REVERSE=reverse, PRECISION=_precision(x.dtype), enable_fp_fusion=True,
     )  # fmt: skip
     return states, final
 
@@ -404,7 +404,7 @@ def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
     _chunk_output_kernel[grid](
         q, k, v, a, s, g, states, y, table.tok0, table.ntok, heads, v.stride(0),
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn, BP=bp,
-        PRECISION=_precision(q.dtype),
+        PRECISION=_precision(q.dtype), enable_fp_fusion=True,
     )  # fmt: skip
     return y, final, states
 
@@ -421,7 +421,7 @@ def scan_backward(q, k, v, a, s, g, states, dy, dfinal, table: ChunkTable, chunk
         q, k, v, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1], per_row[2],
         table.tok0, table.ntok, heads, v.stride(0),
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
-        PRECISION=_precision(q.dtype),
+        PRECISION=_precision(q.dtype), enable_fp_fusion=True,
     )  # fmt: skip
     return dq, dk, dv, per_row, dinit
 

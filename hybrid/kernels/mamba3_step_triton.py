@@ -260,5 +260,6 @@ def mamba3_step_triton(
         # 64 state values a thread (H100, batch 128, 64 heads × 64: 2 warps at N=64 and 4 at
         # N=128 took 1.0-4.0× less time than 4 and 8 for R=1-4; fewer warps spill)
         num_warps=min(16, max(2, headdim * d_state // 2048)),
+        enable_fp_fusion=True,
     )
     return out

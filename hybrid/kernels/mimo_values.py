@@ -67,7 +67,16 @@ class MimoValues(torch.autograd.Function):
         xr = torch.empty(tokens, rank, heads, p, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
         _values_fwd_kernel[grid](
-            x, mimo_x, xr, tokens, heads, x.stride(0), R=rank, P=p, BT=BLOCK_TOKENS
+            x,
+            mimo_x,
+            xr,
+            tokens,
+            heads,
+            x.stride(0),
+            R=rank,
+            P=p,
+            BT=BLOCK_TOKENS,
+            enable_fp_fusion=True,
         )
         ctx.save_for_backward(x, mimo_x)
         return xr
@@ -82,7 +91,7 @@ class MimoValues(torch.autograd.Function):
         dw = torch.empty(blocks, heads, rank, p, device=x.device, dtype=torch.float32)
         _values_bwd_kernel[(blocks, heads)](
             x, mimo_x, dxr.contiguous(), dx, dw, tokens, heads, x.stride(0),
-            R=rank, P=p, BT=BLOCK_TOKENS,
+            R=rank, P=p, BT=BLOCK_TOKENS, enable_fp_fusion=True,
         )  # fmt: skip
         return dx, dw.sum(0)
 

@@ -66,6 +66,7 @@ def _rotate(x: Tensor, positions: Tensor, inv_freq: Tensor, inverse: bool) -> Te
         x, out, positions, inv_freq, length, heads, x.stride(0), x.stride(1),
         positions.stride(0) if positions.dim() == 2 else 0,
         HALF=half, HP=triton.next_power_of_2(half), BT=BLOCK_TOKENS, INVERSE=inverse,
+        enable_fp_fusion=True,
     )  # fmt: skip
     return out
 

@@ -233,7 +233,7 @@ class RotatedBC(torch.autograd.Function):
         _rotated_bc_fwd_kernel[grid](
             b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles,
             b.stride(0), c.stride(0), eps,
-            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise,
+            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise, enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
         ctx.eps, ctx.pairwise = eps, pairwise
@@ -263,6 +263,7 @@ class RotatedBC(torch.autograd.Function):
             b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
             dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
             c.stride(0), ctx.eps, N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
+            enable_fp_fusion=True,
         )  # fmt: skip
         draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
         dw = dw.sum((1, 2, 3))

@@ -110,6 +110,6 @@ def segment_cumsum(
     _segment_cumsum_kernel[grid](
         left, right, out, init_flat, starts, columns, inner,
         BT=BLOCK_TOKENS, BC=bc, HAS_INIT=init is not None, REVERSE=reverse, WRAP=wrap,
-        OUTER=isinstance(x, tuple),
+        OUTER=isinstance(x, tuple), enable_fp_fusion=True,
     )  # fmt: skip
     return out.view(shape)
