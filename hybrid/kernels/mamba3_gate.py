@@ -22,12 +22,19 @@ from hybrid.kernels.mamba3_common import token_major
 BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger
 # token blocks cut that traffic, and each partial is a reduction over the block's tokens that
-# crosses warps, so fewer warps cut those; past 32 values of a (BT, P) tile per thread the
-# kernel spills. H100, 8 × 2048, R=4: 1.26 ms at 16 tokens (4 warps), 0.84 ms at 64 (4),
-# 0.68 ms at 32 (2), 12.3 ms at 64 (2); R=2 0.43 → 0.33 ms. SISO and the forward are fastest
-# at 16 tokens and 4 warps.
-MIMO_BWD_BLOCK_TOKENS = 32
+# crosses warps, so fewer warps cut those. Past ~32 values of a (BT, P) tile per thread the
+# kernel spills; with the pre-gate norm's per-rank tiles, or R > 4, it spills at 32 tokens
+# (R=8 with the norm at 16 too, less). H100, 8 × 2048, P 64, gradient of the gate alone, R=4:
+# 1.07 ms at 32 tokens (2 warps) against 1.01-1.11 at 16, with the norm 3.27-3.39 against
+# 1.22-1.25; R=2: 0.56-0.59 against 0.63-0.64, with the norm 0.82 against 0.76-0.77; R=8: 3.9
+# against 1.7, with the norm 28.3 against 6.2. 4 warps were slower everywhere. SISO and the
+# forward are fastest at 16 tokens and 4 warps.
 MIMO_BWD_WARPS = 2
+
+
+def mimo_bwd_tokens(rank: int, norm: bool) -> int:
+    """Token block of the MIMO gate backward: 32 where that does not spill, else 16."""
+    return 16 if norm or rank > 4 else 32
 
 
 @triton.jit
@@ -174,9 +181,9 @@ class Mamba3Gate(torch.autograd.Function):
     def backward(ctx, dout):
         y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w = ctx.saved_tensors
         tokens, rank, heads, p = y.shape
-        bt = MIMO_BWD_BLOCK_TOKENS if rank > 1 else BLOCK_TOKENS
-        blocks = triton.cdiv(tokens, bt)
         mimo, norm = mimo_x is not None, norm_w is not None
+        bt = mimo_bwd_tokens(rank, norm) if rank > 1 else BLOCK_TOKENS
+        blocks = triton.cdiv(tokens, bt)
         f32 = {"device": y.device, "dtype": torch.float32}
         dy = torch.empty_like(y)
         dx, dz = (torch.empty(tokens, heads, p, device=y.device, dtype=t.dtype) for t in (x, z))
