@@ -49,8 +49,9 @@ def core_flops(tokens: int, rank: int, heads: int = HEADS, p: int = HEADDIM, n: 
     return rows * (2 * CHUNK_ROWS * (n + p) + 4 * p * n)
 
 
-def random_op(batch, length, rank, device):
-    """Raw in_proj outputs (bf16) and fp32 layer weights, initialised as the layer does."""
+def random_op(batch, length, rank, device, norm: bool = False):
+    """Raw in_proj outputs (bf16) and fp32 layer weights, initialised as the layer does;
+    `norm` adds the pre-gate grouped RMSNorm (the hybrids' option)."""
     bf = torch.bfloat16
 
     def r(*shape, dtype=bf, scale=1.0):
@@ -82,13 +83,16 @@ def random_op(batch, length, rank, device):
         mimo_o=torch.full((HEADS, rank, HEADDIM), 1 / rank, **ones, requires_grad=True)
         if mimo
         else None,
+        out_norm=torch.ones(HEADS, HEADDIM, **ones, requires_grad=True) if norm else None,
     )
     return inputs, weights, Mamba3Options(rotation="pairwise" if rank == 1 else "halves")
 
 
-def op_runner(batch, length, rank, device, path: str) -> Callable[[], torch.Tensor]:
+def op_runner(
+    batch, length, rank, device, path: str, norm: bool = False
+) -> Callable[[], torch.Tensor]:
     """The op as training runs it: no initial state, no final state gathered."""
-    inputs, weights, options = random_op(batch, length, rank, device)
+    inputs, weights, options = random_op(batch, length, rank, device, norm)
     tokens = CHUNK_ROWS // rank
     return lambda: mamba3_scan(
         inputs, weights, options, None, tokens, backend=path, final_state=False
@@ -170,6 +174,8 @@ def rows_for(batch, length, device, only: str | None):
         ("ours SISO (core)", lambda: core_runner(batch, length, 1, device), 1, True),
         ("ours MIMO R=2 (op)", lambda: op_runner(batch, length, 2, device, "triton"), 2, True),
         ("ours MIMO R=4 (op)", lambda: op_runner(batch, length, 4, device, "triton"), 4, True),
+        ("ours MIMO R=4 + norm (op)",
+         lambda: op_runner(batch, length, 4, device, "triton", norm=True), 4, True),
         ("ours MIMO R=4 (core)", lambda: core_runner(batch, length, 4, device), 4, True),
         ("chunked PyTorch SISO", lambda: op_runner(batch, length, 1, device, "chunked"), 1,
          False),
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = ([(2, 512)] if device.type == "cuda" else [(1, 128)]) if args.quick else list(PAPER)
     rows = []
     print(
-        f"{'kernel':<24}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'host ms':>9}"
+        f"{'kernel':<26}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'host ms':>9}"
         f"{'fwd TF/s':>10}{'f+b TF/s':>10}"
     )
     for batch, length in shapes:
@@ -262,14 +268,14 @@ def main(argv: list[str] | None = None) -> None:
                 return "-" if value is None else format(value, spec)
 
             print(
-                f"{row['kernel']:<24}{batch:>3}{length:>7}{f('fwd_ms'):>9}{f('fwd_bwd_ms'):>9}"
+                f"{row['kernel']:<26}{batch:>3}{length:>7}{f('fwd_ms'):>9}{f('fwd_bwd_ms'):>9}"
                 f"{f('fwd_bwd_host_ms'):>9}{f('fwd_tflops', '.1f'):>10}"
                 f"{f('fwd_bwd_tflops', '.1f'):>10}"
                 f"  {row.get('note', '')}"
             )
         if (batch, length) in PAPER:
             fwd, both = PAPER[(batch, length)]
-            print(f"{'published SISO (H100)':<24}{batch:>3}{length:>7}{fwd:>9.3f}{both:>9.3f}")
+            print(f"{'published SISO (H100)':<26}{batch:>3}{length:>7}{fwd:>9.3f}{both:>9.3f}")
     ours = {(r["batch"], r["seq_len"]): r for r in rows if r["kernel"] == "ours SISO (op)"}
     compared = [shape for shape in PAPER if ours.get(shape, {}).get("fwd_bwd_ms")]
     if compared:
