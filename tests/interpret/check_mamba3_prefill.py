@@ -41,6 +41,7 @@ CASES = [
     (4, "halves", False, 2, 2, 16, 16, 4, None),
     (1, "pairwise", True, 1, 4, 16, 16, 16, [5, 21, 17]),
     (2, "halves", False, 1, 2, 32, 16, 8, [9, 14]),
+    (8, "halves", True, 1, 2, 16, 16, 2, None),  # the gate backward's 8-token blocks
 ]
 TOLERANCE = 2e-4
 LENGTH = 37
