@@ -86,7 +86,7 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
     inputs = random_inputs(batch=batch, length=length, heads=heads, headdim=headdim,
                            d_state=d_state, rank=rank, groups=2, angles=d_state // 4)  # fmt: skip
     weights = random_weights(heads=heads, headdim=headdim, d_state=d_state, rank=rank,
-                             mimo=rank > 1, out_norm=rank == 2)  # fmt: skip
+                             mimo=rank > 1, out_norm=rank in (2, 8))  # fmt: skip
     state = random_state(batch=batch, heads=heads, headdim=headdim, d_state=d_state, rank=rank,
                          angles=d_state // 4)  # fmt: skip
     options = Mamba3Options(rotation="pairwise" if rank == 1 else "halves")
