@@ -24,11 +24,11 @@ BLOCK_TOKENS = 16
 # token blocks cut that traffic, and each partial is a reduction over the block's tokens that
 # crosses warps, so fewer warps cut those. Past ~32 values of a (BT, P) tile per thread the
 # kernel spills; with the pre-gate norm's per-rank tiles, or R > 4, it spills at 32 tokens
-# (R=8 with the norm at 16 too, less). H100, 8 × 2048, P 64, gradient of the gate alone, R=4:
-# 1.07 ms at 32 tokens (2 warps) against 1.01-1.11 at 16, with the norm 3.27-3.39 against
-# 1.22-1.25; R=2: 0.56-0.59 against 0.63-0.64, with the norm 0.82 against 0.76-0.77; R=8: 3.9
-# against 1.7, with the norm 28.3 against 6.2. 4 warps were slower everywhere. SISO and the
-# forward are fastest at 16 tokens and 4 warps.
+# (R=8 with the norm at 16 and 8 too, least at 8). H100, 8 × 2048, P 64, gradient of the
+# gate alone, R=4: 1.07 ms at 32 tokens (2 warps) against 1.01-1.11 at 16, with the norm
+# 3.27-3.39 against 1.22-1.25; R=2: 0.56-0.59 against 0.63-0.64, with the norm 0.82 against
+# 0.76-0.77; R=8: 3.9 against 1.7, with the norm 28.3 against 6.2 (3.8 at 8 tokens). 4 warps
+# were slower everywhere. SISO and the forward are fastest at 16 tokens and 4 warps.
 MIMO_BWD_WARPS = 2
 
 

@@ -35,9 +35,9 @@ live beside few state values), the epilogue's per-head weights (L2) loaded befor
 shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
 mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
-at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs). With a
-bf16 state and R > 2 the shared k/q rows are padded against bank conflicts (`_rows_layout`;
-H100, bf16: 4-9% faster at R=4/8).
+at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs), 80 for a
+bf16-state step with R > 4 at 256 threads (3 CTAs). With a bf16 state and R > 2 the shared
+k/q rows are padded against bank conflicts (`_rows_layout`; H100, bf16: 3-10% faster at R=4/8).
 """
 
 from __future__ import annotations
@@ -456,10 +456,11 @@ class Mamba3StepKernel:
 
     def _rows_layout(self, rows: int, spacing: int) -> cute.Layout:
         """(rows, N) view of a shared buffer of N-float rows, every `spacing`-th one. Where a
-        lane reads 8 floats per state vector (bf16 state), 16 bytes of padding follow every
-        32 floats: the 8 lanes of one 16-byte access phase then cover all 32 banks, where at a
-        32-byte stride lanes 4 apart share banks and every k, k_prev and q read takes two
-        wavefronts (41% of the step's shared wavefronts at bf16 N=128 R=4, ncu)."""
+        lane reads 8 floats per state vector (bf16 state) and R > 2, 16 bytes of padding
+        follow every 32 floats: the 8 lanes of one 16-byte access phase then cover all 32
+        banks, where at a 32-byte stride lanes 4 apart share banks and every k, k_prev and q
+        read takes two wavefronts (41% of the step's shared wavefronts at bf16 N=128 R=4,
+        ncu)."""
         if self.NP == self.N:
             return cute.make_layout((rows, self.N), stride=(spacing * self.N, 1))
         cols = (8, 4, self.N // 32)
