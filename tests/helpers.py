@@ -119,6 +119,7 @@ def random_state(
         ssm=torch.randn(batch, heads, headdim, d_state, dtype=dtype),
         k=torch.randn(batch, rank, heads, d_state, dtype=dtype),
         x=torch.randn(batch, heads, headdim, dtype=dtype),
+        gamma=torch.rand(batch, heads, dtype=dtype) * 0.2,
     )
 
 

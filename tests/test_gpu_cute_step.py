@@ -55,6 +55,7 @@ def _gpu_state(state: Mamba3State, state_dtype, dtype) -> Mamba3State:
         ssm=state.ssm.to(CUDA, state_dtype),
         k=state.k.to(CUDA, dtype),
         x=state.x.to(CUDA, dtype),
+        gamma=state.gamma.to(CUDA, torch.float32),
     )
 
 
@@ -64,6 +65,7 @@ def _errors(out, mine: Mamba3State, expected, exact: Mamba3State) -> dict[str, f
         "ssm": rel_err(mine.ssm.cpu(), exact.ssm),
         "k": rel_err(mine.k.cpu(), exact.k),
         "x": rel_err(mine.x.cpu(), exact.x),
+        "gamma": rel_err(mine.gamma.cpu(), exact.gamma),
         "angle": angle_err(mine.angle.cpu(), exact.angle) if exact.angle.numel() else 0.0,
     }
 
@@ -97,6 +99,7 @@ def test_one_step_matches_the_oracle(shape, batch, state_dtype):
     errors = _errors(out, mine, expected, exact)
     assert errors["out"] <= 1e-5 and errors["k"] <= 1e-5 and errors["x"] <= 1e-7, errors
     assert errors["ssm"] <= STATE_TOL[state_dtype] and errors["angle"] <= 1e-5, errors
+    assert errors["gamma"] <= 1e-6, errors
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ def problem(batch, heads, p, n, r, device, state_dtype=torch.float32):
         torch.randn(batch, heads, p, n, device=device).to(state_dtype),
         torch.randn(batch, r, heads, n, **bf),
         torch.randn(batch, heads, p, **bf),
+        torch.rand(batch, heads, **f32) * 0.2,
     )
     moved = (
         2 * state.nbytes + sum(t.numel() * t.element_size() for t in token) + batch * heads * p * 2

@@ -13,7 +13,9 @@ so within a chunk, with c_t the cumulative log α since the chunk start,
           + γ_t (q_t·k_t) x̃_t + D x̃_t
 
 (MIMO folds the rank into the score matrix: every (t, r) row sees every (s, r') column).
-Chunks carry G and the wrapped angle; an initial state enters as G = H_in + β'_0 u_in.
+Chunks carry G and the wrapped angle; an initial state, whose cache holds H⁻_in = H_in −
+γ_in u_in (see `Mamba3State`), enters as G = H⁻_in + (γ_in + β'_0) u_in, and the final one
+leaves as H⁻_L = G_{L-1} − γ_{L-1} u_{L-1}.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hybrid.kernels.mamba3_common import (
     gate_output,
     normalize_bc,
     rotate,
+    token_outer,
     wrap_angle,
 )
 from hybrid.kernels.reference import empty_state_like
@@ -100,8 +103,9 @@ def mamba3_chunked(
 
     beta_next = F.pad(disc.beta_free[:, 1:], (0, 0, 0, 1))
     scale = disc.gamma + beta_next  # (Bt, L, H)
-    outer_in = torch.einsum("brhp,brhn->bhpn", expand_x(state.x, weights.mimo_x), state.k.to(cdt))
-    g = state.ssm.to(cdt) + disc.beta_free[:, 0, :, None, None] * outer_in
+    # the carried state before token 0: H_{-1} + β'_0 u_{-1} = H⁻_{-1} + (γ_{-1} + β'_0) u_{-1}
+    outer_in = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
+    g = state.ssm.to(cdt) + (state.gamma.to(cdt) + disc.beta_free[:, 0])[..., None, None] * outer_in
 
     log_alpha_c, scale_c, gamma_c = (
         _to_chunks(t, chunk_size) for t in (disc.log_alpha, scale, disc.gamma)
@@ -134,10 +138,14 @@ def mamba3_chunked(
     y = y + torch.einsum("bcth,bctrhn,bchpn->bctrhp", cum.exp(), q_c, g_start)
     y = y.flatten(1, 2)[:, :length] + weights.d.to(cdt)[:, None] * xr
     out = gate_output(y, inputs.z, weights, options)
+    k_last, x_last = k[:, -1].to(state.k.dtype), inputs.x[:, -1].to(state.x.dtype)
+    gamma_last = disc.gamma[:, -1]
+    own_term = gamma_last[..., None, None] * token_outer(x_last, k_last, weights.mimo_x).to(cdt)
     final = Mamba3State(
         angle=phi[:, -1].to(state.angle.dtype),
-        ssm=g.to(state.ssm.dtype),
-        k=k[:, -1].to(state.k.dtype),
-        x=inputs.x[:, -1].to(state.x.dtype),
+        ssm=(g - own_term).to(state.ssm.dtype),
+        k=k_last,
+        x=x_last,
+        gamma=gamma_last.to(state.gamma.dtype),
     )
     return out.to(inputs.x.dtype), final

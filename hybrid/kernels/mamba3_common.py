@@ -69,13 +69,20 @@ class Mamba3Weights(NamedTuple):
 
 @dataclass
 class Mamba3State:
-    """Decode cache of one layer: the last token's accumulated angle, the SSM state, and the
-    last rotated, biased k and raw x (both feed the next token's trapezoidal β term)."""
+    """Decode cache of one layer: the last token's accumulated angle, its SSM state without
+    its own γ term, its rotated, biased k and raw x, and its γ.
+
+    `ssm` holds H⁻_t = H_t − γ_t u_t, u_t = Σ_r x̃_{t,r} k_{t,r}ᵀ (`full_ssm` gives H_t). A step
+    then adds one rank-R product, H⁻_{t+1} = α H⁻_t + (α γ_t + β) u_t, where H takes two (β's
+    of the cached token and γ's of the new one), and y_r = H⁻ q_r + γ Σ_r' x̃_r' (k_r'·q_r)
+    needs only R×R dot products besides: a decode step, which streams the state once, does
+    R FMAs less per state element."""
 
     angle: Tensor  # (Bt, H, S), radians in [0, 2π)
-    ssm: Tensor  # (Bt, H, P, N)
+    ssm: Tensor  # (Bt, H, P, N): H⁻
     k: Tensor  # (Bt, R, H, N)
     x: Tensor  # (Bt, H, P)
+    gamma: Tensor  # (Bt, H), float32 or wider
 
     @classmethod
     def zeros(
@@ -98,6 +105,7 @@ class Mamba3State:
             ssm=torch.zeros(batch, n_heads, headdim, d_state, dtype=state_dtype, device=device),
             k=torch.zeros(batch, rank, n_heads, d_state, dtype=dtype, device=device),
             x=torch.zeros(batch, n_heads, headdim, dtype=dtype, device=device),
+            gamma=torch.zeros(batch, n_heads, dtype=angle_dtype, device=device),
         )
 
     def tensors(self) -> tuple[Tensor, ...]:
@@ -111,6 +119,11 @@ class Mamba3State:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def full_ssm(self, mimo_x: Tensor | None) -> Tensor:
+        """H_t = H⁻_t + γ_t Σ_r x̃_r k_rᵀ (Bt, H, P, N), in at least float32."""
+        outer = token_outer(self.x, self.k, mimo_x)
+        return self.ssm.to(outer.dtype) + self.gamma.to(outer.dtype)[..., None, None] * outer
 
 
 def n_rope_angles(d_state: int, rope_fraction: float) -> int:
@@ -223,6 +236,13 @@ def expand_x(x: Tensor, mimo_x: Tensor | None) -> Tensor:
     if mimo_x is None:
         return x.unsqueeze(-3)
     return x.unsqueeze(-3) * mimo_x.transpose(0, 1).to(x.dtype)
+
+
+def token_outer(x: Tensor, k: Tensor, mimo_x: Tensor | None) -> Tensor:
+    """Σ_r x̃_r k_rᵀ of one token: x (Bt, H, P), k (Bt, R, H, N) -> (Bt, H, P, N)."""
+    xr = expand_x(x, mimo_x)
+    dtype = torch.promote_types(xr.dtype, compute_dtype(k.dtype))
+    return torch.einsum("brhp,brhn->bhpn", xr.to(dtype), k.to(dtype))
 
 
 def gate_output(y: Tensor, z: Tensor, weights: Mamba3Weights, options: Mamba3Options) -> Tensor:

@@ -23,21 +23,20 @@ BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger
 # token blocks cut that traffic, and each partial is a reduction over the block's tokens that
 # crosses warps, so fewer warps cut those. Past ~32 values of a (BT, P) tile per thread the
-# kernel spills; with the pre-gate norm's per-rank tiles, or R > 4, it spills at 32 tokens
-# (R=8 with the norm at 16 and 8 too, least at 8). H100, 8 × 2048, P 64, gradient of the
-# gate alone, R=4: 1.07 ms at 32 tokens (2 warps) against 1.01-1.11 at 16, with the norm
-# 3.27-3.39 against 1.22-1.25; R=2: 0.56-0.59 against 0.63-0.64, with the norm 0.82 against
-# 0.76-0.77; R=8: 3.9 against 1.7, with the norm 28.3 against 6.2 (3.8 at 8 tokens). 4 warps
-# were slower everywhere. SISO and the forward are fastest at 16 tokens and 4 warps.
+# kernel spills, and with the pre-gate norm's per-rank tiles it spills at 32 tokens; unrolled
+# over R = 8 the ranks' tiles overlap and it spills at any block, so there the rank loop stays
+# a loop. H100, 8 × 2048, P 64, gradient of the gate alone, ms at 32 / 16 tokens (2 warps):
+# R=2 0.73-0.79 / 0.79-0.82, with the norm 0.81-0.95 / 0.70-0.80; R=4 0.96-1.20 / 0.95-1.11,
+# with the norm 3.27-3.42 / 1.22-1.32; R=8 unrolled 3.9 / 1.7, with the norm 28.3 / 6.2, as
+# a loop 1.48 / 1.74, with the norm 2.15 / 2.07. 4 warps were slower everywhere. SISO and the
+# forward are fastest at 16 tokens and 4 warps.
 MIMO_BWD_WARPS = 2
+MAX_UNROLLED_RANK = 4
 
 
 def mimo_bwd_tokens(rank: int, norm: bool) -> int:
-    """Token block of the MIMO gate backward: 32 where that does not spill, else 16, and 8
-    for R > 4 with the norm (it spills less there: 6.2 -> 3.8 ms at R=8)."""
-    if norm and rank > 4:
-        return 8
-    return 16 if norm or rank > 4 else 32
+    """Token block of the MIMO gate backward: 16 with the pre-gate norm, else 32."""
+    return 16 if norm else 32
 
 
 @triton.jit
@@ -100,14 +99,54 @@ def _gate_fwd_kernel(
 
 
 @triton.jit
+def _rank_backward(r, dx, dz, dw, dd, x, z, dout, d, w, y_ptr, mx_ptr, mz_ptr, mo_ptr, dy_ptr,
+                   dmx_ptr, dmz_ptr, dmo_ptr, rows, tmask, blk, h, H, offs, eps,
+                   R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
+                   HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+    """Rank r's share of the gate backward: dy_r and the rank's weight partials stored, the
+    running dx, dz, dw, dD returned."""
+    yh, rstd, normed, zt, sig, mx = _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows, tmask,
+                                                h, H, r, R, P, BT, offs, eps, HAS_MIMO,
+                                                HAS_NORM)  # fmt: skip
+    silu = zt * sig
+    dgate = dout
+    part = ((blk * H + h) * R + r) * P
+    if HAS_MIMO:
+        dgate = dout * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
+        tl.store(dmo_ptr + part + offs, tl.sum(dout * normed * silu, 0))
+    dzt = dgate * normed * (sig + zt * sig * (1.0 - sig))
+    dnormed = dgate * silu
+    if HAS_MIMO:
+        dz += dzt * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :]
+        tl.store(dmz_ptr + part + offs, tl.sum(dzt * z, 0))
+    else:
+        dz += dzt
+    if HAS_NORM:
+        xhat = yh * rstd[:, None]
+        dw += tl.sum(dnormed * xhat, 0)
+        g = dnormed * w[None, :]
+        dyh = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / P)[:, None])
+    else:
+        dyh = dnormed
+    tl.store(dy_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
+             dyh.to(dy_ptr.dtype.element_ty), mask=tmask[:, None])  # fmt: skip
+    dx += dyh * d * mx[None, :]
+    dd += tl.sum(tl.sum(dyh * mx[None, :] * x, 1), 0)
+    if HAS_MIMO:
+        tl.store(dmx_ptr + part + offs, tl.sum(dyh * d * x, 0))
+    return dx, dz, dw, dd
+
+
+@triton.jit
 def _gate_bwd_kernel(
     y_ptr, x_ptr, z_ptr, d_ptr, mx_ptr, mz_ptr, mo_ptr, w_ptr, do_ptr,
     dy_ptr, dx_ptr, dz_ptr, dd_ptr, dmx_ptr, dmz_ptr, dmo_ptr, dw_ptr, T, H, SX, SZ, eps,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
-    HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr, ROLLED: tl.constexpr,
 ):  # fmt: skip
     """Partials (one row per token block): dD (blocks, H), dmimo_* (blocks, H, R, P) and
-    dw (blocks, H, P)."""
+    dw (blocks, H, P). ROLLED keeps the rank loop a loop (unrolled, ranks' tiles overlap and
+    spill at R = 8)."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
     rows = (blk * BT + tl.arange(0, BT)).to(tl.int64)
@@ -122,36 +161,18 @@ def _gate_bwd_kernel(
     dz = tl.zeros([BT, P], dtype=tl.float32)
     dw = tl.zeros([P], dtype=tl.float32)
     dd = tl.sum(tl.zeros([P], dtype=tl.float32), 0)
-    for r in tl.static_range(R):
-        yh, rstd, normed, zt, sig, mx = _rank_terms(y_ptr, x, z, d, mx_ptr, mz_ptr, w, rows,
-                                                    tmask, h, H, r, R, P, BT, offs, eps,
-                                                    HAS_MIMO, HAS_NORM)  # fmt: skip
-        silu = zt * sig
-        dgate = dout
-        part = ((blk * H + h) * R + r) * P
-        if HAS_MIMO:
-            dgate = dout * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
-            tl.store(dmo_ptr + part + offs, tl.sum(dout * normed * silu, 0))
-        dzt = dgate * normed * (sig + zt * sig * (1.0 - sig))
-        dnormed = dgate * silu
-        if HAS_MIMO:
-            dz += dzt * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :]
-            tl.store(dmz_ptr + part + offs, tl.sum(dzt * z, 0))
-        else:
-            dz += dzt
-        if HAS_NORM:
-            xhat = yh * rstd[:, None]
-            dw += tl.sum(dnormed * xhat, 0)
-            g = dnormed * w[None, :]
-            dyh = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / P)[:, None])
-        else:
-            dyh = dnormed
-        tl.store(dy_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
-                 dyh.to(dy_ptr.dtype.element_ty), mask=tmask[:, None])  # fmt: skip
-        dx += dyh * d * mx[None, :]
-        dd += tl.sum(tl.sum(dyh * mx[None, :] * x, 1), 0)
-        if HAS_MIMO:
-            tl.store(dmx_ptr + part + offs, tl.sum(dyh * d * x, 0))
+    if ROLLED:
+        for r in tl.range(R):
+            dx, dz, dw, dd = _rank_backward(r, dx, dz, dw, dd, x, z, dout, d, w, y_ptr, mx_ptr,
+                                            mz_ptr, mo_ptr, dy_ptr, dmx_ptr, dmz_ptr, dmo_ptr,
+                                            rows, tmask, blk, h, H, offs, eps, R, P, BT,
+                                            HAS_MIMO, HAS_NORM)  # fmt: skip
+    else:
+        for r in tl.static_range(R):
+            dx, dz, dw, dd = _rank_backward(r, dx, dz, dw, dd, x, z, dout, d, w, y_ptr, mx_ptr,
+                                            mz_ptr, mo_ptr, dy_ptr, dmx_ptr, dmz_ptr, dmo_ptr,
+                                            rows, tmask, blk, h, H, offs, eps, R, P, BT,
+                                            HAS_MIMO, HAS_NORM)  # fmt: skip
     tl.store(dx_ptr + io, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=tmask[:, None])
     tl.store(dd_ptr + blk * H + h, dd)
@@ -197,7 +218,7 @@ class Mamba3Gate(torch.autograd.Function):
             y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d),
             dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, x.stride(0),
             z.stride(0), ctx.eps,
-            R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm,
+            R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm, ROLLED=rank > MAX_UNROLLED_RANK,
             num_warps=MIMO_BWD_WARPS if rank > 1 else 4, enable_fp_fusion=True,
         )  # fmt: skip
         dmx, dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)

@@ -23,8 +23,8 @@ from hybrid.kernels.mamba3_common import (
     Mamba3State,
     Mamba3Weights,
     compute_dtype,
-    expand_x,
     is_power_of_two,
+    token_outer,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -110,9 +110,11 @@ def mamba3_prefill(
     init = None
     if state is not None:
         cdt = compute_dtype(kdt)
-        outer = torch.einsum("brhp,brhn->bhpn", expand_x(state.x, weights.mimo_x), state.k.to(cdt))
+        # the carried state before each sequence: H⁻_{-1} + (γ_{-1} + β'_0) Σ x̃_{-1} k_{-1}ᵀ
+        outer = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
         first = table.seq_starts[:-1].long()
-        init = (state.ssm.to(cdt) + beta_free[first][:, :, None, None] * outer).float()
+        coeff = state.gamma.to(cdt) + beta_free[first]
+        init = (state.ssm.to(cdt) + coeff[:, :, None, None] * outer).float()
 
     y, final = mamba3_core(q, k, xr, log_alpha, scale, gamma, init, table, chunk_size)
     out = mamba3_gate(
@@ -122,10 +124,16 @@ def mamba3_prefill(
     if not final_state:
         return out, None
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
+    wide = torch.promote_types(state_dtype, torch.float32)
+    k_last = k[table.seq_ends].to(state.k.dtype if state is not None else kdt)
+    x_last = x[table.seq_ends].to(state.x.dtype if state is not None else kdt)
+    gamma_last = gamma[table.seq_ends].to(wide)
+    own_term = gamma_last[..., None, None] * token_outer(x_last, k_last, weights.mimo_x)
     final_state = Mamba3State(
-        angle=phi[table.seq_ends].to(torch.promote_types(state_dtype, torch.float32)),
-        ssm=final.to(state_dtype),
-        k=k[table.seq_ends].to(state.k.dtype if state is not None else kdt),
-        x=x[table.seq_ends].to(state.x.dtype if state is not None else kdt),
+        angle=phi[table.seq_ends].to(wide),
+        ssm=(final.to(own_term.dtype) - own_term).to(state_dtype),
+        k=k_last,
+        x=x_last,
+        gamma=gamma_last,
     )
     return out, final_state

@@ -5,7 +5,7 @@ with the contract of `mamba3_step_triton`: same inputs, state updated in place, 
 `cute_available()` tells the dispatch whether it can. Compiled kernels are cached per
 (shapes, dtypes, options, state alignment); the batch size is a runtime argument, so a new
 batch does not recompile. Launches go to the current CUDA stream (CUDA-graph capturable).
-Each eager call builds 23 raw pointers on the host (tens of microseconds); decoding is timed
+Each eager call builds 24 raw pointers on the host (tens of microseconds); decoding is timed
 and served through CUDA graphs, which replay without that cost.
 """
 
@@ -36,10 +36,12 @@ def cute_available() -> bool:
 
 def shared_bytes(headdim: int, d_state: int, rank: int, angles: int) -> int:
     """Shared memory of one CTA: rotated k, q and cached k (R·N each), the row coefficients
-    and y (R·P each), x and z (P each), the angles' cos and sin and the norm's partial sums
-    (each buffer 16-byte aligned); k/q rows may carry N/8 floats of padding."""
+    and y (R·P each), the k·q products (R·R), x and z (P each), the angles' cos and sin and
+    the norm's partial sums (each buffer 16-byte aligned); k/q rows may carry N/8 floats of
+    padding."""
     row = d_state + d_state // 8 if d_state % 32 == 0 else d_state
-    floats = 3 * rank * row + (3 * rank + 2) * headdim + 2 * max(angles, 1) + 8 * rank
+    floats = 3 * rank * row + (2 * rank + 2) * headdim + rank * rank + 2 * max(angles, 1)
+    floats += 8 * rank
     return 4 * floats + 9 * 16
 
 
@@ -91,7 +93,7 @@ def _alignment(t: Tensor) -> int:
 
 
 def _launch_tensors(token: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, out: Tensor):
-    """The kernel's 23 pointer arguments in order (absent weights: d, never read)."""
+    """The kernel's 24 pointer arguments in order (absent weights: d, never read)."""
     optional = (weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm)
     fixed = [w.contiguous() for w in weights[:6]]
     return (

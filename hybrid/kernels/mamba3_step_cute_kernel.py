@@ -1,43 +1,46 @@
-"""The CuTe DSL kernel of the one-token Mamba-3 update (MAMBA3.md §4); imports `cutlass`, so
-only `mamba3_step_cute` (which imports this lazily) should import it.
+"""The CuTe DSL kernel of the one-token Mamba-3 update (MAMBA3.md §4); imports `cutlass`, so only
+`mamba3_step_cute` (which imports this lazily) should import it.
 
 One CTA per (head, sequence) keeps a whole head's P rows, so the pre-gate RMSNorm over P
 finishes in the same launch (a second kernel would re-read y and cost a launch; at batch 128
 and 64 heads there are 8192 CTAs, plenty to fill the GPU). T lanes share a state row, each
-owning E = N/T columns in 16-byte vectors (coalesced, one load and one store per element),
-so a warp covers 32/T rows at a time; a thread holds a batch of its rows in registers.
+owning E = N/T columns in 16-byte vectors (coalesced, one load and one store per element), so a
+warp covers 32/T rows at a time; a thread holds a batch of its rows in registers.
 
-The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the
-state streams in while the prologue runs. Just before it go the loads of what is read once
-per (sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the angles, the
-cached k, x and z): issued after the state they queued behind it, and the prologue waits on
-them (H100, batch 128: 4-12% faster); x and z reach the epilogue through shared memory, so
-nothing after the update waits on DRAM (bf16 N=128 SISO: 108.3 -> 100.5 us for both). The
-L2-resident inputs the prologue waits on are issued at entry too: each warp's B_r or C_r row
-with its norm weight and bias, and the mimo_x weights of the row coefficients; issued where
-they are used, they waited behind the stores before them and then made a second round trip
-after the DRAM one (bf16 N=128 R=4: 134 -> 125.6 us, bf16 N=64 SISO: 55.0 -> 52.0 us; fp32
-N=128 SISO 2% slower, 187 -> 191 us, from four more live registers at entry). They stay in
-their storage type until the normalisation uses them: converted where they were loaded,
-inside the branch that picks a warp's row, the first one stalled the warp before it issued
-its state loads (fp32 N=64 R=8: 171 -> 131 us; bf16 R >= 2: 1-6%). The
-prologue: Δ, α, β, γ; the new angles (their cos and sin into shared memory, the accumulated
-angle back into the cache, once per angle, on warp 0) and the cache's k and x (from the last
-warps); B_r and C_r normalised (one warp each, side by side: these are the prologue's
-longest chains, and a CTA's serial chain is what bounds a bf16-state step), biased and
-rotated into shared memory with the cached k_prev,r (R·N each) and the row coefficients
-β·x̃_prev,r[p], γ·x̃_r[p] (R·P each). Each row is then updated once for all R ranks (α·s +
-Σ_r β x̃_prev,r k_prev,r + γ x̃_r k_r) and stored, so MIMO adds shared-memory reads and FMAs
-per element, never state traffic. y_r[p] = Σ_n s q_r is reduced over the T lanes of a row
-for all ranks and rows of a batch together by recursive halving (about R·rows + log2 T
-shuffles instead of R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be
-live beside few state values), the epilogue's per-head weights (L2) loaded before those
-shuffles. A last phase adds D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the
-mimo_o sum. Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64
-registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100
-at the benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs), 80 for a
-bf16-state step with R > 4 at 256 threads (3 CTAs). With a bf16 state and R > 2 the shared
-k/q rows are padded against bank conflicts (`_rows_layout`; H100, bf16: 3-10% faster at R=4/8).
+The first batch (every row at the benchmark's shapes) is loaded at kernel entry, so the state
+streams in while the prologue runs. Just before it go the loads of what is read once per
+(sequence, head) and so comes from DRAM rather than L2 (raw Δ/A/λ, the angles, the cached k, x
+and z): issued after the state they queued behind it, and the prologue waits on them (H100,
+batch 128: 4-12% faster); x and z reach the epilogue through shared memory, so nothing after
+the update waits on DRAM (bf16 N=128 SISO: 108.3 -> 100.5 us for both). The L2-resident inputs
+the prologue waits on are issued at entry too: each warp's B_r or C_r row with its norm weight
+and bias, and the mimo_x weights of the row coefficients; issued where they are used, they
+waited behind the stores before them and then made a second round trip after the DRAM one (bf16
+N=128 R=4: 134 -> 125.6 us, bf16 N=64 SISO: 55.0 -> 52.0 us; fp32 N=128 SISO 2% slower, 187 ->
+191 us, from four more live registers at entry). They stay in their storage type until the
+normalisation uses them: converted where they were loaded, inside the branch that picks a
+warp's row, the first one stalled the warp before it issued its state loads (fp32 N=64 R=8: 171
+-> 131 us; bf16 R >= 2: 1-6%). The prologue: Δ, α, β, γ; the new angles (their cos and sin into
+shared memory, the accumulated angle back into the cache, once per angle, on warp 0) and the
+cache's k and x (from the last warps); B_r and C_r normalised (one warp each, side by side:
+these are the prologue's longest chains, and a CTA's serial chain is what bounds a bf16-state
+step), biased and rotated into shared memory with the cached k_prev,r (R·N each) and the row
+coefficients (α γ_prev + β)·x̃_prev,r[p] (R·P). The cache holds H⁻ = H − γ Σ_r x̃_r k_rᵀ
+(`Mamba3State`), so each row is updated once for all R ranks with one product a rank (α·s + Σ_r
+(α γ_prev + β) x̃_prev,r k_prev,r; the new token's γ term waits in the cache for the next step)
+and stored: MIMO adds shared-memory reads and FMAs per element, never state traffic, and the H⁻
+form halves them (bf16 N=128 R=4 on an H100: see BENCHMARKS.md). y_r[p] = Σ_n s q_r is reduced
+over the T lanes of a row for all ranks and rows of a batch together by recursive halving
+(about R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks where more than
+Y_PARTS partials would be live beside few state values), the epilogue's per-head weights (L2)
+loaded before those shuffles. A last phase adds γ x[p] Σ_r' mimo_x_r'[p] (k_r'·q_r) (R·R dot
+products, formed by the warps right after the rotation while the state is still in flight,
+reduced together) and D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the mimo_o sum.
+Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64 registers
+(.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100 at the
+benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs), 80 for a bf16-state
+step with R > 4 at 256 threads (3 CTAs). With a bf16 state and R > 2 the shared k/q rows are
+padded against bank conflicts (`_rows_layout`; H100, bf16: 3-10% faster at R=4/8).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class StepConfig:
     a_floor: float
     bc_eps: float
     out_eps: float
-    dtypes: tuple[str, ...]  # of the 23 pointer arguments, in launch order
+    dtypes: tuple[str, ...]  # of the 24 pointer arguments, in launch order
     ssm_bytes: int
     ssm_align: int
 
@@ -171,6 +174,7 @@ class Mamba3StepKernel:
         st_ssm: cute.Pointer,
         st_k: cute.Pointer,
         st_x: cute.Pointer,
+        st_gamma: cute.Pointer,
         out: cute.Pointer,
         batch: Int32,
         stream: cuda.CUstream,
@@ -203,6 +207,7 @@ class Mamba3StepKernel:
             cute.make_tensor(st_ssm, cute.make_layout((batch * H * P, N), stride=(N, 1))),
             flat(st_k, batch * R * H * N),
             flat(st_x, batch * H * P),
+            flat(st_gamma, batch * H),
             flat(out, batch * H * P),
         )
         # min_blocks_per_mp (.minnctapersm) > 0 makes the DSL query the device's smem size
@@ -241,6 +246,7 @@ class Mamba3StepKernel:
         gst_ssm: cute.Tensor,
         gst_k: cute.Tensor,
         gst_x: cute.Tensor,
+        gst_gamma: cute.Tensor,
         gout: cute.Tensor,
     ):
         cfg = self.cfg
@@ -263,6 +269,7 @@ class Mamba3StepKernel:
         dt_in = gdt[bh]
         a_in = ga[bh]
         trap_in = gtrap[bh]
+        gamma_prev_in = gst_gamma[bh]
         angles_in = []  # (raw angle, accumulated angle) of this thread's angles
         for i in cutlass.range_constexpr(-(-S // NT)):
             s = cutlass.min(tid + NT * i, S1 - 1)
@@ -296,7 +303,7 @@ class Mamba3StepKernel:
         s_q = cute.make_tensor(s_kq.iterator + self.NP, self._rows_layout(R, 2))
         s_kp = smem.allocate_tensor(F32, self._rows_layout(R, 1), 16)
         s_u = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
-        s_v = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
+        s_kq_dot = smem.allocate_tensor(F32, cute.make_layout((R, R), stride=(R, 1)), 16)
         s_y = smem.allocate_tensor(F32, cute.make_layout((R, P), stride=(P, 1)), 16)
         s_cs = smem.allocate_tensor(F32, cute.make_layout((2, S1), stride=(S1, 1)), 16)
         s_red = smem.allocate_tensor(F32, cute.make_layout((W, R), stride=(R, 1)), 16)
@@ -315,6 +322,7 @@ class Mamba3StepKernel:
         alpha = cute.math.exp(delta * big_a)
         beta = (F32(1.0) - lam) * delta * alpha
         gamma = lam * delta
+        prev_coeff = alpha * gamma_prev_in.to(F32) + beta  # of the cached token's Σ x̃ kᵀ
         d_h = gd[h].to(F32)  # for phase D, loaded now
 
         # phase A: new angles (cos, sin into smem); normalised, biased B and C; cached k;
@@ -349,9 +357,7 @@ class Mamba3StepKernel:
                 s_xz[0, p] = xv  # for phase D: no global load after the state update
                 s_xz[1, p] = x_in[i][2].to(F32)
                 for r in cutlass.range_constexpr(R):
-                    m = x_in[i][3][r].to(F32)
-                    s_u[r, p] = beta * m * xp
-                    s_v[r, p] = gamma * m * xv
+                    s_u[r, p] = prev_coeff * x_in[i][3][r].to(F32) * xp
         cute.arch.sync_threads()
 
         # phase B: rotate each pair (x0, x1) of k and q in place; then the cache's k
@@ -374,6 +380,9 @@ class Mamba3StepKernel:
                 r = idx // N
                 n = idx % N
                 gst_k[((bi * R + r) * H + h) * N + n] = s_k[r, n].to(gst_k.element_type)
+        if tid == 0:  # every thread read γ_prev before the first barrier
+            gst_gamma[bh] = gamma.to(gst_gamma.element_type)
+        self._kq_dots(s_k, s_q, s_kq_dot, warp, lane)
 
         # phase C: the state rows, a batch at a time (the first already in registers)
         for batch0 in cutlass.range_constexpr(0, self.RT, self.RB):
@@ -382,18 +391,11 @@ class Mamba3StepKernel:
                 rows = self._load_rows(gst_ssm, bh, group, lt, batch0)
             for r in cutlass.range_constexpr(R):
                 kp = _vectors(s_kp, r, V, T, lt, EV)
-                k = _vectors(s_k, r, V, T, lt, EV)
                 for idx, (p, tiles, values) in enumerate(rows):
-                    row = cutlass.min(p, P - 1)
-                    u = s_u[r, row]
-                    v = s_v[r, row]
+                    u = s_u[r, cutlass.min(p, P - 1)]
                     if cutlass.const_expr(r == 0):
                         values = [values[c].to(F32) * alpha for c in range(EV)]
-                    rows[idx] = (
-                        p,
-                        tiles,
-                        [values[c] + kp[c] * u + k[c] * v for c in range(EV)],
-                    )
+                    rows[idx] = (p, tiles, [values[c] + kp[c] * u for c in range(EV)])
             for p, tiles, values in rows:
                 if p < P:
                     for c in cutlass.range_constexpr(EV):
@@ -426,7 +428,10 @@ class Mamba3StepKernel:
         for i, (p, _, xv, _, _, mxs, _, _) in enumerate(pieces):
             ys = []
             for r in cutlass.range_constexpr(R):
-                y = s_y[r, p] + d_h * xv * mxs[r]
+                own = F32(0.0)  # Σ_r' x̃_r' (k_r'·q_r) / x
+                for r2 in cutlass.range_constexpr(R):
+                    own = own + mxs[r2] * s_kq_dot[r2, r]
+                y = s_y[r, p] + (gamma * own + d_h * mxs[r]) * xv
                 if tid + NT * i >= P:
                     y = F32(0.0)
                 ys.append(y)
@@ -465,6 +470,30 @@ class Mamba3StepKernel:
             return cute.make_layout((rows, self.N), stride=(spacing * self.N, 1))
         cols = (8, 4, self.N // 32)
         return cute.make_layout((rows, cols), stride=(spacing * self.NP, (1, 8, 36)))
+
+    @cute.jit
+    def _kq_dots(self, s_k, s_q, dst, warp, lane):
+        """dst[r', r] = k_r'·q_r (y's γ term): warp w forms the products j = w + W·i, each
+        lane a partial sum over its columns, reduced together (`_reduce_many`); with fewer
+        products than warps, the others skip."""
+        N, R, W = self.N, self.R, self.W
+        if warp < R * R:
+            parts = []
+            for i in cutlass.range_constexpr(-(-(R * R) // W)):
+                j = cutlass.min(warp + W * i, R * R - 1)
+                part = F32(0.0)
+                for c in cutlass.range_constexpr(-(-N // 32)):
+                    n = cutlass.min(lane + 32 * c, N - 1)
+                    term = s_k[j // R, n] * s_q[j % R, n]
+                    if cutlass.const_expr(N % 32):  # lanes past N read column N-1 again
+                        term = _select(lane + 32 * c < N, term, F32(0.0))
+                    part = part + term
+                parts.append(part)
+            sums, slots = _reduce_many(parts, 32, lane)
+            for i in cutlass.range_constexpr(len(sums)):
+                j = warp + W * slots[i]
+                if j < R * R:
+                    dst[j // R, j % R] = sums[i]
 
     def _load_rows(self, gst_ssm, bh, group, lt, batch0):
         """Issue the loads of one batch of this thread's state rows: [(p, tiles, values)]."""

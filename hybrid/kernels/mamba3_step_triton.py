@@ -2,9 +2,10 @@
 
 One program per (sequence, head) does the whole token in registers: Δ, A, λ and the
 trapezoidal coefficients; the angle update (wrapped) and the rotation of the normalised,
-biased B and C; the state update α·H + β Σ_r x̃_prev,r k_prev,rᵀ + γ Σ_r x̃_r k_rᵀ written in
-place; y_r = H q_r + D x̃_r; the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the
-mimo_o sum; and the cache's new k and x. The state is read and written once: the kernel is
+biased B and C; the update of the cache's H⁻ = H − γ Σ_r x̃_r k_rᵀ (see `Mamba3State`),
+α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ, written in place; y_r = H⁻ q_r + γ Σ_r' x̃_r'
+(k_r'·q_r) + D x̃_r; the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the mimo_o
+sum; and the cache's new k, x and γ. The state is read and written once: the kernel is
 meant to run at memory bandwidth. headdim, d_state and rank must be powers of two.
 
 The ranks are unrolled loops over the (P, N) state tile, one adding each rank's outer
@@ -93,6 +94,7 @@ def _mamba3_step_kernel(
     st_ssm_ptr,
     st_k_ptr,
     st_x_ptr,
+    st_gamma_ptr,
     out_ptr,
     H,
     G,
@@ -124,6 +126,7 @@ def _mamba3_step_kernel(
     alpha = tl.exp(delta * big_a)
     beta = (1.0 - lam) * delta * alpha
     gamma = lam * delta
+    prev_coeff = alpha * tl.load(st_gamma_ptr + bh) + beta  # of the cached token's Σ x̃ kᵀ
 
     # angles: the new state, and the angle of every rotated dimension
     offs_s = tl.arange(0, S_BLOCK)
@@ -157,21 +160,27 @@ def _mamba3_step_kernel(
     bias_c = cb_ptr + h * R * N
     k_rows = st_k_ptr + (b * R * H + h) * N  # rank r's cached k: + r·H·N
 
-    # state update, in place: α·H + Σ_r β x̃_prev,r k_prev,rᵀ + γ x̃_r k_rᵀ
+    # H⁻ update, in place: α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ; the new k_r and
+    # mimo_x rows kept as (R, N) and (R, P) tiles for y's γ term
     ssm_off = (bh * P + offs_p[:, None]) * N + offs_n[None, :]
     state = alpha * tl.load(st_ssm_ptr + ssm_off).to(tl.float32)
+    offs_r = tl.arange(0, R)
+    k_all = tl.zeros((R, N), dtype=tl.float32)
+    mx_all = tl.zeros((R, P), dtype=tl.float32)
     for r in tl.static_range(R):
         k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner, cos_n,
                          sin_n, bc_eps, N)  # fmt: skip
         k_prev = tl.load(k_rows + r * H * N + offs_n).to(tl.float32)
         mx = _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)
-        state += (beta * mx * x_prev)[:, None] * k_prev[None, :]
-        state += (gamma * mx * x)[:, None] * k[None, :]
+        state += (prev_coeff * mx * x_prev)[:, None] * k_prev[None, :]
+        k_all = tl.where(offs_r[:, None] == r, k[None, :], k_all)
+        mx_all = tl.where(offs_r[:, None] == r, mx[None, :], mx_all)
         tl.debug_barrier()  # every thread has read k_prev,r before its row is overwritten
         tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
     tl.store(st_ssm_ptr + ssm_off, state.to(st_ssm_ptr.dtype.element_ty))
 
-    # output: y_r = H q_r + D x̃_r, optional per-head RMSNorm, gate, rank sum
+    # output: y_r = H⁻ q_r + γ Σ_r' x̃_r' (k_r'·q_r) + D x̃_r, optional per-head RMSNorm, gate,
+    # rank sum
     d = tl.load(d_ptr + h).to(tl.float32)
     if HAS_NORM:
         w = tl.load(onw_ptr + h * P + offs_p).to(tl.float32)
@@ -179,16 +188,21 @@ def _mamba3_step_kernel(
     for r in tl.static_range(R):
         q = _rotated_row(row_c + r * G * N, cnw_ptr, bias_c + r * N, offs_n, partner, cos_n,
                          sin_n, bc_eps, N)  # fmt: skip
-        y = tl.sum(state * q[None, :], axis=1) + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO) * x
+        own = tl.sum(tl.sum(k_all * q[None, :], axis=1)[:, None] * mx_all, axis=0)
+        y = (
+            tl.sum(state * q[None, :], axis=1)
+            + (gamma * own + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)) * x
+        )
         if HAS_NORM:
             y = y / tl.sqrt(tl.sum(y * y, axis=0) / P + out_eps) * w
         zr = _mimo_row(mz_ptr, h, r, R, P, HAS_MIMO) * z
         out += y * zr * tl.sigmoid(zr) * _mimo_row(mo_ptr, h, r, R, P, HAS_MIMO)
     tl.store(out_ptr + bh * P + offs_p, out.to(out_ptr.dtype.element_ty))
 
-    # the rest of the cache: angle (read at the start), raw x
+    # the rest of the cache: angle and γ (read at the start), raw x
     tl.debug_barrier()
     tl.store(st_ang + offs_s, phi_s, mask=smask)
+    tl.store(st_gamma_ptr + bh, gamma)
     tl.store(st_x_ptr + bh * P + offs_p, x.to(st_x_ptr.dtype.element_ty))
 
 
@@ -241,6 +255,7 @@ def mamba3_step_triton(
         state.ssm,
         state.k,
         state.x,
+        state.gamma,
         out,
         n_heads,
         n_groups,

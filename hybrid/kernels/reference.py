@@ -7,7 +7,9 @@ For every head h and token t, with the trapezoidal coefficients of `discretise`:
     o_t = Σ_r mimo_o_r ⊙ [norm(y_{t,r})] ⊙ silu(mimo_z_r ⊙ z_t)
 
 with k = rot(RMSNorm(B) + B_bias, φ_t), q = rot(RMSNorm(C) + C_bias, φ_t) and
-φ_t = φ_{t-1} + Δ_t π tanh(angle_t). Slow by design: every faster path is checked against it.
+φ_t = φ_{t-1} + Δ_t π tanh(angle_t). The state it passes on holds H⁻_t = H_t − γ_t Σ_r x̃_{t,r}
+k_{t,r}ᵀ (see `Mamba3State`); it converts at that boundary and runs the recurrence on H.
+Slow by design: every faster path is checked against it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hybrid.kernels.mamba3_common import (
     gate_output,
     normalize_bc,
     rotate,
+    token_outer,
     wrap_angle,
 )
 
@@ -71,22 +74,25 @@ def mamba3_reference_step(
         options.rotation,
     )
     xr = expand_x(token.x, weights.mimo_x)
-    xr_prev = expand_x(state.x, weights.mimo_x)
+    outer_prev = token_outer(state.x, state.k, weights.mimo_x)
+    k_cached, x_cached = k.to(state.k.dtype), token.x.to(state.x.dtype)
 
-    outer_prev = torch.einsum("brhp,brhn->bhpn", xr_prev, state.k.to(cdt))
-    outer_now = torch.einsum("brhp,brhn->bhpn", xr, k)
     ssm = (
-        alpha[..., None, None] * state.ssm.to(cdt)
-        + beta[..., None, None] * outer_prev
-        + disc.gamma[..., None, None] * outer_now
+        alpha[..., None, None] * state.full_ssm(weights.mimo_x).to(cdt)
+        + beta[..., None, None] * outer_prev.to(cdt)
+        + disc.gamma[..., None, None] * token_outer(token.x, k, weights.mimo_x).to(cdt)
     )
     y = torch.einsum("bhpn,brhn->brhp", ssm, q) + weights.d.to(cdt)[:, None] * xr
     out = gate_output(y, token.z, weights, options)
+    # the cache holds H⁻ = H − γ Σ_r x̃_r k_rᵀ of the values it keeps, so H⁻ + γ Σ x̃ kᵀ
+    # rebuilds H exactly at the next step
+    cached_term = disc.gamma[..., None, None] * token_outer(x_cached, k_cached, weights.mimo_x)
     new_state = Mamba3State(
         angle=phi.to(state.angle.dtype),
-        ssm=ssm.to(state.ssm.dtype),
-        k=k.to(state.k.dtype),
-        x=token.x.to(state.x.dtype),
+        ssm=(ssm - cached_term.to(cdt)).to(state.ssm.dtype),
+        k=k_cached,
+        x=x_cached,
+        gamma=disc.gamma.to(state.gamma.dtype),
     )
     return out.to(token.x.dtype), new_state
 

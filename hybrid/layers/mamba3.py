@@ -260,13 +260,13 @@ class Mamba3(Layer):
         return int(projections + intra + state)
 
     def state_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
-        """SSM state in `state_dtype`, angles in fp32 (at least), last k and x in the
-        activation dtype."""
+        """SSM state in `state_dtype`, angles and the last token's γ in fp32 (at least),
+        last k and x in the activation dtype."""
         h, r, n, p = self.n_heads, self.rank, self.config.d_state, self.config.headdim
         state_dtype = self.config.cache_dtype(dtype)
         angle_dtype = torch.promote_types(state_dtype, torch.float32)
         return (
             state_dtype.itemsize * h * p * n
-            + angle_dtype.itemsize * h * self.n_angles
+            + angle_dtype.itemsize * h * (self.n_angles + 1)
             + dtype.itemsize * (r * h * n + h * p)
         )

@@ -46,7 +46,8 @@ def check_rollout(rank: int, rotation: str, steps: int = 64) -> float:
         expected, exact = mamba3_reference_step(token, weights, options, exact)
         token32 = Mamba3Inputs(*(field.float().contiguous() for field in token))
         out = mamba3_step_triton(token32, weights32, options, mine)
-        worst.append(max(rel_err(out, expected), rel_err(mine.ssm, exact.ssm)))
+        worst.append(max(rel_err(out, expected), rel_err(mine.ssm, exact.ssm),
+                         rel_err(mine.gamma, exact.gamma)))  # fmt: skip
     print(f"rollout R={rank} {rotation}: {steps} steps, error at steps 1/16/64 "
           f"{worst[0]:.1e}/{worst[15]:.1e}/{worst[-1]:.1e}, worst {max(worst):.1e}")  # fmt: skip
     return max(worst)
@@ -88,6 +89,7 @@ def main() -> int:
             rel_err(mine.ssm, expected_state.ssm),
             rel_err(mine.k, expected_state.k) if angles else 0.0,
             rel_err(mine.x, expected_state.x),
+            rel_err(mine.gamma, expected_state.gamma),
         ]
         if angles:
             gap = torch.remainder(mine.angle - expected_state.angle + torch.pi, 2 * torch.pi)
