@@ -74,22 +74,26 @@ def mamba3_reference_step(
         options.rotation,
     )
     xr = expand_x(token.x, weights.mimo_x)
-    outer_prev = token_outer(state.x, state.k, weights.mimo_x)
-    k_cached, x_cached = k.to(state.k.dtype), token.x.to(state.x.dtype)
+    outer_prev = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
+    outer_now = token_outer(token.x, k, weights.mimo_x).to(cdt)
+    full_prev = state.ssm.to(cdt) + state.gamma.to(cdt)[..., None, None] * outer_prev
 
     ssm = (
-        alpha[..., None, None] * state.full_ssm(weights.mimo_x).to(cdt)
-        + beta[..., None, None] * outer_prev.to(cdt)
-        + disc.gamma[..., None, None] * token_outer(token.x, k, weights.mimo_x).to(cdt)
+        alpha[..., None, None] * full_prev
+        + beta[..., None, None] * outer_prev
+        + disc.gamma[..., None, None] * outer_now
     )
     y = torch.einsum("bhpn,brhn->brhp", ssm, q) + weights.d.to(cdt)[:, None] * xr
     out = gate_output(y, token.z, weights, options)
-    # the cache holds H⁻ = H − γ Σ_r x̃_r k_rᵀ of the values it keeps, so H⁻ + γ Σ x̃ kᵀ
-    # rebuilds H exactly at the next step
-    cached_term = disc.gamma[..., None, None] * token_outer(x_cached, k_cached, weights.mimo_x)
+    # the cache holds H⁻ = H − γ Σ_r x̃_r k_rᵀ of the k and x it keeps (rounded to its
+    # dtypes), so H⁻ + γ Σ x̃ kᵀ rebuilds H exactly at the next step
+    k_cached, x_cached = k.to(state.k.dtype), token.x.to(state.x.dtype)
+    outer_cached = outer_now
+    if k_cached.dtype != k.dtype or x_cached.dtype != token.x.dtype:
+        outer_cached = token_outer(x_cached, k_cached, weights.mimo_x).to(cdt)
     new_state = Mamba3State(
         angle=phi.to(state.angle.dtype),
-        ssm=(ssm - cached_term.to(cdt)).to(state.ssm.dtype),
+        ssm=(ssm - disc.gamma[..., None, None] * outer_cached).to(state.ssm.dtype),
         k=k_cached,
         x=x_cached,
         gamma=disc.gamma.to(state.gamma.dtype),
