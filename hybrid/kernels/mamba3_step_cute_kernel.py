@@ -29,18 +29,19 @@ coefficients (α γ_prev + β)·x̃_prev,r[p] (R·P). The cache holds H⁻ = H �
 (`Mamba3State`), so each row is updated once for all R ranks with one product a rank (α·s + Σ_r
 (α γ_prev + β) x̃_prev,r k_prev,r; the new token's γ term waits in the cache for the next step)
 and stored: MIMO adds shared-memory reads and FMAs per element, never state traffic, and the H⁻
-form halves them (bf16 N=128 R=4 on an H100: see BENCHMARKS.md). y_r[p] = Σ_n s q_r is reduced
-over the T lanes of a row for all ranks and rows of a batch together by recursive halving
-(about R·rows + log2 T shuffles instead of R·rows·log2 T; in rank chunks where more than
-Y_PARTS partials would be live beside few state values), the epilogue's per-head weights (L2)
-loaded before those shuffles. A last phase adds γ x[p] Σ_r' mimo_x_r'[p] (k_r'·q_r) (R·R dot
-products, formed by the warps right after the rotation while the state is still in flight,
-reduced together) and D·x̃_r, applies the norm, the silu(mimo_z ⊙ z) gate and the mimo_o sum.
-Where a thread holds at most 32 state values and R ≤ 4, ptxas is asked for 64 registers
-(.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per SM; 0-10% faster on an H100 at the
-benchmark's shapes), 48 for a bf16-state SISO step of 256 threads (5 CTAs), 80 for a bf16-state
-step with R > 4 at 256 threads (3 CTAs). With a bf16 state and R > 2 the shared k/q rows are
-padded against bank conflicts (`_rows_layout`; H100, bf16: 3-10% faster at R=4/8).
+form halves them (H100, bf16 state, R=4: 7-8% faster at N=64, 1% at N=128; R=8 3-5%; SISO 1-3%
+slower: BENCHMARKS.md). y_r[p] = Σ_n s q_r is reduced over the T lanes of a row for all ranks
+and rows of a batch together by recursive halving (about R·rows + log2 T shuffles instead of
+R·rows·log2 T; in rank chunks where more than Y_PARTS partials would be live beside few state
+values), the epilogue's per-head weights (L2) loaded before those shuffles. A last phase adds γ
+x[p] Σ_r' mimo_x_r'[p] (k_r'·q_r) (R·R dot products, formed by the warps right after the
+rotation while the state is still in flight, reduced together) and D·x̃_r, applies the norm,
+the silu(mimo_z ⊙ z) gate and the mimo_o sum. Where a thread holds at most 32 state values and
+R ≤ 4, ptxas is asked for 64 registers (.minnctapersm: 4 CTAs of 256 threads or 8 of 128 per
+SM; 0-10% faster on an H100 at the benchmark's shapes), 48 for a bf16-state SISO step of 256
+threads (5 CTAs), 80 for a bf16-state step with R > 4 at 256 threads (3 CTAs). With a bf16
+state and R > 2 the shared k/q rows are padded against bank conflicts (`_rows_layout`; H100,
+bf16: 3-10% faster at R=4/8).
 """
 
 from __future__ import annotations
