@@ -38,6 +38,8 @@ from hybrid.kernels.triton_math import (
     wrap_angle,
 )
 
+MAX_TILED_RANK = tl.constexpr(2)  # above it, y's γ term goes through the state (see the kernel)
+
 
 @triton.jit
 def _angles(st_ang_ptr, ang_ptr, row, offs, mask, delta, S):
@@ -160,27 +162,37 @@ def _mamba3_step_kernel(
     bias_c = cb_ptr + h * R * N
     k_rows = st_k_ptr + (b * R * H + h) * N  # rank r's cached k: + r·H·N
 
-    # H⁻ update, in place: α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ; the new k_r and
-    # mimo_x rows kept as (R, N) and (R, P) tiles for y's γ term
+    # H⁻ update, in place: α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ. y's γ term
+    # Σ_r' x̃_r' (k_r'·q_r) comes from (R, N) and (R, P) tiles of the new k_r and mimo_x rows
+    # or, at R > MAX_TILED_RANK, where the tiles cost more than R more products (H100, bf16
+    # state, R=4: 14-28% slower), from those products added to the state after its store
     ssm_off = (bh * P + offs_p[:, None]) * N + offs_n[None, :]
     state = alpha * tl.load(st_ssm_ptr + ssm_off).to(tl.float32)
     offs_r = tl.arange(0, R)
     k_all = tl.zeros((R, N), dtype=tl.float32)
     mx_all = tl.zeros((R, P), dtype=tl.float32)
     for r in tl.static_range(R):
-        k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner, cos_n,
-                         sin_n, bc_eps, N)  # fmt: skip
         k_prev = tl.load(k_rows + r * H * N + offs_n).to(tl.float32)
         mx = _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)
         state += (prev_coeff * mx * x_prev)[:, None] * k_prev[None, :]
-        k_all = tl.where(offs_r[:, None] == r, k[None, :], k_all)
-        mx_all = tl.where(offs_r[:, None] == r, mx[None, :], mx_all)
-        tl.debug_barrier()  # every thread has read k_prev,r before its row is overwritten
-        tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
+        if R <= MAX_TILED_RANK:
+            k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner,
+                             cos_n, sin_n, bc_eps, N)  # fmt: skip
+            k_all = tl.where(offs_r[:, None] == r, k[None, :], k_all)
+            mx_all = tl.where(offs_r[:, None] == r, mx[None, :], mx_all)
+            tl.debug_barrier()  # every thread has read k_prev,r before its row is overwritten
+            tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
     tl.store(st_ssm_ptr + ssm_off, state.to(st_ssm_ptr.dtype.element_ty))
+    if R > MAX_TILED_RANK:
+        tl.debug_barrier()  # every thread has read the cached k rows before they are overwritten
+        for r in tl.static_range(R):
+            k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner,
+                             cos_n, sin_n, bc_eps, N)  # fmt: skip
+            tl.store(k_rows + r * H * N + offs_n, k.to(st_k_ptr.dtype.element_ty))
+            state += (gamma * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO) * x)[:, None] * k[None, :]
 
-    # output: y_r = H⁻ q_r + γ Σ_r' x̃_r' (k_r'·q_r) + D x̃_r, optional per-head RMSNorm, gate,
-    # rank sum
+    # output: y_r = H q_r + D x̃_r (H = H⁻ + γ Σ_r' x̃_r' k_r'ᵀ), optional per-head RMSNorm,
+    # gate, rank sum
     d = tl.load(d_ptr + h).to(tl.float32)
     if HAS_NORM:
         w = tl.load(onw_ptr + h * P + offs_p).to(tl.float32)
@@ -188,11 +200,10 @@ def _mamba3_step_kernel(
     for r in tl.static_range(R):
         q = _rotated_row(row_c + r * G * N, cnw_ptr, bias_c + r * N, offs_n, partner, cos_n,
                          sin_n, bc_eps, N)  # fmt: skip
-        own = tl.sum(tl.sum(k_all * q[None, :], axis=1)[:, None] * mx_all, axis=0)
-        y = (
-            tl.sum(state * q[None, :], axis=1)
-            + (gamma * own + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)) * x
-        )
+        y = tl.sum(state * q[None, :], axis=1) + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO) * x
+        if R <= MAX_TILED_RANK:
+            own = tl.sum(tl.sum(k_all * q[None, :], axis=1)[:, None] * mx_all, axis=0)
+            y += gamma * own * x
         if HAS_NORM:
             y = y / tl.sqrt(tl.sum(y * y, axis=0) / P + out_eps) * w
         zr = _mimo_row(mz_ptr, h, r, R, P, HAS_MIMO) * z
