@@ -4,7 +4,8 @@ One program per (sequence, head) does the whole token in registers: Δ, A, λ an
 trapezoidal coefficients; the angle update (wrapped) and the rotation of the normalised,
 biased B and C; the update of the cache's H⁻ = H − γ Σ_r x̃_r k_rᵀ (see `Mamba3State`),
 α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ, written in place; y_r = H⁻ q_r + γ Σ_r' x̃_r'
-(k_r'·q_r) + D x̃_r; the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the mimo_o
+(k_r'·q_r) + D x̃_r (at R > 2 through H = H⁻ + γ Σ_r x̃_r k_rᵀ, formed in registers after the
+store); the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the mimo_o
 sum; and the cache's new k, x and γ. The state is read and written once: the kernel is
 meant to run at memory bandwidth. headdim, d_state and rank must be powers of two.
 
@@ -165,19 +166,20 @@ def _mamba3_step_kernel(
     # H⁻ update, in place: α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ. y's γ term
     # Σ_r' x̃_r' (k_r'·q_r) comes from (R, N) and (R, P) tiles of the new k_r and mimo_x rows
     # or, at R > MAX_TILED_RANK, where the tiles cost more than R more products (H100, bf16
-    # state, R=4: 14-28% slower), from those products added to the state after its store
+    # state, R=4: 14-27% slower), from those products added to the state after its store
     ssm_off = (bh * P + offs_p[:, None]) * N + offs_n[None, :]
     state = alpha * tl.load(st_ssm_ptr + ssm_off).to(tl.float32)
     offs_r = tl.arange(0, R)
     k_all = tl.zeros((R, N), dtype=tl.float32)
     mx_all = tl.zeros((R, P), dtype=tl.float32)
     for r in tl.static_range(R):
+        if R <= MAX_TILED_RANK:  # formed before the update (after it: up to 1.3× the time)
+            k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner,
+                             cos_n, sin_n, bc_eps, N)  # fmt: skip
         k_prev = tl.load(k_rows + r * H * N + offs_n).to(tl.float32)
         mx = _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)
         state += (prev_coeff * mx * x_prev)[:, None] * k_prev[None, :]
         if R <= MAX_TILED_RANK:
-            k = _rotated_row(row_b + r * G * N, bnw_ptr, bias_b + r * N, offs_n, partner,
-                             cos_n, sin_n, bc_eps, N)  # fmt: skip
             k_all = tl.where(offs_r[:, None] == r, k[None, :], k_all)
             mx_all = tl.where(offs_r[:, None] == r, mx[None, :], mx_all)
             tl.debug_barrier()  # every thread has read k_prev,r before its row is overwritten
