@@ -202,10 +202,10 @@ def _mamba3_step_kernel(
     for r in tl.static_range(R):
         q = _rotated_row(row_c + r * G * N, cnw_ptr, bias_c + r * N, offs_n, partner, cos_n,
                          sin_n, bc_eps, N)  # fmt: skip
-        y = tl.sum(state * q[None, :], axis=1) + d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO) * x
+        x_coeff = d * _mimo_row(mx_ptr, h, r, R, P, HAS_MIMO)
         if R <= MAX_TILED_RANK:
-            own = tl.sum(tl.sum(k_all * q[None, :], axis=1)[:, None] * mx_all, axis=0)
-            y += gamma * own * x
+            x_coeff += gamma * tl.sum(tl.sum(k_all * q[None, :], axis=1)[:, None] * mx_all, 0)
+        y = tl.sum(state * q[None, :], axis=1) + x_coeff * x
         if HAS_NORM:
             y = y / tl.sqrt(tl.sum(y * y, axis=0) / P + out_eps) * w
         zr = _mimo_row(mz_ptr, h, r, R, P, HAS_MIMO) * z
