@@ -41,6 +41,7 @@ def _assert_states_close(actual, expected, tol):
     assert rel_err(actual.ssm, expected.ssm) <= tol
     assert rel_err(actual.k, expected.k) <= tol
     assert rel_err(actual.x, expected.x) <= tol
+    assert rel_err(actual.gamma, expected.gamma) <= tol
     assert angle_err(actual.angle, expected.angle) <= 10 * tol
 
 

@@ -130,6 +130,7 @@ def main() -> int:
             "out": rel_err(out, ref_out),
             "ssm": rel_err(final.ssm, ref_final.ssm),
             "k": rel_err(final.k, ref_final.k),
+            "gamma": rel_err(final.gamma, ref_final.gamma),
         }
         for name, ref in ref_leaves.items():
             mine = mine_leaves[name].grad
@@ -144,7 +145,7 @@ def main() -> int:
             f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
             f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
-            f"ssm {errors['ssm']:.1e}, {len(errors) - 3} grads, worst {name_worst} "
+            f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
         )
     print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
