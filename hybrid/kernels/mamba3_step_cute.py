@@ -68,8 +68,9 @@ def unsupported_reason(token: Mamba3Inputs, state: Mamba3State) -> str | None:
         return "does not differentiate (autograd inputs)"
     if any(t.dtype not in CUTE_DTYPES for t in (*token, state.k, state.x)):
         return f"token and cache dtypes must be among {list(CUTE_DTYPES)}"
-    if state.ssm.dtype not in STATE_DTYPES or state.angle.dtype != torch.float32:
-        return "state must be float32 or bfloat16 with float32 angles"
+    float32_parts = (state.angle.dtype, state.gamma.dtype) == (torch.float32, torch.float32)
+    if state.ssm.dtype not in STATE_DTYPES or not float32_parts:
+        return "state must be float32 or bfloat16 with float32 angles and γ"
     if not all(t.is_contiguous() for t in state.tensors()):
         return "state tensors must be contiguous"
     if n_heads % n_groups:
