@@ -1,19 +1,18 @@
 """Triton kernel for the one-token Mamba-3 update (MAMBA3.md §4), SISO and MIMO.
 
-One program per (sequence, head) does the whole token in registers: Δ, A, λ and the
-trapezoidal coefficients; the angle update (wrapped) and the rotation of the normalised,
-biased B and C; the update of the cache's H⁻ = H − γ Σ_r x̃_r k_rᵀ (see `Mamba3State`),
-α·H⁻ + (α γ_prev + β) Σ_r x̃_prev,r k_prev,rᵀ, written in place; y_r = H⁻ q_r + γ Σ_r' x̃_r'
-(k_r'·q_r) + D x̃_r (at R > 2 through H = H⁻ + γ Σ_r x̃_r k_rᵀ, formed in registers after the
-store); the optional pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the mimo_o
-sum; and the cache's new k, x and γ. The state is read and written once: the kernel is
-meant to run at memory bandwidth. headdim, d_state and rank must be powers of two.
+One program per (sequence, head) does the whole token in registers: Δ, A, λ and the trapezoidal
+coefficients; the angle update (wrapped) and the rotation of the normalised, biased B and C;
+the update of the cache's H⁻ = H − γ Σ_r x̃_r k_rᵀ (see `Mamba3State`), α·H⁻ + (α γ_prev + β)
+Σ_r x̃_prev,r k_prev,rᵀ, written in place; y_r = H⁻ q_r + γ Σ_r' x̃_r' (k_r'·q_r) + D x̃_r (at
+R > 2 through H = H⁻ + γ Σ_r x̃_r k_rᵀ, formed in registers after the store); the optional
+pre-gate RMSNorm, the silu(mimo_z ⊙ z) gate and the mimo_o sum; and the cache's new k, x and γ.
+The state is read and written once: the kernel is meant to run at memory bandwidth. headdim,
+d_state and rank must be powers of two.
 
-The ranks are unrolled loops over the (P, N) state tile, one adding each rank's outer
-products to it and one reading each y_r from it, with small programs (64 state values a
-thread): (R, P, N) products summed over R, on 4-8 warps, ran MIMO R=4 at 13-31% of copy
-bandwidth on an H100 and SISO at 38-67%; this form takes 1.3-3.4× less time (see
-BENCHMARKS.md).
+The ranks are unrolled loops over the (P, N) state tile, one adding each rank's outer products
+to it and one reading each y_r from it, with small programs (64 state values a thread): (R, P,
+N) products summed over R, on 4-8 warps, ran MIMO R=4 at 13-31% of copy bandwidth on an H100
+and SISO at 38-67%; this form takes 1.3-3.4× less time (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
