@@ -174,7 +174,7 @@ def test_reference_two_tokens_by_hand():
         expected = y * F.silu(z[0, t, 0])
         assert rel_err(out[0, t, 0], expected) <= 1e-12
         prev_x, prev_k, prev_gamma = xt, k, gamma
-    # the cache holds G = H − γ x kᵀ of the last token, and full_ssm rebuilds H
+    # the cache holds H⁻ = H − γ x kᵀ of the last token, and full_ssm rebuilds H
     assert rel_err(state.ssm[0, 0], hstate - prev_gamma * torch.outer(prev_x, prev_k)) <= 1e-12
     assert rel_err(state.full_ssm(None)[0, 0], hstate) <= 1e-12
     assert abs(state.gamma[0, 0].item() - prev_gamma.item()) <= 1e-15

@@ -34,7 +34,7 @@ MIMO_BWD_WARPS = 2
 MAX_UNROLLED_RANK = 4
 
 
-def mimo_bwd_tokens(rank: int, norm: bool) -> int:
+def mimo_bwd_tokens(norm: bool) -> int:
     """Token block of the MIMO gate backward: 16 with the pre-gate norm, else 32."""
     return 16 if norm else 32
 
@@ -206,7 +206,7 @@ class Mamba3Gate(torch.autograd.Function):
         y, x, z, d, mimo_x, mimo_z, mimo_o, norm_w = ctx.saved_tensors
         tokens, rank, heads, p = y.shape
         mimo, norm = mimo_x is not None, norm_w is not None
-        bt = mimo_bwd_tokens(rank, norm) if rank > 1 else BLOCK_TOKENS
+        bt = mimo_bwd_tokens(norm) if rank > 1 else BLOCK_TOKENS
         blocks = triton.cdiv(tokens, bt)
         f32 = {"device": y.device, "dtype": torch.float32}
         dy = torch.empty_like(y)
