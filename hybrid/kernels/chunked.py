@@ -36,7 +36,6 @@ from hybrid.kernels.mamba3_common import (
     gate_output,
     normalize_bc,
     rotate,
-    token_outer,
     wrap_angle,
 )
 from hybrid.kernels.reference import empty_state_like
@@ -103,9 +102,7 @@ def mamba3_chunked(
 
     beta_next = F.pad(disc.beta_free[:, 1:], (0, 0, 0, 1))
     scale = disc.gamma + beta_next  # (Bt, L, H)
-    # the carried state before token 0: H_{-1} + β'_0 u_{-1} = H⁻_{-1} + (γ_{-1} + β'_0) u_{-1}
-    outer_in = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
-    g = state.ssm.to(cdt) + (state.gamma.to(cdt) + disc.beta_free[:, 0])[..., None, None] * outer_in
+    g = state.full_ssm(weights.mimo_x, disc.beta_free[:, 0]).to(cdt)  # H_{-1} + β'_0 u_{-1}
 
     log_alpha_c, scale_c, gamma_c = (
         _to_chunks(t, chunk_size) for t in (disc.log_alpha, scale, disc.gamma)
@@ -138,14 +135,13 @@ def mamba3_chunked(
     y = y + torch.einsum("bcth,bctrhn,bchpn->bctrhp", cum.exp(), q_c, g_start)
     y = y.flatten(1, 2)[:, :length] + weights.d.to(cdt)[:, None] * xr
     out = gate_output(y, inputs.z, weights, options)
-    k_last, x_last = k[:, -1].to(state.k.dtype), inputs.x[:, -1].to(state.x.dtype)
-    gamma_last = disc.gamma[:, -1]
-    own_term = gamma_last[..., None, None] * token_outer(x_last, k_last, weights.mimo_x).to(cdt)
-    final = Mamba3State(
+    final = Mamba3State.from_full_ssm(
+        g,
         angle=phi[:, -1].to(state.angle.dtype),
-        ssm=(g - own_term).to(state.ssm.dtype),
-        k=k_last,
-        x=x_last,
-        gamma=gamma_last.to(state.gamma.dtype),
+        k=k[:, -1].to(state.k.dtype),
+        x=inputs.x[:, -1].to(state.x.dtype),
+        gamma=disc.gamma[:, -1].to(state.gamma.dtype),
+        mimo_x=weights.mimo_x,
+        ssm_dtype=state.ssm.dtype,
     )
     return out.to(inputs.x.dtype), final

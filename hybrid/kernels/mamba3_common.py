@@ -120,10 +120,36 @@ class Mamba3State:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def full_ssm(self, mimo_x: Tensor | None) -> Tensor:
-        """H_t = H⁻_t + γ_t Σ_r x̃_r k_rᵀ (Bt, H, P, N), in at least float32."""
+    def full_ssm(self, mimo_x: Tensor | None, beta_free: Tensor | None = None) -> Tensor:
+        """H_t = H⁻_t + γ_t Σ_r x̃_r k_rᵀ (Bt, H, P, N), in at least float32. Given the next
+        token's β' (Bt, H), the state a scan carries into it instead: H_t + β' Σ_r x̃_r k_rᵀ."""
         outer = token_outer(self.x, self.k, mimo_x)
-        return self.ssm.to(outer.dtype) + self.gamma.to(outer.dtype)[..., None, None] * outer
+        coeff = self.gamma.to(outer.dtype)
+        if beta_free is not None:
+            coeff = coeff + beta_free.to(outer.dtype)
+        return self.ssm.to(outer.dtype) + coeff[..., None, None] * outer
+
+    @classmethod
+    def from_full_ssm(
+        cls,
+        full: Tensor,
+        *,
+        angle: Tensor,
+        k: Tensor,
+        x: Tensor,
+        gamma: Tensor,
+        mimo_x: Tensor | None,
+        ssm_dtype: torch.dtype,
+        outer: Tensor | None = None,
+    ) -> Mamba3State:
+        """The cache of a token whose state is H (`full`), with k and x as the cache keeps
+        them: ssm = H − γ Σ_r x̃_r k_rᵀ, so `full_ssm` rebuilds H exactly. `outer`: that sum,
+        where the caller has it already."""
+        if outer is None:
+            outer = token_outer(x, k, mimo_x)
+        dtype = torch.promote_types(full.dtype, outer.dtype)
+        ssm = full.to(dtype) - gamma.to(dtype)[..., None, None] * outer.to(dtype)
+        return cls(angle=angle, ssm=ssm.to(ssm_dtype), k=k, x=x, gamma=gamma)
 
 
 def n_rope_angles(d_state: int, rope_fraction: float) -> int:

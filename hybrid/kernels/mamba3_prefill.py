@@ -24,7 +24,6 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Weights,
     compute_dtype,
     is_power_of_two,
-    token_outer,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,12 +108,9 @@ def mamba3_prefill(
     xr = x.unsqueeze(1) if weights.mimo_x is None else mimo_values(x, weights.mimo_x)
     init = None
     if state is not None:
-        cdt = compute_dtype(kdt)
-        # the carried state before each sequence: H⁻_{-1} + (γ_{-1} + β'_0) Σ x̃_{-1} k_{-1}ᵀ
-        outer = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
+        # the state carried into each sequence's first token: H_{-1} + β'_0 u_{-1}
         first = table.seq_starts[:-1].long()
-        coeff = state.gamma.to(cdt) + beta_free[first]
-        init = (state.ssm.to(cdt) + coeff[:, :, None, None] * outer).float()
+        init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(q, k, xr, log_alpha, scale, gamma, init, table, chunk_size)
     out = mamba3_gate(
@@ -125,15 +121,13 @@ def mamba3_prefill(
         return out, None
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
     wide = torch.promote_types(state_dtype, torch.float32)
-    k_last = k[table.seq_ends].to(state.k.dtype if state is not None else kdt)
-    x_last = x[table.seq_ends].to(state.x.dtype if state is not None else kdt)
-    gamma_last = gamma[table.seq_ends].to(wide)
-    own_term = gamma_last[..., None, None] * token_outer(x_last, k_last, weights.mimo_x)
-    final_state = Mamba3State(
+    final_state = Mamba3State.from_full_ssm(
+        final,
         angle=phi[table.seq_ends].to(wide),
-        ssm=(final.to(own_term.dtype) - own_term).to(state_dtype),
-        k=k_last,
-        x=x_last,
-        gamma=gamma_last,
+        k=k[table.seq_ends].to(state.k.dtype if state is not None else kdt),
+        x=x[table.seq_ends].to(state.x.dtype if state is not None else kdt),
+        gamma=gamma[table.seq_ends].to(wide),
+        mimo_x=weights.mimo_x,
+        ssm_dtype=state_dtype,
     )
     return out, final_state

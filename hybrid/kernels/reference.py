@@ -60,7 +60,6 @@ def mamba3_reference_step(
     disc = discretise(token.dt, token.a, token.trap, weights.dt_bias, options)
     cdt = disc.delta.dtype
     alpha = disc.log_alpha.exp()
-    beta = alpha * disc.beta_free
 
     phi = wrap_angle(state.angle.to(cdt) + angle_increments(token.angle, disc.delta))
     k = rotate(
@@ -74,29 +73,25 @@ def mamba3_reference_step(
         options.rotation,
     )
     xr = expand_x(token.x, weights.mimo_x)
-    outer_prev = token_outer(state.x, state.k, weights.mimo_x).to(cdt)
     outer_now = token_outer(token.x, k, weights.mimo_x).to(cdt)
-    full_prev = state.ssm.to(cdt) + state.gamma.to(cdt)[..., None, None] * outer_prev
-
-    ssm = (
-        alpha[..., None, None] * full_prev
-        + beta[..., None, None] * outer_prev
-        + disc.gamma[..., None, None] * outer_now
-    )
+    # α H_{t-1} + β u_{t-1} = α (H_{t-1} + β' u_{t-1}), with β = α β'
+    carried = state.full_ssm(weights.mimo_x, disc.beta_free).to(cdt)
+    ssm = alpha[..., None, None] * carried + disc.gamma[..., None, None] * outer_now
     y = torch.einsum("bhpn,brhn->brhp", ssm, q) + weights.d.to(cdt)[:, None] * xr
     out = gate_output(y, token.z, weights, options)
-    # the cache holds H⁻ = H − γ Σ_r x̃_r k_rᵀ of the k and x it keeps (rounded to its
-    # dtypes), so H⁻ + γ Σ x̃ kᵀ rebuilds H exactly at the next step
+    # the cache's H⁻ subtracts the γ term of the k and x it keeps (rounded to its dtypes);
+    # where they are not rounded, that term's product is this step's
     k_cached, x_cached = k.to(state.k.dtype), token.x.to(state.x.dtype)
-    outer_cached = outer_now
-    if k_cached.dtype != k.dtype or x_cached.dtype != token.x.dtype:
-        outer_cached = token_outer(x_cached, k_cached, weights.mimo_x).to(cdt)
-    new_state = Mamba3State(
+    unrounded = k_cached.dtype == k.dtype and x_cached.dtype == token.x.dtype
+    new_state = Mamba3State.from_full_ssm(
+        ssm,
         angle=phi.to(state.angle.dtype),
-        ssm=(ssm - disc.gamma[..., None, None] * outer_cached).to(state.ssm.dtype),
         k=k_cached,
         x=x_cached,
         gamma=disc.gamma.to(state.gamma.dtype),
+        mimo_x=weights.mimo_x,
+        ssm_dtype=state.ssm.dtype,
+        outer=outer_now if unrounded else None,
     )
     return out.to(token.x.dtype), new_state
 
