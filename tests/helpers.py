@@ -27,6 +27,13 @@ def run_interpreted(script: str) -> str:
     return result.stdout
 
 
+def interpreted_verdict(worst: float, tolerance: float) -> int:
+    """The last line of a tests/interpret script and its exit status (0: within tolerance),
+    which `run_interpreted` asserts on."""
+    print(f"worst {worst:.2e} (tolerance {tolerance:g})")
+    return 0 if worst <= tolerance else 1
+
+
 def named_leaves(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State) -> dict:
     """Every tensor of an op call by name ("in.x", "w.d", "state.ssm"): the leaves a
     gradient check differentiates against."""

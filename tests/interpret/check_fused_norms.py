@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import rel_err
+from helpers import interpreted_verdict, rel_err
 
 from hybrid.kernels.fused_norms import fused_gated_rms_norm, fused_swiglu
 from hybrid.kernels.norms import gated_rms_norm, rms_norm
@@ -57,8 +57,7 @@ def main() -> int:
     h = torch.randn(5, 7, 2 * 24, requires_grad=True)
     worst = max(worst, _compare("swiglu", fused_swiglu,
                                 lambda h: F.silu(h[..., :24]) * h[..., 24:], h))  # fmt: skip
-    print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
-    return 0 if worst <= TOLERANCE else 1
+    return interpreted_verdict(worst, TOLERANCE)
 
 
 if __name__ == "__main__":

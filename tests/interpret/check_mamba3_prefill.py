@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import (
     angle_err,
     from_leaves,
+    interpreted_verdict,
     named_leaves,
     random_inputs,
     random_state,
@@ -148,8 +149,7 @@ def main() -> int:
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
         )
-    print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
-    return 0 if worst <= TOLERANCE else 1
+    return interpreted_verdict(worst, TOLERANCE)
 
 
 if __name__ == "__main__":

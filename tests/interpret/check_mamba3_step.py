@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import random_inputs, random_state, random_weights, rel_err
+from helpers import interpreted_verdict, random_inputs, random_state, random_weights, rel_err
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State
 from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
@@ -99,8 +99,7 @@ def main() -> int:
             f"R={rank} {rotation:<8} norm={norm!s:<5} {activation:<10} G={groups} S={angles} "
             f"P={p} N={n}: " + " ".join(f"{e:.1e}" for e in errors)
         )
-    print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
-    return 0 if worst <= TOLERANCE else 1
+    return interpreted_verdict(worst, TOLERANCE)
 
 
 if __name__ == "__main__":

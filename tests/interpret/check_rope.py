@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import rel_err
+from helpers import interpreted_verdict, rel_err
 
 from hybrid.kernels.rope import rope_triton
 from hybrid.layers.attention import rope_rotate_torch
@@ -52,8 +52,7 @@ def main() -> int:
                     f"D={head_dim} heads={width} positions {tuple(positions.shape)}: "
                     f"out {errors[0]:.1e}, dx {errors[1]:.1e}"
                 )
-    print(f"worst {worst:.2e} (tolerance {TOLERANCE:g})")
-    return 0 if worst <= TOLERANCE else 1
+    return interpreted_verdict(worst, TOLERANCE)
 
 
 if __name__ == "__main__":
