@@ -4,9 +4,10 @@ bf16): forward and forward+backward times, with peers in the same run.
 Rows: our Triton scan (SISO; MIMO R=2 and R=4 at 64 score rows per chunk) as the whole op
 — raw in_proj outputs in, gated output out: discretisation, B/C RMSNorm and bias, angle sums,
 rotation, D and the silu(z) gate included, like the published kernel's "with D and Z" — and
-the scan core alone (prepared q, k, v); the chunked PyTorch path; fla-core's
-`chunk_simple_gla` (Mamba-2-style SSD) and `chunk_gated_delta_rule` (Gated DeltaNet) at equal
-(B, L, H, K=N, V=P); torch SDPA causal attention at the same width (32 heads of 64).
+the scan core alone (prepared q, k and x, with mimo_x for MIMO); the chunked PyTorch path;
+fla-core's `chunk_simple_gla` (Mamba-2-style SSD) and `chunk_gated_delta_rule` (Gated
+DeltaNet) at equal (B, L, H, K=N, V=P); torch SDPA causal attention at the same width (32
+heads of 64).
 
 TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate measured here.
 "host ms" is what the host takes to issue one forward+backward without waiting: where it is
@@ -108,12 +109,13 @@ def core_runner(batch, length, rank, device) -> Callable[[], torch.Tensor]:
 
     q = r(tokens, rank, HEADS, D_STATE)
     k = r(tokens, rank, HEADS, D_STATE)
-    v = r(tokens, rank, HEADS, HEADDIM)
+    x = r(tokens, HEADS, HEADDIM) if rank > 1 else r(tokens, 1, HEADS, HEADDIM)
+    mimo_x = r(HEADS, rank, HEADDIM, dtype=torch.float32) if rank > 1 else None
     a = (-0.05 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
     s = (0.1 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
     g = (0.05 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
     table = ChunkTable.build([b * length for b in range(batch + 1)], CHUNK_ROWS // rank, device)
-    return lambda: mamba3_core(q, k, v, a, s, g, None, table, CHUNK_ROWS // rank)[0]
+    return lambda: mamba3_core(q, k, x, a, s, g, None, table, CHUNK_ROWS // rank, mimo_x)[0]
 
 
 def fla_runner(batch, length, device, kind: str) -> Callable[[], torch.Tensor] | None:

@@ -163,6 +163,12 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def pointer_or(t: Tensor | None, fallback: Tensor) -> Tensor:
+    """An optional tensor as a kernel's pointer argument: where it is absent, any tensor
+    stands in (the kernel's constexpr flag keeps it from being read)."""
+    return t if t is not None else fallback
+
+
 def token_major(t: Tensor) -> Tensor:
     """t itself when each token's entries are contiguous (a column slice of the in_proj
     output, say), else a contiguous copy. The Triton kernels take the token stride as an

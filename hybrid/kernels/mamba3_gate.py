@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import token_major
+from hybrid.kernels.mamba3_common import pointer_or, token_major
 
 BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger
@@ -174,10 +174,6 @@ def _gate_bwd_kernel(
         tl.store(dw_ptr + (blk * H + h) * P + offs, dw)
 
 
-def _or(t: Tensor | None, fallback: Tensor) -> Tensor:
-    return t if t is not None else fallback
-
-
 class Mamba3Gate(torch.autograd.Function):
     """o (T, H, P) from y (T, R, H, P), x and z (T, H, P) and the layer's output weights."""
 
@@ -187,7 +183,7 @@ class Mamba3Gate(torch.autograd.Function):
         out = torch.empty(tokens, heads, p, device=y.device, dtype=x.dtype)
         grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
         _gate_fwd_kernel[grid](
-            y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d), out,
+            y, x, z, d, *(pointer_or(w, d) for w in (mimo_x, mimo_z, mimo_o, norm_w)), out,
             tokens, heads, x.stride(0), z.stride(0), eps, R=rank, P=p, BT=BLOCK_TOKENS,
             HAS_MIMO=mimo_x is not None, HAS_NORM=norm_w is not None, enable_fp_fusion=True,
         )  # fmt: skip
@@ -209,7 +205,7 @@ class Mamba3Gate(torch.autograd.Function):
         per_rank = [torch.empty(blocks, heads, rank, p, **f32) if mimo else dd for _ in range(3)]
         dw = torch.empty(blocks, heads, p, **f32) if norm else dd
         _gate_bwd_kernel[(blocks, heads)](
-            y, x, z, d, _or(mimo_x, d), _or(mimo_z, d), _or(mimo_o, d), _or(norm_w, d),
+            y, x, z, d, *(pointer_or(w, d) for w in (mimo_x, mimo_z, mimo_o, norm_w)),
             dout.contiguous(), dy, dx, dz, dd, *per_rank, dw, tokens, heads, x.stride(0),
             z.stride(0), ctx.eps,
             R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm, ROLLED=rank > MAX_UNROLLED_RANK,

@@ -5,9 +5,9 @@ inputs are one packed row (Bt = 1) of several sequences, each with its own initi
 state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
 sequential across chunks), the per-token coefficients Δ, A, λ and the per-sequence angle sums
 (`mamba3_coefficients`, wrapped as they go, so float32 stays exact over any length), the B/C
-RMSNorm, bias and rotation into per-head k and q (`rotated_bc`), the MIMO values x̃_r
-(`mimo_values`) and the output stage (D skip, pre-gate norm, silu gate, MIMO sum:
-`mamba3_gate`), each with a Triton backward.
+RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage (D skip,
+pre-gate norm, silu gate, MIMO sum: `mamba3_gate`), each with a Triton backward. The MIMO
+values x̃_r = mimo_x[:, r] ⊙ x are formed inside the scan kernels.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ def mamba3_prefill(
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
     from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
-    from hybrid.kernels.mimo_values import mimo_values
     from hybrid.kernels.rotated_bc import rotated_bc
 
     reason = inputs_unsupported_reason(inputs, chunk_size)
@@ -105,14 +104,16 @@ def mamba3_prefill(
         b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,
         options.bc_norm_eps, options.rotation, kdt,
     )  # fmt: skip
-    xr = x.unsqueeze(1) if weights.mimo_x is None else mimo_values(x, weights.mimo_x)
+    values = x.unsqueeze(1) if weights.mimo_x is None else x  # MIMO: x̃ formed in the scan
     init = None
     if state is not None:
         # the state carried into each sequence's first token: H_{-1} + β'_0 u_{-1}
         first = table.seq_starts[:-1].long()
         init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
-    y, final = mamba3_core(q, k, xr, log_alpha, scale, gamma, init, table, chunk_size)
+    y, final = mamba3_core(
+        q, k, values, log_alpha, scale, gamma, init, table, chunk_size, weights.mimo_x
+    )
     out = mamba3_gate(
         y, x, z, weights.d, weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm,
         options.out_norm_eps,

@@ -2,7 +2,10 @@
 
 The core is the G-form of chunked.py with the MIMO rank folded into the rows: per sequence
 and head, rows i = (token τ(i), rank r) in token-major order, per-token log α a_τ, scale s_τ
-(= γ_τ + β'_{τ+1}) and γ_τ, and with A_i the cumulative log α since the sequence start:
+(= γ_τ + β'_{τ+1}) and γ_τ, and with A_i the cumulative log α since the sequence start
+(for MIMO the forward kernels form the value rows v_i = mimo_x[r] ⊙ x_τ where they load
+them, so the forward neither writes nor keeps an R-fold v; the backward materialises it for
+the chunk gradients and reduces their dv to dx and d mimo_x, `mimo_values`):
 
     y_i = Σ_{j: τ(j) ≤ τ(i)} e^{A_i − A_j} w_ij (q_i·k_j) v_j + e^{A_i} G_0 q_i
     w_ij = s_τ(j) if τ(j) < τ(i), γ_τ(j) if τ(j) = τ(i)
@@ -33,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import token_major
+from hybrid.kernels.mamba3_common import pointer_or, token_major
+from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.segment_cumsum import segment_cumsum
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -146,16 +150,40 @@ def _token_weights(cum, s, g, tok, valid):
 
 
 @triton.jit
-def _value_rows(rows, tokens, SV, R: tl.constexpr, H, P: tl.constexpr, h):
-    """Offsets of head h's rows in a (T, R, H, P) tensor whose token stride is SV (v may be a
-    slice of in_proj) while its (rank, head, P) entries are contiguous."""
-    return tokens * SV + (rows - tokens * R) * (H * P) + h * P
+def _stored_values(v_ptr, rows, tokens, SV, h, H, cols, valid, R: tl.constexpr,
+                   P: tl.constexpr):  # fmt: skip
+    """Value rows of head h at columns `cols` from v (T, R, H, P) with token stride SV (v may
+    be a slice of in_proj) and contiguous (rank, head, P) entries."""
+    offs = tokens * SV + (rows - tokens * R) * (H * P) + h * P
+    return tl.load(v_ptr + offs[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
 
 
-@_autotune(["DX", "DY", "R", "BT", "BX", "BY", "REVERSE"])
+@triton.jit
+def _values(v_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SV, h, H, cols, valid,
+            R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, C: tl.constexpr,
+            HAS_MX: tl.constexpr):  # fmt: skip
+    """Value rows of chunk c, head h at columns `cols` (C of them). HAS_MX forms the MIMO
+    rows x̃_(τ,r) = mimo_x[h, r] ⊙ x_τ from x (T, H, P) with token stride SV and mimo_x
+    (H, R, P) fp32: x is read once per token, not per rank, and the rows are rounded to x's
+    dtype as a stored x̃ would be. Otherwise v holds the rows (`_stored_values`)."""
+    if HAS_MX:
+        t = tl.arange(0, BT // R)
+        ok = t < tl.load(ntok_ptr + c)
+        first = tl.load(tok0_ptr + c).to(tl.int64)
+        x = tl.load(v_ptr + ((first + t) * SV + h * P)[:, None] + cols[None, :],
+                    mask=ok[:, None], other=0.0)  # fmt: skip
+        m = tl.load(mx_ptr + ((h * R + tl.arange(0, R)) * P)[:, None] + cols[None, :])
+        v = tl.reshape((x.to(tl.float32)[:, None, :] * m[None, :, :]).to(x.dtype), [BT, C])
+    else:
+        v = _stored_values(v_ptr, rows, tokens, SV, h, H, cols, valid, R, P)
+    return v
+
+
+@_autotune(["DX", "DY", "R", "BT", "BX", "BY", "REVERSE", "HAS_MX"])
 @triton.jit
 def _state_pass_kernel(
     x_ptr,
+    mx_ptr,
     y_ptr,
     a_ptr,
     s_ptr,
@@ -175,6 +203,7 @@ def _state_pass_kernel(
     BY: tl.constexpr,
     HAS_INIT: tl.constexpr,
     REVERSE: tl.constexpr,
+    HAS_MX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One (sequence, head, DX×DY tile): carry S across the sequence's chunks, storing the S
@@ -183,7 +212,8 @@ def _state_pass_kernel(
     Forward: x = v, y = k, coef = e^{A_end − A_i} s_i; states[c] is chunk c's start state.
     REVERSE (chunks last to first): x = dy, y = q, coef = e^{A_i}; states[c] is the gradient
     of chunk c's end state, and the final carry is the initial state's gradient. SX is x's
-    token stride (v may be a slice of in_proj); y is contiguous.
+    token stride (v may be a slice of in_proj; with HAS_MX, x is the MIMO x, `_values`); y is
+    contiguous.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -204,8 +234,8 @@ def _state_pass_kernel(
         else:
             s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
             coef = tl.exp(total - cum) * s
-        x_rows = _value_rows(rows, tokens, SX, R, H, DX, h)
-        xs = tl.load(x_ptr + x_rows[:, None] + ox[None, :], mask=valid[:, None], other=0.0)
+        xs = _values(x_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SX, h, H, ox, valid,
+                     R, DX, BT, BX, HAS_MX)  # fmt: skip
         ys = tl.load(
             y_ptr + rows[:, None] * (H * DY) + h * DY + oy[None, :],
             mask=valid[:, None],
@@ -218,12 +248,13 @@ def _state_pass_kernel(
     tl.store(final_ptr + edge + tile, carry)
 
 
-@_autotune(["N", "P", "R", "BT", "BN", "BP"])
+@_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX"])
 @triton.jit
 def _chunk_output_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    mx_ptr,
     a_ptr,
     s_ptr,
     g_ptr,
@@ -239,6 +270,7 @@ def _chunk_output_kernel(
     BT: tl.constexpr,
     BN: tl.constexpr,
     BP: tl.constexpr,
+    HAS_MX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -258,8 +290,8 @@ def _chunk_output_kernel(
         st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
         readout += tl.dot(q, tl.trans(st), input_precision=PRECISION)
     w, _, _, _ = _token_weights(cum, s, g, tok, valid)
-    v_rows = _value_rows(rows, tokens, SV, R, H, P, h)
-    v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
+    v = _values(v_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SV, h, H, op, valid, R, P,
+                BT, BP, HAS_MX)  # fmt: skip
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
     tl.store(
@@ -305,8 +337,7 @@ def _chunk_grad_kernel(
                                                               g_ptr, c, h, H, R, BT)  # fmt: skip
     op = tl.arange(0, P)
     pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
-    v_rows = _value_rows(rows, tokens, SV, R, H, P, h)
-    v = tl.load(v_ptr + v_rows[:, None] + op[None, :], mask=valid[:, None], other=0.0)
+    v = _stored_values(v_ptr, rows, tokens, SV, h, H, op, valid, R, P)
     dy = tl.load(dy_ptr + pv_offs, mask=valid[:, None], other=0.0)
     state_base = (c.to(tl.int64) * H + h) * (P * N)
 
@@ -367,8 +398,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
+def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
     """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32).
+    x is (T, R, H, DX), or with mx (MIMO weights (H, R, DX)) the (T, H, DX) x they scale.
 
     The carries are stored in y's dtype: the kernels that read them round them to it before
     their tensor-core products anyway, so bf16 storage halves the traffic and changes no
@@ -381,49 +413,57 @@ def _state_pass(x, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
     bx = min(dx, 64)
     grid = (table.n_seq, heads, (dx // bx) * (dy // by))
     _state_pass_kernel[grid](
-        x, y, a, s, states, init if init is not None else final, final,
+        x, pointer_or(mx, s), y, a, s, states, init if init is not None else final, final,
         table.tok0, table.ntok, table.seq_chunk0, heads, x.stride(0),
         DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
-        REVERSE=reverse, PRECISION=_precision(x.dtype), enable_fp_fusion=True,
+        REVERSE=reverse, HAS_MX=mx is not None, PRECISION=_precision(x.dtype),
+        enable_fp_fusion=True,
     )  # fmt: skip
     return states, final
 
 
-def scan_forward(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
+def scan_forward(q, k, v, mx, a, s, g, init, table: ChunkTable, chunk_tokens: int):
     """y (T, R, H, P) in v's dtype, the final states (n_seq, H, P, N) fp32 and the chunks'
-    start states (n_chunks, H, P, N) in the input dtype (kept for the backward)."""
-    rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    start states (n_chunks, H, P, N) in the input dtype (kept for the backward). v is
+    (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P)."""
+    tokens, rank, heads, d_state = q.shape
+    headdim = v.shape[-1]
     chunk_rows = chunk_tokens * rank
-    states, final = _state_pass(v, k, a, s, init, table, rank, chunk_rows, reverse=False)
-    y = _new_output(v.shape, v)
+    states, final = _state_pass(v, mx, k, a, s, init, table, rank, chunk_rows, reverse=False)
+    y = _new_output((tokens, rank, heads, headdim), v)
     bp = min(headdim, 64)
     # MIMO chunks hold fewer tokens: one pass over N = 128 was faster there (H100, 8 × 2048,
     # R=4: 0.81 against 0.91 ms); SISO was not (0.24 against 0.23 ms), nor was the backward
     bn = min(d_state, 128 if rank > 1 else 64)
     grid = (table.n_chunks, heads, headdim // bp)
     _chunk_output_kernel[grid](
-        q, k, v, a, s, g, states, y, table.tok0, table.ntok, heads, v.stride(0),
-        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn, BP=bp,
+        q, k, v, pointer_or(mx, a), a, s, g, states, y, table.tok0, table.ntok, heads, v.stride(0),
+        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn, BP=bp, HAS_MX=mx is not None,
         PRECISION=_precision(q.dtype), enable_fp_fusion=True,
     )  # fmt: skip
     return y, final, states
 
 
-def scan_backward(q, k, v, a, s, g, states, dy, dfinal, table: ChunkTable, chunk_tokens: int):
-    """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes),
-    per-row dA, ds, dγ (fp32) and dinit."""
-    rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+def scan_backward(q, k, v, mx, a, s, g, states, dy, dfinal, table: ChunkTable,
+                  chunk_tokens: int):  # fmt: skip
+    """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes; with
+    mx, dx (T, H, P)), d mimo_x (fp32, or None), per-row dA, ds, dγ (fp32) and dinit."""
+    rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     chunk_rows = chunk_tokens * rank
-    dstates, dinit = _state_pass(dy, q, a, s, dfinal, table, rank, chunk_rows, reverse=True)
-    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))  # contiguous
+    dstates, dinit = _state_pass(dy, None, q, a, s, dfinal, table, rank, chunk_rows, True)
+    rows = v if mx is None else mimo_values(v, mx)  # (T, R, H, P), any token stride
+    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, rows))  # contiguous
     per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
     _chunk_grad_kernel[(table.n_chunks, heads)](
-        q, k, v, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1], per_row[2],
-        table.tok0, table.ntok, heads, v.stride(0),
+        q, k, rows, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1],
+        per_row[2], table.tok0, table.ntok, heads, rows.stride(0),
         N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
         PRECISION=_precision(q.dtype), enable_fp_fusion=True,
     )  # fmt: skip
-    return dq, dk, dv, per_row, dinit
+    if mx is None:
+        return dq, dk, dv, None, per_row, dinit
+    dx, dmx = mimo_values_grad(v, mx, dv)
+    return dq, dk, dx, dmx, per_row, dinit
 
 
 class Mamba3CoreFunction(torch.autograd.Function):
@@ -433,35 +473,42 @@ class Mamba3CoreFunction(torch.autograd.Function):
     rather than recomputed: one state pass fewer per training step."""
 
     @staticmethod
-    def forward(ctx, q, k, v, a, s, g, init, table, chunk_tokens):
+    def forward(ctx, q, k, v, mx, a, s, g, init, table, chunk_tokens):
         ctx.set_materialize_grads(False)  # training leaves G_T unused: no zeros, no work
-        y, final, states = scan_forward(q, k, v, a, s, g, init, table, chunk_tokens)
-        ctx.save_for_backward(q, k, v, a, s, g, init, states, final)
+        y, final, states = scan_forward(q, k, v, mx, a, s, g, init, table, chunk_tokens)
+        ctx.save_for_backward(q, k, v, mx, a, s, g, init, states, final)
         ctx.table, ctx.chunk_tokens = table, chunk_tokens
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        q, k, v, a, s, g, init, states, final = ctx.saved_tensors
+        q, k, v, mx, a, s, g, init, states, final = ctx.saved_tensors
         table = ctx.table
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(v)
+        dy = (
+            dy.contiguous()
+            if dy is not None
+            else torch.zeros((*q.shape[:3], v.shape[-1]), device=v.device, dtype=v.dtype)
+        )
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        dq, dk, dv, per_row, dinit = scan_backward(
-            q, k, v, a, s, g, states, dy, dfinal, table, ctx.chunk_tokens
+        dq, dk, dv, dmx, per_row, dinit = scan_backward(
+            q, k, v, mx, a, s, g, states, dy, dfinal, table, ctx.chunk_tokens
         )
         # (T, H) each: the ranks of a token summed
         da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
         if dfinal is not None:
             da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
         da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
-        return dq, dk, dv, da, ds, dg, dinit if init is not None else None, None, None
+        dinit = dinit if init is not None else None
+        return dq, dk, dv, dmx, da, ds, dg, dinit, None, None
 
 
-def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int):
-    """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P) (any token stride); a, s, g:
-    (T, H) fp32; init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H, P) and G_T
-    (n_seq, H, P, N)."""
+def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int, mimo_x=None):
+    """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P), or with `mimo_x` (H, R, P)
+    the MIMO x (T, H, P) whose rows x̃_r = mimo_x[:, r] ⊙ x the kernels form (any token
+    stride); a, s, g: (T, H) fp32; init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H,
+    P) and G_T (n_seq, H, P, N)."""
+    mx = mimo_x.float().contiguous() if mimo_x is not None else None
     return Mamba3CoreFunction.apply(
-        q.contiguous(), k.contiguous(), token_major(v), a.contiguous(), s.contiguous(),
+        q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
         g.contiguous(), init.contiguous() if init is not None else None, table, chunk_tokens,
     )  # fmt: skip

@@ -1,11 +1,12 @@
-"""The MIMO values x̃_r = mimo_x[h, r] ⊙ x of the Mamba-3 prefill in Triton, forward and
-backward.
+"""The MIMO values x̃_r = mimo_x[h, r] ⊙ x for the scan's backward, in Triton.
 
-In PyTorch the broadcast product ran in float32 through a non-vectorised kernel, then a cast,
-and its backward reduced an R-times-larger float32 tensor over the tokens: ~1.9 ms of an 8 ×
-2048 MIMO R=4 step. One program here reads a block of x once, writes every rank's rows in
-the activation dtype, and in the backward sums the ranks for dx and its tokens for d mimo_x
-(a per-block partial the caller adds).
+The forward scan kernels form x̃ where they load their value rows (`mamba3_prefill_core`), so
+the forward neither writes nor keeps an R-fold x̃. The chunk-gradient kernel reads it
+materialised (`mimo_values`, at the start of the backward): forming it there too made that
+kernel slower than this pass costs (H100, 8 × 2048, R=4: BENCHMARKS.md). Its per-row dx̃ is
+then reduced (`mimo_values_grad`): one program reads a block of tokens once, sums the ranks
+for dx and its tokens for d mimo_x (a per-block partial the caller adds). In PyTorch the
+broadcast product and its reduction cost ~1.9 ms of an 8 × 2048 MIMO R=4 step.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from hybrid.kernels.mamba3_common import token_major
 
 BLOCK_TOKENS = 32  # H100, 8 × 2048, R=4: backward 0.19 ms against 0.36 ms at 16 tokens
 
@@ -59,44 +58,28 @@ def _values_bwd_kernel(x_ptr, w_ptr, dxr_ptr, dx_ptr, dw_ptr, T, H, SX,
     tl.store(dw_ptr + pid * (H * R * P) + w_offs, tl.sum(dxr * x[:, None, :], 0))
 
 
-class MimoValues(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, mimo_x: Tensor) -> Tensor:
-        tokens, heads, p = x.shape
-        rank = mimo_x.shape[1]
-        xr = torch.empty(tokens, rank, heads, p, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
-        _values_fwd_kernel[grid](
-            x,
-            mimo_x,
-            xr,
-            tokens,
-            heads,
-            x.stride(0),
-            R=rank,
-            P=p,
-            BT=BLOCK_TOKENS,
-            enable_fp_fusion=True,
-        )
-        ctx.save_for_backward(x, mimo_x)
-        return xr
-
-    @staticmethod
-    def backward(ctx, dxr: Tensor):
-        x, mimo_x = ctx.saved_tensors
-        tokens, heads, p = x.shape
-        rank = mimo_x.shape[1]
-        blocks = triton.cdiv(tokens, BLOCK_TOKENS)
-        dx = torch.empty(tokens, heads, p, device=x.device, dtype=x.dtype)
-        dw = torch.empty(blocks, heads, rank, p, device=x.device, dtype=torch.float32)
-        _values_bwd_kernel[(blocks, heads)](
-            x, mimo_x, dxr.contiguous(), dx, dw, tokens, heads, x.stride(0),
-            R=rank, P=p, BT=BLOCK_TOKENS, enable_fp_fusion=True,
-        )  # fmt: skip
-        return dx, dw.sum(0)
-
-
 def mimo_values(x: Tensor, mimo_x: Tensor) -> Tensor:
-    """x (T, H, P) (any token stride), mimo_x (H, R, P) -> x̃ (T, R, H, P) in x's dtype;
-    differentiable in both. P and R must be powers of two (the prefill's own requirement)."""
-    return MimoValues.apply(token_major(x), mimo_x.float().contiguous())
+    """x̃ (T, R, H, P) in x's dtype from x (T, H, P) (any token stride with contiguous (H, P)
+    entries) and mimo_x (H, R, P) fp32 contiguous."""
+    tokens, heads, p = x.shape
+    rank = mimo_x.shape[1]
+    xr = torch.empty(tokens, rank, heads, p, device=x.device, dtype=x.dtype)
+    _values_fwd_kernel[(triton.cdiv(tokens, BLOCK_TOKENS), heads)](
+        x, mimo_x, xr, tokens, heads, x.stride(0), R=rank, P=p, BT=BLOCK_TOKENS,
+        enable_fp_fusion=True,
+    )  # fmt: skip
+    return xr
+
+
+def mimo_values_grad(x: Tensor, mimo_x: Tensor, dxr: Tensor) -> tuple[Tensor, Tensor]:
+    """dx (T, H, P) in x's dtype and d mimo_x (H, R, P) fp32 from dx̃ (T, R, H, P)."""
+    tokens, heads, p = x.shape
+    rank = mimo_x.shape[1]
+    blocks = triton.cdiv(tokens, BLOCK_TOKENS)
+    dx = torch.empty(tokens, heads, p, device=x.device, dtype=x.dtype)
+    dw = torch.empty(blocks, heads, rank, p, device=x.device, dtype=torch.float32)
+    _values_bwd_kernel[(blocks, heads)](
+        x, mimo_x, dxr.contiguous(), dx, dw, tokens, heads, x.stride(0),
+        R=rank, P=p, BT=BLOCK_TOKENS, enable_fp_fusion=True,
+    )  # fmt: skip
+    return dx, dw.sum(0)
