@@ -2,12 +2,11 @@
 d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=2 and R=4, fp32
 and bf16 SSM state (Table 6's columns), bf16 token inputs, plus MIMO R=4 with an fp32 state
 and fp32 inputs (the case where the published step falls to 19% of copy). Our CuTe DSL and
-Triton kernels
-against the PyTorch step (the oracle's token update) in the same run, each timed in CUDA
-graphs of consecutive steps (common.graphed_step_timing). Bandwidth is given two ways: all
-bytes the step must move (state read + written, cached k and x read + written, the token's
-inputs, the output), and the state's read + write only (what the paper's figure counts),
-each over the device-to-device copy bandwidth measured in the run.
+Triton kernels against the PyTorch step (the oracle's token update) in the same run, each
+timed in CUDA graphs of consecutive steps (common.graphed_step_timing). Bandwidth is given
+two ways: all bytes the step must move (state read + written, cached k and x read + written,
+the token's inputs, the output), and the state's read + write only (what the paper's figure
+counts), each over the device-to-device copy bandwidth measured in the run.
 
     python experiments/bench/decode.py [--out results.json]
 """
@@ -31,17 +30,17 @@ from hybrid.kernels.mamba3_decode import backend_unavailable, mamba3_step
 def problem(batch, heads, p, n, r, device, state_dtype=torch.float32, inputs=torch.bfloat16):
     """One step's tensors: token inputs and the cached k, x in `inputs`, weights in fp32."""
     s = n // 4  # rope fraction 0.5
-    bf = {"device": device, "dtype": inputs}
+    tok = {"device": device, "dtype": inputs}
     f32 = {"device": device, "dtype": torch.float32}
     token = Mamba3Inputs(
-        torch.randn(batch, heads, p, **bf),
-        torch.randn(batch, heads, p, **bf),
-        torch.randn(batch, r, 1, n, **bf),
-        torch.randn(batch, r, 1, n, **bf),
-        torch.randn(batch, heads, **bf),
-        torch.randn(batch, heads, **bf),
-        torch.randn(batch, heads, **bf),
-        torch.randn(batch, s, **bf),
+        torch.randn(batch, heads, p, **tok),
+        torch.randn(batch, heads, p, **tok),
+        torch.randn(batch, r, 1, n, **tok),
+        torch.randn(batch, r, 1, n, **tok),
+        torch.randn(batch, heads, **tok),
+        torch.randn(batch, heads, **tok),
+        torch.randn(batch, heads, **tok),
+        torch.randn(batch, s, **tok),
     )
     mimo = r > 1
     weights = Mamba3Weights(
@@ -56,8 +55,8 @@ def problem(batch, heads, p, n, r, device, state_dtype=torch.float32, inputs=tor
     state = Mamba3State(
         torch.rand(batch, heads, s, **f32) * 6,
         torch.randn(batch, heads, p, n, device=device).to(state_dtype),
-        torch.randn(batch, r, heads, n, **bf),
-        torch.randn(batch, heads, p, **bf),
+        torch.randn(batch, r, heads, n, **tok),
+        torch.randn(batch, heads, p, **tok),
         torch.rand(batch, heads, **f32) * 0.2,
     )
     moved = (
