@@ -82,6 +82,14 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _switch(text: str) -> bool | None:
+    """true / false, or auto (None: the default decides)."""
+    choices = {"true": True, "false": False, "auto": None}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of true, false, auto")
+    return choices[text.lower()]
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pattern", required=True, help="e.g. 'M-M-M-*-'")
     parser.add_argument("--d-model", type=int, required=True)
@@ -116,6 +124,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             "float": float,
             "float | None": float,
             "str": str,
+            "bool | None": _switch,
         }[f.type]
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",

@@ -4,13 +4,13 @@ AdamW with decay on matrix weights only, warm-up then cosine / WSD / constant le
 gradient clipping, bf16 autocast on CUDA (fp32 on CPU), a budget in tokens, steps and/or
 seconds (whichever ends first), fixed seeds for init and data order, a tqdm bar, callbacks
 for the loss curve, and a hard stop with `TrainingDiverged` on a non-finite loss or gradient.
+On CUDA the step is replayed from a CUDA graph (`train_step`).
 With a checkpoint path the run saves itself every `checkpoint_every` steps and a re-run
 resumes where it stopped, seeing the same batches (they are a function of seed and step).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -23,20 +23,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
 from hybrid.errors import invalid
 from hybrid.model import HybridLM
 from hybrid.token_cache import TokenData, train_batch, validation_windows
+from hybrid.train_step import StepStats, TrainStep, autocast, plain_param_groups, use_cuda_graph
+from hybrid.train_step import TrainingDiverged as TrainingDiverged  # train() raises it
 
 SCHEDULES = ("cosine", "wsd", "constant")
 Callback = Callable[[str, dict[str, float]], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient stopped being finite."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,7 @@ class TrainConfig:
     eval_every: int | None = None
     log_every: int = 10
     checkpoint_every: int = 200
+    cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "eval_tokens", "log_every", "checkpoint_every"):
@@ -85,6 +84,14 @@ class TrainConfig:
                 raise invalid(f"train.{name}", getattr(self, name), "a fraction in [0, 1]")
         if self.eval_every is not None and self.eval_every < 1:
             raise invalid("train.eval_every", self.eval_every, "a positive integer or null")
+        if self.cuda_graph not in (None, True, False):
+            raise invalid("train.cuda_graph", self.cuda_graph, "true, false or null (auto)")
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that decide what is trained: all but how the step is issued."""
+        settings = dataclasses.asdict(self)
+        del settings["cuda_graph"]
+        return settings
 
     @property
     def tokens_per_step(self) -> int:
@@ -135,24 +142,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def read_step(step: int, lr: float, loss: Tensor, grad_norm: Tensor) -> tuple[float, float]:
-    """A step's loss and gradient norm as numbers (waits for its kernels); TrainingDiverged
-    when either is not finite."""
-    loss_value, grad_value = loss.item(), grad_norm.item()
-    if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-        raise TrainingDiverged(
-            f"training diverged at step {step}: loss={loss_value}, grad norm={grad_value} "
-            f"(lr={lr:.3g}); lower train.lr or check the data"
-        )
-    return loss_value, grad_value
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def evaluate(
     model: HybridLM, data: TokenData, seq_len: int, max_tokens: int, batch_size: int
@@ -167,7 +156,7 @@ def evaluate(
     nll, count, n_bytes = 0.0, 0, 0
     for batch in windows.split(batch_size):
         inputs, targets = batch[:, :-1].to(device), batch[:, 1:]
-        with _autocast(device):
+        with autocast(device):
             logits = model(inputs)
         nll += F.cross_entropy(
             logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
@@ -192,7 +181,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 def _run_identity(model_config: ModelConfig, config: TrainConfig, data: TokenData) -> dict:
-    return {"model": model_config.to_dict(), "train": dataclasses.asdict(config), "data": data.key}
+    return {"model": model_config.to_dict(), "train": config.recipe(), "data": data.key}
 
 
 def train(
@@ -207,6 +196,7 @@ def train(
 ) -> TrainResult:
     """Build the model (seeded), train it on `data` for the budget, evaluate it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    graphed = use_cuda_graph(config.cuda_graph, device)
     if model_config.vocab_size < data.tokenizer.vocab_size:
         raise invalid(
             "vocab_size",
@@ -235,6 +225,7 @@ def train(
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        plain_param_groups(optimizer)
         step, elapsed_before, curve, done = (
             state["step"],
             state["elapsed_s"],
@@ -262,10 +253,10 @@ def train(
             callback(event, values)
 
     model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # A step's loss and gradient norm are read (a host-device sync) one step late, after the
-    # next step is queued, so the device never idles waiting for the host between steps.
-    unread: tuple[int, float, Tensor, Tensor] | None = None
+    run_step = TrainStep(model, optimizer, config.grad_clip, graphed, config.cuda_graph is True)
+    # A step's loss and gradient norm are read one step late, after the next step is queued,
+    # so the device never idles waiting for the host between steps.
+    unread: StepStats | None = None
     loss_value = grad_value = math.nan
     started, first_step = time.perf_counter(), step
     elapsed = elapsed_before
@@ -279,24 +270,16 @@ def train(
     )
     while not done and config.progress(step, elapsed) < 1:
         lr = config.lr_at(config.progress(step, elapsed))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         inputs, targets = (
             t.to(device, non_blocking=True)
             for t in train_batch(
                 data.train, config.batch_size, config.seq_len, config.data_seed, step
             )
         )
-        with _autocast(device):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+        queued = StepStats.queue(step, lr, *run_step(inputs, targets, lr))
         if unread is not None:  # the previous step's, done by now or nearly
-            loss_value, grad_value = read_step(*unread)
-        unread = (step, lr, loss.detach(), grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            loss_value, grad_value = unread.read()
+        unread = queued
         step += 1
         now = time.perf_counter()
         elapsed = elapsed_before + now - started
@@ -304,7 +287,7 @@ def train(
         saving = step % config.checkpoint_every == 0
         evaluating = bool(config.eval_every) and step % config.eval_every == 0
         if reporting or saving or evaluating:  # nothing is logged or saved unchecked
-            loss_value, grad_value = read_step(*unread)
+            loss_value, grad_value = unread.read()
             unread = None
             now = time.perf_counter()  # after the sync: rates count finished work
             elapsed = elapsed_before + now - started
@@ -336,7 +319,8 @@ def train(
             save(finished=False)
     bar.close()
     if unread is not None:
-        read_step(*unread)
+        unread.read()
+    run_step.close()
     save(finished=True)
     metrics = evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size)
     metrics.update(

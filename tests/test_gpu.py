@@ -95,35 +95,6 @@ def test_hybrid_decode_on_cuda_matches_forward(dtype, tol):
     assert rel_err(torch.cat(steps, dim=1).float(), full.float()) <= tol
 
 
-def test_training_on_cuda_with_bf16_autocast(tmp_path):
-    pytest.importorskip("datasets", reason="corpora load through `datasets` (carry .whl)")
-    from hybrid.data import CorpusSpec
-    from hybrid.token_cache import prepare_data
-    from hybrid.train import TrainConfig, train
-
-    for i in range(8):
-        (tmp_path / f"{i}.txt").write_text(
-            f"Scene {i}. " + "Now is the winter of our discontent. " * 80
-        )
-    data = prepare_data(CorpusSpec(str(tmp_path), val_fraction=0.2))
-    config = ModelConfig.from_pattern(
-        "M-*-",
-        d_model=128,
-        mamba3={"d_state": 32, "headdim": 32, "mimo_rank": 2},
-        attention={"n_heads": 2},
-    )
-    result = train(
-        config,
-        data,
-        TrainConfig(batch_size=8, seq_len=128, steps=60, log_every=10, eval_tokens=1024),
-        device=CUDA,
-        progress=False,
-    )
-    losses = [e["loss"] for e in result.curve]
-    assert losses[-1] < 0.5 * losses[0]
-    assert result.metrics["val_loss"] < 2.0
-
-
 def test_cuda_graph_of_a_hybrid_step_replays_the_eager_step():
     import copy
 

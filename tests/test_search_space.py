@@ -97,6 +97,7 @@ BAD = [
     (_set("search.sampler", "cmaes"), "search.sampler: Input should be 'tpe'"),
     (_set("train.steps", None), "train: train.tokens/steps/seconds=None is invalid"),
     (_set("model.mamba3.mimo_rank", {"lo": 1}), "model.mamba3.mimo_rank.low: Field required"),
+    (_set("train.cuda_graph", "sometimes"), "train.cuda_graph: Input should be a valid boolean"),
 ]
 
 
@@ -161,6 +162,9 @@ def test_trial_to_model_is_deterministic_and_shown():
     assert a.pattern == b.pattern == "*-M-M-M-" and a.key == b.key
     assert a.model.layers[2].config.mimo_rank == 2 and a.train.lr == 2e-3
     assert space.plan({**params, "train.lr": 3e-3}).key != a.key
+    graphless = parse_space(_text(_set("train.cuda_graph", False))).plan(params)
+    assert graphless.train.cuda_graph is False and a.train.cuda_graph is None
+    assert graphless.key == a.key  # how the step is issued is not part of the recipe
 
 
 @pytest.mark.parametrize(

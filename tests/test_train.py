@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -16,6 +17,7 @@ from hybrid.data import CorpusSpec
 from hybrid.model import HybridLM
 from hybrid.token_cache import prepare_data, train_batch
 from hybrid.train import TrainConfig, TrainingDiverged, param_groups, train
+from hybrid.train_step import plain_param_groups
 
 TINY = ModelConfig.from_pattern(
     "M-*-",
@@ -76,7 +78,9 @@ def test_interrupted_run_resumes_to_the_same_result(shakespeare, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(TINY, shakespeare, config, progress=False, checkpoint=ckpt, callbacks=[crash_at_25])
     assert torch.load(ckpt, weights_only=False)["step"] == 20
-    resumed = train(TINY, shakespeare, config, progress=False, checkpoint=ckpt)
+    # the resumed run may issue its steps differently: cuda_graph is not part of the identity
+    eager = dataclasses.replace(config, cuda_graph=False)
+    resumed = train(TINY, shakespeare, eager, progress=False, checkpoint=ckpt)
     assert resumed.metrics["val_loss"] == reference.metrics["val_loss"]
     assert [e["loss"] for e in resumed.curve] == [e["loss"] for e in reference.curve]
     finished = train(TINY, shakespeare, config, progress=False, checkpoint=ckpt)
@@ -194,3 +198,19 @@ def test_cli_train_prints_the_curve_and_writes_metrics(tmp_path, capsys):
         == 2
     )
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_cuda_graph_setting_is_checked(shakespeare):
+    with pytest.raises(ValueError, match=r"train.cuda_graph='yes' is invalid; allowed: true"):
+        TrainConfig(steps=1, cuda_graph="yes")
+    with pytest.raises(ValueError, match=r"train.cuda_graph=True is invalid; allowed: false or"):
+        train(TINY, shakespeare, _config(steps=2, cuda_graph=True), device="cpu", progress=False)
+
+
+def test_a_graphed_runs_checkpointed_optimizer_loads_as_an_eager_one():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    graphed = torch.optim.AdamW([weight], lr=torch.tensor(2e-3), capturable=True)
+    plain_param_groups(graphed)
+    group = graphed.param_groups[0]
+    assert group["lr"] == pytest.approx(2e-3) and isinstance(group["lr"], float)
+    assert group["capturable"] is False

@@ -93,11 +93,11 @@ def time_ms(
 def graphed_step_timing(
     step: Callable[[], object], device: torch.device, steps: int = GRAPH_STEPS, reps: int = 20
 ) -> Timing:
-    """Per-call device time of a short `step` (a decode step) from a CUDA graph of `steps`
-    consecutive calls. Events around a single replay also time the host's graph launch: the
-    GPU has reached the start event before the kernels arrive (~8 µs on an H100: 5-13% of
-    a 60-150 µs Mamba-3 step). Back to back, as a decoding model runs its layers, only the
-    in-graph gap between kernels remains."""
+    """Per-call device time of `step` (a decode step, a forward+backward) from a CUDA graph
+    of `steps` consecutive calls. Events around a single replay also time the host's graph
+    launch: the GPU has reached the start event before the kernels arrive (~8 µs on an H100:
+    5-13% of a 60-150 µs Mamba-3 step). Back to back, as a decoding model runs its layers,
+    only the in-graph gap between kernels remains."""
     graph = capture_cuda_graph(lambda: [step() for _ in range(steps)])
     timing = time_ms(graph, device, reps=reps)
     return Timing(timing.median_ms / steps, timing.iqr_ms / steps)

@@ -11,7 +11,8 @@ heads of 64).
 
 TFLOP/s counts the core's matmul FLOPs (below) against the bf16 matmul rate measured here.
 "host ms" is what the host takes to issue one forward+backward without waiting: where it is
-close to "f+b ms" the op is launch-bound and its time follows the host's speed.
+close to "f+b ms" the op is launch-bound and its time follows the host's speed. "graph ms" is
+the forward+backward replayed from a CUDA graph: the device's time alone, whatever the host.
 
     python experiments/bench/prefill.py            # the H100 run in BENCHMARKS.md
     python experiments/bench/prefill.py --quick    # one small shape, a smoke test
@@ -32,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, issue_ms, measure_ceilings, time_ms, training_step
+from common import (
+    describe_device,
+    graphed_step_timing,
+    issue_ms,
+    measure_ceilings,
+    time_ms,
+    training_step,
+)
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
 from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
@@ -150,10 +158,10 @@ def sdpa_runner(batch, length, device) -> Callable[[], torch.Tensor]:
 
 
 def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
-    """(forward ms, forward+backward ms, host ms to issue a forward+backward, note); None
-    where it runs out of memory or the kernel refuses (fla refuses its gated backward on
-    Triton < 3.7.1 on Hopper, fla #640)."""
-    fwd = both = host = None
+    """(forward ms, forward+backward ms, host ms to issue a forward+backward, the same from a
+    CUDA graph, note); None where it runs out of memory or the kernel refuses (fla refuses its
+    gated backward on Triton < 3.7.1 on Hopper, fla #640)."""
+    fwd = both = host = graphed = None
     note = ""
     try:
         with torch.no_grad():
@@ -161,13 +169,15 @@ def timed(fn: Callable[[], torch.Tensor], device) -> tuple[float | None, ...]:
         train = training_step(fn)
         both = time_ms(train, device, warmup=2, reps=10).median_ms
         host = issue_ms(train, device)
+        if device.type == "cuda":
+            graphed = graphed_step_timing(train, device, steps=2, reps=10).median_ms
     except torch.OutOfMemoryError:
         note = "out of memory"
     except RuntimeError as err:
         note = str(err).split(".")[0][:80]
     finally:
         torch.cuda.empty_cache()
-    return fwd, both, host, note
+    return fwd, both, host, graphed, note
 
 
 def rows_for(batch, length, device, only: str | None):
@@ -197,13 +207,13 @@ def rows_for(batch, length, device, only: str | None):
         if fn is None:
             out.append({"kernel": name, "batch": batch, "seq_len": length, "missing": True})
             continue
-        fwd, both, host, note = timed(fn, device)
+        fwd, both, host, graphed, note = timed(fn, device)
         flops = core_flops(batch * length, rank) if rank else None
         if rank is None:  # causal attention: QK and PV over the lower triangle
             flops = 2 * 2 * batch * HEADS * length * length * HEADDIM / 2
         out.append(
             {"kernel": name, "batch": batch, "seq_len": length, "fwd_ms": fwd,
-             "fwd_bwd_ms": both, "fwd_bwd_host_ms": host,
+             "fwd_bwd_ms": both, "fwd_bwd_host_ms": host, "fwd_bwd_graph_ms": graphed,
              "fwd_tflops": flops / fwd / 1e9 if fwd else None,
              "fwd_bwd_tflops": 3.5 * flops / both / 1e9 if both else None, "note": note}
         )  # fmt: skip
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(
         f"{'kernel':<26}{'B':>3}{'L':>7}{'fwd ms':>9}{'f+b ms':>9}{'host ms':>9}"
-        f"{'fwd TF/s':>10}{'f+b TF/s':>10}"
+        f"{'graph ms':>10}{'fwd TF/s':>10}{'f+b TF/s':>10}"
     )
     for batch, length in shapes:
         for row in rows_for(batch, length, device, args.only):
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
             print(
                 f"{row['kernel']:<26}{batch:>3}{length:>7}{f('fwd_ms'):>9}{f('fwd_bwd_ms'):>9}"
-                f"{f('fwd_bwd_host_ms'):>9}{f('fwd_tflops', '.1f'):>10}"
+                f"{f('fwd_bwd_host_ms'):>9}{f('fwd_bwd_graph_ms'):>10}{f('fwd_tflops', '.1f'):>10}"
                 f"{f('fwd_bwd_tflops', '.1f'):>10}"
                 f"  {row.get('note', '')}"
             )
@@ -284,8 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\nours SISO (op) vs the published Mamba-3 SISO kernel (ratio < 1 is faster):")
     for shape in compared:
         (fwd, both), r = PAPER[shape], ours[shape]
+        graph = r.get("fwd_bwd_graph_ms")
         print(f"  B={shape[0]} L={shape[1]}: fwd {r['fwd_ms'] / fwd:.2f}x, "
-              f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x")  # fmt: skip
+              f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x"
+              + (f" (from a CUDA graph {graph / both:.2f}x)" if graph else ""))  # fmt: skip
     if args.out:
         meta = {"device": describe_device(device), "ceilings": str(ceilings)}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -1,13 +1,14 @@
 """Training throughput through the real training loop (`hybrid.train.train`, bf16 autocast on
 CUDA): ~20M-parameter models (a 3:1 Mamba-3:attention hybrid and a pure Mamba-3 model, each
 with the Triton scan and with the chunked PyTorch path, and a pure Transformer of about the
-same size as the peer) and a ~120M `M-M-M-*-` hybrid on both Mamba-3 paths. Steady-state
-tokens/s is measured between the first and the last logged step (compilation and warm-up
-excluded); model FLOP utilisation uses each model's `flops_per_token` × 3 against the matmul
-rate measured in the same run.
+same size as the peer) and a ~120M `M-M-M-*-` hybrid on both Mamba-3 paths, each with its
+step replayed from a CUDA graph (`train.cuda_graph`, the default on CUDA) and issued eagerly.
+Steady-state tokens/s is measured between the first and the last logged step (compilation,
+warm-up and capture excluded); model FLOP utilisation uses each model's `flops_per_token` × 3
+against the matmul rate measured in the same run.
 
     python experiments/bench/train_throughput.py            # GPU figures in BENCHMARKS.md
-    python experiments/bench/train_throughput.py --quick    # small, any device
+    python experiments/bench/train_throughput.py --quick    # small, any device (eager)
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ def main() -> None:
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
     parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
+    parser.add_argument(
+        "--steps-as", default="graph,eager", help="graph and/or eager (comma-separated)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    modes = [m for m in args.steps_as.split(",") if device.type == "cuda" or m == "eager"]
     peak = measure_ceilings(device)
     data = prepare_data(CorpusSpec(args.corpus))
     if args.quick:
@@ -56,7 +61,9 @@ def main() -> None:
         batch, seq_len, steps, log_every, scale = 32, 512, 80, 20, 1
     print(f"device: {describe_device(device)}; {peak}; batch {batch} x {seq_len} tokens")
     rows = []
-    for name, (pattern, d_model, heads, backend) in MODELS.items():
+    runs = [(name, mode) for name in MODELS for mode in modes]
+    for name, mode in runs:
+        pattern, d_model, heads, backend = MODELS[name]
         if args.models and name not in args.models.split(","):
             continue
         if device.type == "cpu" and backend == "triton":
@@ -73,6 +80,7 @@ def main() -> None:
             steps=steps,
             log_every=log_every,
             eval_tokens=batch * seq_len,
+            cuda_graph=mode == "graph",
         )
         result = train(config, data, train_config, device=device, progress=False)
         first, last = result.curve[0], result.curve[-1]
@@ -81,6 +89,7 @@ def main() -> None:
         rows.append(
             {
                 "model": name,
+                "step": mode,
                 "pattern": config.pattern,
                 "d_model": config.d_model,
                 "params": HybridLM(config, device="meta").num_params(),
@@ -96,22 +105,24 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    peer = next((r["tokens_per_s"] for r in rows if r["model"] == "transformer"), None)
+    rate = {(r["model"], r["step"]): r["tokens_per_s"] for r in rows}
     print(
-        f"\n{'model':<20}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
+        f"\n{'model':<20}{'step':<7}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
         f"{'MFU %':>7}{'vs transformer':>16}"
     )
     for r in rows:
+        peer = rate.get(("transformer", r["step"]))
         ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         print(
-            f"{r['model']:<20}{r['pattern'][:21]:<22}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
-            f"{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>16}"
+            f"{r['model']:<20}{r['step']:<7}{r['pattern'][:21]:<22}{r['params']:>12,}"
+            f"{r['tokens_per_s']:>12,.0f}{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>16}"
         )
-    by_name = {r["model"]: r["tokens_per_s"] for r in rows}
-    for name in by_name:
-        if f"{name} chunked" in by_name:
-            speedup = by_name[name] / by_name[f"{name} chunked"]
-            print(f"{name}: Triton scan {speedup:.2f}x the chunked PyTorch path (tokens/s)")
+    for (name, mode), tokens_per_s in rate.items():
+        if (f"{name} chunked", mode) in rate:
+            speedup = tokens_per_s / rate[(f"{name} chunked", mode)]
+            print(f"{name} ({mode}): Triton scan {speedup:.2f}x the chunked PyTorch path")
+        if mode == "graph" and (name, "eager") in rate:
+            print(f"{name}: CUDA-graphed step {tokens_per_s / rate[(name, 'eager')]:.2f}x eager")
     if args.out:
         args.out.write_text(
             json.dumps(

@@ -310,7 +310,7 @@ class TrialPlan:
     def key(self) -> str:
         """Identifies the trained thing: equal keys are the same architecture and recipe."""
         blob = json.dumps(
-            {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}, sort_keys=True
+            {"model": self.model.to_dict(), "train": self.train.recipe()}, sort_keys=True
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
