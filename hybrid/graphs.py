@@ -1,23 +1,45 @@
-"""CUDA graphs of decode steps: launch overhead is host time, not the architecture's, and a
-graph removes it (10× for an eager Mamba-3 step on an H100, BENCHMARKS.md)."""
+"""CUDA graphs of decode steps and training steps: launch overhead is host time, not the
+architecture's, and a graph removes it (10× for an eager Mamba-3 decode step on an H100,
+2.2× for a ~20M hybrid's training step: BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 
+@contextlib.contextmanager
+def host_syncs_raise() -> Iterator[None]:
+    """Inside, a host synchronisation (`.item()`, a blocking copy) raises. No graph can hold
+    one, and a capture that fails leaves torch's CUDA generator unusable for the rest of the
+    process ("Offset increment outside graph capture"), so a step is run under this before
+    it is captured: one that synchronises fails there, with the culprit named."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():  # "a prototype feature": it is, and it says so each time
+        warnings.filterwarnings("ignore", "Synchronization debug mode is a prototype")
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def capture_cuda_graph(step: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
     """A CUDA graph of `step`, run `warmup` times on a side stream first (lazy initialisation
     and compilation must not happen during capture); returns its replay. The warm-up runs
-    are real: whatever `step` updates in place, they update too."""
+    are real: whatever `step` updates in place, they update too. With two or more, the last
+    runs under `host_syncs_raise` (the first may compile and autotune, which synchronise)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
+        for call in range(warmup):
+            last = warmup > 1 and call == warmup - 1
+            with host_syncs_raise() if last else contextlib.nullcontext():
+                step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

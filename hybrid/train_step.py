@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.errors import invalid
+from hybrid.graphs import host_syncs_raise
 
 WARMUP_STEPS = 3
 
@@ -121,27 +122,22 @@ class TrainStep:
         return loss, grad_norm
 
     def _warm_up(self, inputs: Tensor, targets: Tensor, lr: float) -> tuple[Tensor, Tensor]:
-        """An eager step on a side stream, as capture requires of the runs before it. The
-        last one runs with host synchronisations made errors: a step that synchronises
-        cannot be captured, and a failed capture would leave torch's CUDA generator unusable
-        for the rest of the process, so such a step is found here, before any capture."""
+        """An eager step on a side stream, as capture requires of the runs before it; the
+        last one under `host_syncs_raise`, which finds a step no graph can hold before any
+        capture is tried."""
         self.eager_steps += 1
         last = self.eager_steps == WARMUP_STEPS
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        previous_mode = torch.cuda.get_sync_debug_mode()
         try:
-            if last:
-                torch.cuda.set_sync_debug_mode("error")
-            with torch.cuda.stream(side):
+            with host_syncs_raise() if last else contextlib.nullcontext(), torch.cuda.stream(side):
                 return self._eager(inputs, targets, lr)
         except RuntimeError as error:
             if not last:
                 raise
             failure = error
         finally:
-            torch.cuda.set_sync_debug_mode(previous_mode)
             current.wait_stream(side)
         self._give_up_graph(failure)
         return self._eager(inputs, targets, lr)

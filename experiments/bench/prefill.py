@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile_op(*(int(v) for v in args.profile.split(",")), device)
         return
+    if device.type == "cuda":
+        # leaves made on the legacy default stream cannot take part in a captured backward
+        # (the "graph ms" column): everything runs on a stream of its own
+        torch.cuda.set_stream(torch.cuda.Stream(device))
     ceilings = measure_ceilings(device)
     print(describe_device(device), "|", ceilings)
     shapes = ([(2, 512)] if device.type == "cuda" else [(1, 128)]) if args.quick else list(PAPER)
