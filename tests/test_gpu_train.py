@@ -128,3 +128,29 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_or_fails_clearly(corpus, mo
     with pytest.raises(RuntimeError, match=r"train\.cuda_graph=true, but the training step"):
         train(model, corpus, dataclasses.replace(SHORT, cuda_graph=True), device=CUDA,
               progress=False)  # fmt: skip
+
+
+def test_graphed_step_captures_the_prefill_attention_backend():
+    """Random batches, no corpus: runs where `datasets` is absent too, so with .cute carried
+    it captures flash-attn-4's forward and backward (SDPA's elsewhere)."""
+    from hybrid.layers.attention import select_backend
+    from hybrid.model import HybridLM
+    from hybrid.train import param_groups
+    from hybrid.train_step import TrainStep
+
+    config = ModelConfig.from_pattern(
+        "M-*-", d_model=256, vocab_size=256, mamba3={"d_state": 32}, attention={"n_heads": 4}
+    )
+    batches = [torch.randint(0, 256, (4, 257), device=CUDA) for _ in range(8)]
+    losses = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = HybridLM(config, device=CUDA)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True)
+        step = TrainStep(model, optimizer, grad_clip=1.0, graphed=graphed, insist=True)
+        losses[graphed] = [step(b[:, :-1], b[:, 1:], 1e-3)[0].item() for b in batches]
+        assert (step.replay is not None) == graphed
+        step.close()
+    backend = select_backend("auto", CUDA, torch.bfloat16)[0]
+    print(f"attention {backend}: eager {losses[False]}\ngraphed {losses[True]}")
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
