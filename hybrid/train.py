@@ -248,6 +248,9 @@ def train(
                 },
             )
 
+    def score() -> dict[str, float]:
+        return evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size)
+
     def emit(event: str, values: dict[str, float]) -> None:
         for callback in callbacks:
             callback(event, values)
@@ -268,61 +271,57 @@ def train(
         desc="training",
         dynamic_ncols=True,
     )
-    while not done and config.progress(step, elapsed) < 1:
-        lr = config.lr_at(config.progress(step, elapsed))
-        inputs, targets = (
-            t.to(device, non_blocking=True)
-            for t in train_batch(
-                data.train, config.batch_size, config.seq_len, config.data_seed, step
+    try:  # the graph and its memory go with the run, however it ends
+        while not done and config.progress(step, elapsed) < 1:
+            lr = config.lr_at(config.progress(step, elapsed))
+            inputs, targets = (
+                t.to(device, non_blocking=True)
+                for t in train_batch(
+                    data.train, config.batch_size, config.seq_len, config.data_seed, step
+                )
             )
-        )
-        queued = StepStats.queue(step, lr, *run_step(inputs, targets, lr))
-        if unread is not None:  # the previous step's, done by now or nearly
-            loss_value, grad_value = unread.read()
-        unread = queued
-        step += 1
-        now = time.perf_counter()
-        elapsed = elapsed_before + now - started
-        reporting = step % config.log_every == 0 or config.progress(step, elapsed) >= 1
-        saving = step % config.checkpoint_every == 0
-        evaluating = bool(config.eval_every) and step % config.eval_every == 0
-        if reporting or saving or evaluating:  # nothing is logged or saved unchecked
-            loss_value, grad_value = unread.read()
-            unread = None
-            now = time.perf_counter()  # after the sync: rates count finished work
+            queued = StepStats.queue(step, lr, *run_step(inputs, targets, lr))
+            if unread is not None:  # the previous step's, done by now or nearly
+                loss_value, grad_value = unread.read()
+            unread = queued
+            step += 1
+            now = time.perf_counter()
             elapsed = elapsed_before + now - started
-        rate = (step - first_step) * config.tokens_per_step / max(now - started, 1e-9)
-        bar.update(1)
-        known = {} if math.isnan(loss_value) else {"loss": f"{loss_value:.4f}"}  # 1st step
-        bar.set_postfix(**known, tok_s=f"{rate:,.0f}", refresh=False)
-        if reporting:
-            entry = {
-                "step": step,
-                "tokens": step * config.tokens_per_step,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_value,
-                "tokens_per_s": rate,
-                "elapsed_s": elapsed,
-            }
-            curve.append(entry)
-            emit("train", entry)
-        if evaluating:
-            emit(
-                "eval",
-                {
+            reporting = step % config.log_every == 0 or config.progress(step, elapsed) >= 1
+            saving = step % config.checkpoint_every == 0
+            evaluating = bool(config.eval_every) and step % config.eval_every == 0
+            if reporting or saving or evaluating:  # nothing is logged or saved unchecked
+                loss_value, grad_value = unread.read()
+                unread = None
+                now = time.perf_counter()  # after the sync: rates count finished work
+                elapsed = elapsed_before + now - started
+            rate = (step - first_step) * config.tokens_per_step / max(now - started, 1e-9)
+            bar.update(1)
+            known = {} if math.isnan(loss_value) else {"loss": f"{loss_value:.4f}"}  # 1st step
+            bar.set_postfix(**known, tok_s=f"{rate:,.0f}", refresh=False)
+            if reporting:
+                entry = {
                     "step": step,
-                    **evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size),
-                },
-            )
-        if saving:
-            save(finished=False)
-    bar.close()
-    if unread is not None:
-        unread.read()
-    run_step.close()
+                    "tokens": step * config.tokens_per_step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_value,
+                    "tokens_per_s": rate,
+                    "elapsed_s": elapsed,
+                }
+                curve.append(entry)
+                emit("train", entry)
+            if evaluating:
+                emit("eval", {"step": step, **score()})
+            if saving:
+                save(finished=False)
+        if unread is not None:
+            unread.read()
+    finally:
+        run_step.close()
+        bar.close()
     save(finished=True)
-    metrics = evaluate(model, data, config.seq_len, config.eval_tokens, config.batch_size)
+    metrics = score()
     metrics.update(
         steps=float(step),
         tokens=float(step * config.tokens_per_step),

@@ -166,6 +166,7 @@ class TrainStep:
         on every replay instead of adding into them."""
         self.inputs, self.targets = inputs.clone(), targets.clone()
         self.lr = torch.tensor(lr, dtype=torch.float32, device=self.device)
+        self.last_lr = lr
         for group in self.optimizer.param_groups:
             group["lr"], group["capturable"] = self.lr, True
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
@@ -195,16 +196,19 @@ class TrainStep:
         self.inputs.copy_(inputs, non_blocking=True)
         self.targets.copy_(targets, non_blocking=True)
         self.lr.fill_(lr)
+        self.last_lr = lr
         self.replay()
         return self.loss, self.grad_norm
 
     def close(self) -> None:
         """Free the graph and its memory (the gradients live in its pool) and leave the
-        optimizer as an eager one, with a float learning rate: what a checkpoint stores."""
+        optimizer as an eager one, with a float learning rate. Reads nothing from the device,
+        so it also runs cleanly after a CUDA error."""
         if self.replay is not None:
-            self.replay = None
+            self.replay = self.loss = self.grad_norm = None
             self.optimizer.zero_grad(set_to_none=True)
-            plain_param_groups(self.optimizer)
+            for group in self.optimizer.param_groups:
+                group["lr"], group["capturable"] = self.last_lr, False
 
 
 def plain_param_groups(optimizer: torch.optim.Optimizer) -> None:

@@ -83,7 +83,8 @@ def test_graphed_steps_train_as_the_eager_steps_do(corpus, name):
 
 
 def test_graphed_run_resumes_from_its_checkpoint(corpus, tmp_path):
-    config = dataclasses.replace(SHORT, steps=20, checkpoint_every=5, cuda_graph=True)
+    # evaluations between replays too
+    config = dataclasses.replace(SHORT, steps=20, checkpoint_every=5, eval_every=4, cuda_graph=True)
     model = MODELS["SISO + attention"]
     reference = train(model, corpus, config, device=CUDA, progress=False)
 
@@ -154,3 +155,22 @@ def test_graphed_step_captures_the_prefill_attention_backend():
     backend = select_backend("auto", CUDA, torch.bfloat16)[0]
     print(f"attention {backend}: eager {losses[False]}\ngraphed {losses[True]}")
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_graphed_run_stops_on_divergence(corpus, monkeypatch):
+    from hybrid.train import TrainingDiverged
+    from hybrid.train_step import TrainStep
+
+    replay_step = TrainStep.__call__
+    calls = []
+
+    def poisoned(self, inputs, targets, lr):  # NaN weights from the 6th step (a replay) on
+        calls.append(lr)
+        if len(calls) == 6:
+            next(self.model.parameters()).data.fill_(float("nan"))
+        return replay_step(self, inputs, targets, lr)
+
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
+    config = dataclasses.replace(SHORT, cuda_graph=True)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 5: loss=nan"):
+        train(MODELS["SISO + attention"], corpus, config, device=CUDA, progress=False)
