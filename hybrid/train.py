@@ -327,6 +327,7 @@ def train(
         tokens=float(step * config.tokens_per_step),
         train_seconds=elapsed,
         tokens_per_s=curve[-1]["tokens_per_s"] if curve else 0.0,
+        graphed_steps=float(run_step.replays),
     )
     emit("eval", {"step": step, **metrics})
     return TrainResult(model, metrics, curve)

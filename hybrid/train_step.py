@@ -104,6 +104,7 @@ class TrainStep:
         self.max_norm = grad_clip or math.inf
         self.device = self.params[0].device
         self.eager_steps = 0
+        self.replays = 0  # steps replayed from the graph
         self.replay = None
 
     def _forward_backward(self, inputs: Tensor, targets: Tensor, cache: bool = True):
@@ -198,6 +199,7 @@ class TrainStep:
         self.lr.fill_(lr)
         self.last_lr = lr
         self.replay()
+        self.replays += 1
         return self.loss, self.grad_norm
 
     def close(self) -> None:

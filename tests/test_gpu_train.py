@@ -13,6 +13,7 @@ from helpers import rel_err
 
 from hybrid.config import ModelConfig
 from hybrid.train import TrainConfig, train
+from hybrid.train_step import WARMUP_STEPS
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -78,6 +79,8 @@ def test_graphed_steps_train_as_the_eager_steps_do(corpus, name):
     # a frozen rate would leave the eager curve by far more than bf16 rounding does
     assert worst <= 5e-3, (eager, graphed)
     assert params <= 2e-2
+    assert runs[True].metrics["graphed_steps"] == SHORT.steps - WARMUP_STEPS
+    assert runs[False].metrics["graphed_steps"] == 0
     for result in runs.values():
         assert all(p.grad is None for p in result.model.parameters())  # graph memory freed
 
@@ -123,6 +126,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_or_fails_clearly(corpus, mo
                   progress=False)  # fmt: skip
     with pytest.warns(UserWarning, match="synchronises with the host"):
         auto = train(model, corpus, SHORT, device=CUDA, progress=False)
+    assert auto.metrics["graphed_steps"] == 0
     assert [e["loss"] for e in auto.curve] == pytest.approx(
         [e["loss"] for e in eager.curve], rel=5e-3
     )

@@ -54,6 +54,7 @@ def test_tiny_hybrid_beats_the_unigram_entropy_and_is_reproducible(shakespeare):
     assert first.metrics["val_perplexity"] == pytest.approx(math.exp(first.metrics["val_loss"]))
     assert first.metrics["val_bpb"] == pytest.approx(first.metrics["val_loss"] / math.log(2))
     assert first.curve[0]["loss"] > first.curve[-1]["loss"]
+    assert first.metrics["graphed_steps"] == 0  # auto: no graph off CUDA
     second = train(TINY, shakespeare, _config(), progress=False)
     assert [e["loss"] for e in second.curve] == [e["loss"] for e in first.curve]
     assert second.metrics["val_loss"] == first.metrics["val_loss"]
