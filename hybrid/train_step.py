@@ -106,6 +106,7 @@ class TrainStep:
         self.eager_steps = 0
         self.replays = 0  # steps replayed from the graph
         self.replay = None
+        self.side: torch.cuda.Stream | None = None
 
     def _forward_backward(self, inputs: Tensor, targets: Tensor, cache: bool = True):
         with autocast(self.device, cache):
@@ -129,7 +130,9 @@ class TrainStep:
         self.eager_steps += 1
         last = self.eager_steps == WARMUP_STEPS
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        # one side stream for every warm-up step: the allocator caches blocks per stream, so
+        # a stream per step would keep each step's activations reserved
+        side = self.side = self.side or torch.cuda.Stream(self.device)
         side.wait_stream(current)
         try:
             with host_syncs_raise() if last else contextlib.nullcontext(), torch.cuda.stream(side):
@@ -167,6 +170,9 @@ class TrainStep:
         on every replay instead of adding into them."""
         self.inputs, self.targets = inputs.clone(), targets.clone()
         self.lr = torch.tensor(lr, dtype=torch.float32, device=self.device)
+        # the eager steps' cached activation blocks back to the driver: the graph's private
+        # pool takes their place instead of adding to them
+        torch.cuda.empty_cache()
         self.last_lr = lr
         for group in self.optimizer.param_groups:
             group["lr"], group["capturable"] = self.lr, True
