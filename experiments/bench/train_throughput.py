@@ -5,7 +5,7 @@ same size as the peer) and a ~120M `M-M-M-*-` hybrid on both Mamba-3 paths, each
 step replayed from a CUDA graph (`train.cuda_graph`, the default on CUDA) and issued eagerly.
 Steady-state tokens/s is measured between the first and the last logged step (compilation,
 warm-up and capture excluded); model FLOP utilisation uses each model's `flops_per_token` × 3
-against the matmul rate measured in the same run.
+against the matmul rate measured in the same run; "peak GB" is the run's peak reserved memory.
 
     python experiments/bench/train_throughput.py            # GPU figures in BENCHMARKS.md
     python experiments/bench/train_throughput.py --quick    # small, any device (eager)
@@ -82,7 +82,10 @@ def main() -> None:
             eval_tokens=batch * seq_len,
             cuda_graph=mode == "graph",
         )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         result = train(config, data, train_config, device=device, progress=False)
+        reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
         first, last = result.curve[0], result.curve[-1]
         rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
         flops = 3 * HybridLM(config, device="meta").flops_per_token(seq_len)
@@ -97,6 +100,7 @@ def main() -> None:
                 "mfu_pct": 100 * rate * flops / (peak.matmul_tflops * 1e12),
                 "step_ms": 1e3 * batch * seq_len / rate,
                 "final_loss": last["loss"],
+                "peak_reserved_gb": reserved / 2**30,
             }
         )
         # each model starts from an empty allocator: cached blocks of the previous model's
@@ -108,14 +112,15 @@ def main() -> None:
     rate = {(r["model"], r["step"]): r["tokens_per_s"] for r in rows}
     print(
         f"\n{'model':<20}{'step':<7}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
-        f"{'MFU %':>7}{'vs transformer':>16}"
+        f"{'MFU %':>7}{'peak GB':>9}{'vs transformer':>16}"
     )
     for r in rows:
         peer = rate.get(("transformer", r["step"]))
         ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         print(
             f"{r['model']:<20}{r['step']:<7}{r['pattern'][:21]:<22}{r['params']:>12,}"
-            f"{r['tokens_per_s']:>12,.0f}{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}{ratio:>16}"
+            f"{r['tokens_per_s']:>12,.0f}{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}"
+            f"{r['peak_reserved_gb']:>9.1f}{ratio:>16}"
         )
     for (name, mode), tokens_per_s in rate.items():
         if (f"{name} chunked", mode) in rate:
