@@ -170,12 +170,11 @@ class TrainStep:
         on every replay instead of adding into them."""
         self.inputs, self.targets = inputs.clone(), targets.clone()
         self.lr = torch.tensor(lr, dtype=torch.float32, device=self.device)
-        # the eager steps' cached activation blocks back to the driver: the graph's private
-        # pool takes their place instead of adding to them
-        torch.cuda.empty_cache()
         self.last_lr = lr
         for group in self.optimizer.param_groups:
             group["lr"], group["capturable"] = self.lr, True
+        # torch.cuda.graph's entry empties the allocator's cache: the eager steps' cached
+        # activation blocks go back to the driver, and the graph's pool takes their place
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
