@@ -13,7 +13,7 @@ from helpers import rel_err
 from hybrid.config import LayerSpec, layer_config
 from hybrid.layers import available, build, entry
 from hybrid.layers.attention import AttentionConfig, rope_rotate
-from hybrid.layers.mamba3 import Mamba3Config
+from hybrid.layers.mamba3 import PROJECTION_ALIGNMENT, Mamba3Config
 from hybrid.layers.norms import GroupedGatedRMSNorm
 from hybrid.layers.swiglu import SwiGLUConfig
 
@@ -135,6 +135,28 @@ def test_mamba3_initialisation():
         build(LayerSpec("mamba3", Mamba3Config(d_state=16, headdim=8)), 64).options.rotation
         == "pairwise"
     )
+
+
+def test_mamba3_aligned_projection_is_the_plain_one():
+    """The sequence path pads in_proj's matmul to aligned rows; its inputs and weight
+    gradient are the unpadded projection's, and the parameter keeps its shape."""
+    config = Mamba3Config(d_state=16, headdim=8, mimo_rank=2)
+    layer = build(LayerSpec("mamba3", config), 64).double()
+    width = layer.in_proj.out_features
+    assert layer._padding > 0 and (width + layer._padding) % PROJECTION_ALIGNMENT == 0
+    x = torch.randn(2, 40, 64, dtype=torch.float64)
+    probes = [torch.randn_like(t) for t in layer.project(x)]
+    results = []
+    for aligned in (False, True):
+        layer.zero_grad()
+        inputs = layer.project(x, aligned=aligned)
+        assert inputs.x.stride(1) == width + (layer._padding if aligned else 0)
+        sum((t * probe).sum() for t, probe in zip(inputs, probes, strict=True)).backward()
+        results.append((inputs, layer.in_proj.weight.grad.clone()))
+    (plain, plain_grad), (padded, padded_grad) = results
+    for a, b in zip(plain, padded, strict=True):
+        assert rel_err(b, a) <= 1e-14
+    assert padded_grad.shape == (width, 64) and rel_err(padded_grad, plain_grad) <= 1e-14
 
 
 def test_flops_grow_with_context_only_for_attention():

@@ -29,6 +29,10 @@ from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
 
 ROPE_FRACTIONS = (0.5, 1.0)
+# in_proj's output rows are padded to a multiple of this many columns at matmul time: cuBLAS
+# runs its Hopper kernels only on 16-byte-aligned rows, and an unaligned width (3H + S is
+# often odd) falls back to an sm80 kernel at a few percent of the matmul rate
+PROJECTION_ALIGNMENT = 8
 STATE_DTYPES = ("float32", "bfloat16")
 
 
@@ -138,6 +142,7 @@ class Mamba3(Layer):
         bc = self.rank * config.ngroups * config.d_state
         self._split = [self.d_inner, self.d_inner, bc, bc] + [self.n_heads] * 3 + [self.n_angles]
         self.in_proj = nn.Linear(d_model, sum(self._split), bias=False, **factory)
+        self._padding = -sum(self._split) % PROJECTION_ALIGNMENT
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
         self.out_proj.is_residual_out = True
 
@@ -200,9 +205,18 @@ class Mamba3(Layer):
             out_norm=self.norm.weight.view(self.n_heads, -1) if self.norm is not None else None,
         )
 
-    def project(self, x: Tensor) -> Mamba3Inputs:
-        """in_proj and split; works with or without a token axis before d_model."""
-        z, xs, b, c, dt, a, trap, angle = self.in_proj(x).split(self._split, dim=-1)
+    def project(self, x: Tensor, aligned: bool = False) -> Mamba3Inputs:
+        """in_proj and split; works with or without a token axis before d_model. aligned
+        (sequences, not decode steps, whose matmul is a matrix-vector product that a copy
+        of the weight would only slow down) pads the weight with zero rows for the matmul
+        (`PROJECTION_ALIGNMENT`): the parameter keeps mamba_ssm's shape, and the split's
+        views skip the padding columns."""
+        padding = self._padding if aligned else 0
+        weight = self.in_proj.weight
+        if padding:
+            weight = nn.functional.pad(weight, (0, 0, 0, padding))
+        projected = nn.functional.linear(x, weight)
+        z, xs, b, c, dt, a, trap, angle, _ = projected.split([*self._split, padding], -1)
         heads = (self.n_heads, self.config.headdim)
         bc = (self.rank, self.config.ngroups, self.config.d_state)
         return Mamba3Inputs(
@@ -231,7 +245,7 @@ class Mamba3(Layer):
 
     def forward(self, x: Tensor, cache: Mamba3State | None = None) -> Tensor:
         out, final = mamba3_scan(
-            self.project(x),
+            self.project(x, aligned=True),
             self.weights(),
             self.options,
             state=cache,
