@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -28,6 +30,19 @@ def host_syncs_raise() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+def record_graph(
+    step: Callable[[], T], device: torch.device | None = None
+) -> tuple[torch.cuda.CUDAGraph, T]:
+    """A CUDA graph of one call of `step`, captured (not run) on a stream of its own, and what
+    that call returned: the tensors a replay writes. The current stream comes back even if
+    the capture fails, which `torch.cuda.graph`'s own exit does not ensure."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        outputs = step()
+    return graph, outputs
+
+
 def capture_cuda_graph(step: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
     """A CUDA graph of `step`, run `warmup` times on a side stream first (lazy initialisation
     and compilation must not happen during capture); returns its replay. The warm-up runs
@@ -41,7 +56,5 @@ def capture_cuda_graph(step: Callable[[], Any], warmup: int = 3) -> Callable[[],
             with host_syncs_raise() if last else contextlib.nullcontext():
                 step()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = record_graph(step)
     return graph.replay

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.errors import invalid
-from hybrid.graphs import host_syncs_raise
+from hybrid.graphs import host_syncs_raise, record_graph
 
 WARMUP_STEPS = 3
 
@@ -175,16 +175,14 @@ class TrainStep:
             group["lr"], group["capturable"] = self.lr, True
         # torch.cuda.graph's entry empties the allocator's cache: the eager steps' cached
         # activation blocks go back to the driver, and the graph's pool takes their place
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+
+        def step() -> tuple[Tensor, Tensor]:
+            outputs = self._forward_backward(self.inputs, self.targets, cache=False)
+            self.optimizer.step()
+            return outputs
+
         try:
-            # the outer context restores the current stream should the capture fail, which
-            # torch.cuda.graph's own exit does not
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                self.loss, self.grad_norm = self._forward_backward(
-                    self.inputs, self.targets, cache=False
-                )
-                self.optimizer.step()
+            graph, (self.loss, self.grad_norm) = record_graph(step, self.device)
         except RuntimeError as error:
             raise RuntimeError(
                 "the training step could not be captured in a CUDA graph "
