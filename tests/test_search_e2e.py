@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from hybrid.search.pareto import dominates, to_minimisation
 from hybrid.search.space import load_space
-from hybrid.search.study import run_search
+from hybrid.search.study import FrontUpdater, run_search
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -157,8 +157,50 @@ def test_hypervolume_never_decreases_and_artifacts_parse(searched, tmp_path):
     assert {r["trial"] for r in rows if r["pareto_rank"] == "0"} == {
         str(r["trial"]) for r in outcome.front.pareto
     }
-    html = client.download_artifacts(outcome.parent_run_id, "pareto.html", str(tmp_path))
-    assert "plotly" in Path(html).read_text()[:200_000].lower()
+    html = Path(client.download_artifacts(outcome.parent_run_id, "pareto.html", str(tmp_path)))
+    assert "plotly" in html.read_text()[:200_000].lower()
+    # the figures drawn when the worker stopped show the final front
+    front = outcome.front
+    assert f"{len(front.pareto)} on the front, {len(front.rows)} feasible trials" in (
+        html.read_text()
+    )
+
+
+class _Recorder:
+    """Stands in for the MLflow tracker: what `log_front` was given."""
+
+    def __init__(self):
+        self.fronts: list[tuple[int, list[str]]] = []
+
+    def log_front(self, rows, hypervolume, step, figures):
+        self.fronts.append((step, sorted(figures)))
+
+    def set_trial_tags(self, run_id, tags):
+        pass
+
+
+def test_front_figures_are_throttled_and_drawn_at_the_end(searched):
+    """The table and hypervolume go out after every trial, the figures at most once per
+    interval, and `finish` draws whatever front the last figures missed, once."""
+    space, outcome, _ = searched
+    recorder = _Recorder()
+    updater = FrontUpdater(space, recorder, figure_interval_s=3600)
+    trials = outcome.study.get_trials(states=(TrialState.COMPLETE,))[:3]
+    for trial in trials:
+        updater(outcome.study, trial)
+    updater.finish(outcome.study)
+    updater.finish(outcome.study)  # nothing new since: nothing drawn
+    figures = ["pareto.html", "pareto.png"]
+    numbers = [t.number for t in trials]
+    assert recorder.fronts == [
+        (numbers[0], figures), (numbers[1], []), (numbers[2], []), (numbers[2], figures)
+    ]  # fmt: skip
+    eager = _Recorder()
+    updater = FrontUpdater(space, eager, figure_interval_s=0)
+    for trial in trials:
+        updater(outcome.study, trial)
+    updater.finish(outcome.study)
+    assert eager.fronts == [(n, figures) for n in numbers]
 
 
 def test_rerun_resumes_without_repeating(searched):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACE = ROOT / "experiments" / "quickstart.yaml"
 
 
-def run(gpus: str, trials: int, cuda_graph: bool = True) -> dict:
+def run(gpus: str, trials: int, workers: int, cuda_graph: bool = True) -> dict:
+    """One `hybrid search` of `trials` on `gpus` (one worker each): its wall time, what its
+    trials did, the median trained trial's own time (start to completion: train, evaluate,
+    measure) and its training's, and the share of the workers' wall time spent inside
+    trials (the rest is start-up, study and tracking machinery, and waiting at the end)."""
     with tempfile.TemporaryDirectory() as tmp:
         journal = Path(tmp) / "study.log"
         spec = yaml.safe_load(SPACE.read_text())
@@ -58,6 +63,7 @@ def run(gpus: str, trials: int, cuda_graph: bool = True) -> dict:
         )
         complete = study.get_trials(states=(TrialState.COMPLETE,))
         trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
+        busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in complete)
         per_gpu: dict[str, int] = {}
         for t in complete:  # which pinned GPU ran each trial
             gpu = f"{t.user_attrs.get('device', '?')} #{t.user_attrs.get('cuda_visible_devices')}"
@@ -70,6 +76,13 @@ def run(gpus: str, trials: int, cuda_graph: bool = True) -> dict:
         "seconds": seconds,
         "trials_per_hour": 3600 * len(complete) / seconds,
         "trials_per_gpu": per_gpu,
+        "median_trial_s": statistics.median(
+            (t.datetime_complete - t.datetime_start).total_seconds() for t in trained
+        ),
+        "median_train_s": statistics.median(
+            t.user_attrs["metrics"]["train_seconds"] for t in trained
+        ),
+        "busy_share": busy / (seconds * workers),
     }
 
 
@@ -82,19 +95,22 @@ def main() -> None:
     if n == 0:
         print("no CUDA device: nothing to measure")
         return
-    run("0", 2)  # untimed: Triton compiles into its cache, so every timed search finds it warm
-    one = run("0", args.trials_per_gpu)
-    rows = [one, run("0", args.trials_per_gpu, cuda_graph=False)]
+    # untimed, as many trials as the largest timed search: Triton compiles the kernels of the
+    # models the sampler proposes into its cache, so the timed searches find it warm
+    run("0", args.trials_per_gpu * n, 1)
+    one = run("0", args.trials_per_gpu, 1)
+    rows = [one, run("0", args.trials_per_gpu, 1, cuda_graph=False)]
     if n > 1:
-        rows.append(run("all", args.trials_per_gpu * n))
+        rows.append(run("all", args.trials_per_gpu * n, n))
     print(
         f"{'GPUs':<6}{'step':<7}{'trials':>8}{'trained':>9}{'seconds':>10}{'trials/h':>10}"
-        f"{'vs row 1':>10}"
+        f"{'vs row 1':>10}{'trial s':>9}{'train s':>9}{'busy':>6}"
     )
     for r in rows:
         print(
             f"{r['gpus']:<6}{r['step']:<7}{r['trials']:>8}{r['trained']:>9}{r['seconds']:>10.1f}"
             f"{r['trials_per_hour']:>10.0f}{r['trials_per_hour'] / one['trials_per_hour']:>9.2f}x"
+            f"{r['median_trial_s']:>9.2f}{r['median_train_s']:>9.2f}{r['busy_share']:>6.0%}"
             f"  {r['trials_per_gpu']}"
         )
     if args.out:

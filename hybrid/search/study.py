@@ -1,5 +1,5 @@
 """The Optuna side of a search: storage, sampler, seed designs, the trial loop, and the front
-recomputed (ranks, figures, hypervolume) after every trial.
+recomputed (ranks, hypervolume; figures at most every `FIGURE_INTERVAL_S`) after every trial.
 
 Re-running the same command resumes the study: `n_trials` counts completed trials, seed
 designs are enqueued once, and the MLflow parent run is found again through the study.
@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import socket
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from hybrid.token_cache import prepare_data
 
 STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
 LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms", "peak_memory_bytes")
+FIGURE_INTERVAL_S = 10.0  # the Pareto figures are redrawn at most this often per worker
 
 
 def default_storage(space: SearchSpace) -> str:
@@ -149,36 +151,53 @@ def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
 
 
 class FrontUpdater:
-    """After each trial: re-rank, re-tag the children whose rank changed, log the figures,
-    `pareto.csv` and the hypervolume on the parent."""
+    """After each trial: re-rank, re-tag the children whose rank changed, log `pareto.csv` and
+    the hypervolume on the parent, and redraw the figures at most every `figure_interval_s`
+    (drawing them took ~0.2 s, and a worker does it under the study-wide front lock, so a
+    search of short trials spent a large share of its time there); `finish` draws the last
+    front."""
 
     def __init__(
         self,
         space: SearchSpace,
         tracker: StudyTracker | None,
         on_trial: Callable[[optuna.trial.FrozenTrial, Front], None] | None = None,
+        figure_interval_s: float = FIGURE_INTERVAL_S,
     ):
         self.space, self.tracker, self.on_trial = space, tracker, on_trial
+        self.figure_interval_s = figure_interval_s
         self.tagged: dict[str, str] = {}
+        self.drawn_at = -math.inf
+        self.undrawn_step: int | None = None  # a trial whose front the figures do not show
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         front = compute_front(study, self.space)
         if self.tracker is not None:
             self._tag(study, front)
-            if front.rows:
-                title = (
-                    f"{self.space.name}: {len(front.pareto)} on the front, "
-                    f"{len(front.rows)} feasible trials"
-                )
-                args = (front.rows, self.space.metric_names, self.space.directions, title)
-                self.tracker.log_front(
-                    front.rows,
-                    front.hypervolume,
-                    trial.number,
-                    {"pareto.png": pareto_png(*args), "pareto.html": pareto_html(*args)},
-                )
+            due = time.monotonic() - self.drawn_at >= self.figure_interval_s
+            self._log(front, trial.number, draw=due)
         if self.on_trial is not None:
             self.on_trial(trial, front)
+
+    def finish(self, study: optuna.Study) -> None:
+        """Draw the study's front as it stands if a trial came in since the last figures."""
+        if self.tracker is not None and self.undrawn_step is not None:
+            self._log(compute_front(study, self.space), self.undrawn_step, draw=True)
+
+    def _log(self, front: Front, step: int, draw: bool) -> None:
+        if not front.rows:
+            return
+        figures = {}
+        if draw:
+            title = (
+                f"{self.space.name}: {len(front.pareto)} on the front, "
+                f"{len(front.rows)} feasible trials"
+            )
+            args = (front.rows, self.space.metric_names, self.space.directions, title)
+            figures = {"pareto.png": pareto_png(*args), "pareto.html": pareto_html(*args)}
+            self.drawn_at = time.monotonic()
+        self.undrawn_step = None if draw else step
+        self.tracker.log_front(front.rows, front.hypervolume, step, figures)
 
     def _tag(self, study: optuna.Study, front: Front) -> None:
         ranks = {r["trial"]: r["pareto_rank"] for r in front.rows}
