@@ -215,7 +215,7 @@ def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
         ]
         for r in pareto
     ]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(header)]
     print(
         f"\nPareto set: {len(pareto)} of {len(outcome.front.rows)} feasible trials "
         f"(hypervolume {outcome.front.hypervolume:.6g})"

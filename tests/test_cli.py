@@ -55,3 +55,14 @@ def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
     assert main(["data", "--corpus", str(tmp_path), "--val-fraction", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "3 train / 1 val documents" in out and "bytes tokens (vocab 256)" in out
+
+
+def test_the_front_summary_prints_an_empty_front(capsys):
+    """A search whose trials all failed still ends with its (empty) summary."""
+    from hybrid.cli import _print_front
+    from hybrid.search.study import Front, SearchOutcome
+
+    _print_front(SearchOutcome(None, Front(), "parent", "", 0), ["val_perplexity"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "Pareto set: 0 of 0 feasible trials (hypervolume 0)"
+    assert lines[1].split() == ["trial", "pattern", "val_perplexity", "params", "sampled"]

@@ -25,7 +25,9 @@ needs_postgres = pytest.mark.skipif(
 )
 
 
-def _space(folder: Path, name: str, steps: int, n_trials: int) -> Path:
+def _space(
+    folder: Path, name: str, steps: int, n_trials: int, objectives: list | None = None
+) -> Path:
     corpus = folder / "corpus"
     corpus.mkdir(exist_ok=True)
     for i in range(8):
@@ -52,7 +54,7 @@ def _space(folder: Path, name: str, steps: int, n_trials: int) -> Path:
             "eval_tokens": 256,
             "lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
         },
-        "objectives": [{"metric": "val_perplexity"}, {"metric": "params"}],
+        "objectives": objectives or [{"metric": "val_perplexity"}, {"metric": "params"}],
         "search": {
             "sampler": "random",
             "n_trials": n_trials,
@@ -102,7 +104,11 @@ def _unique_postgres_url(name: str) -> str:
 @needs_postgres
 def test_three_workers_on_postgres(tmp_path):
     storage, name = _unique_postgres_url("three")
-    path = _space(tmp_path, name, steps=20, n_trials=7)
+    # a CPU latency objective: the study records the device with the workers' thread count
+    latency = {"metric": "decode_latency_ms", "context": 16}
+    path = _space(
+        tmp_path, name, steps=20, n_trials=7, objectives=[{"metric": "val_perplexity"}, latency]
+    )
     out = _run("search", str(path), "--workers", "3", "--storage", storage, cwd=tmp_path)
     assert "Pareto set" in out
     study = optuna.load_study(
@@ -110,6 +116,9 @@ def test_three_workers_on_postgres(tmp_path):
     )
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 7
+    threads = os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // 3)
+    assert study.user_attrs["latency_device"].endswith(f", {threads} threads)")
+    assert all(0 < t.user_attrs["metrics"]["decode_latency_ms"] < 1e4 for t in complete)
     trained = [t.user_attrs["arch_key"] for t in complete if "duplicate_of" not in t.user_attrs]
     assert len(trained) == len(set(trained))  # no architecture trained twice
     logs = sorted((tmp_path / "hybrid-workers" / name).glob("worker-*.log"))

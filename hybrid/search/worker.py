@@ -210,12 +210,14 @@ def launch_workers(
             "workers would fail on locked writes; allowed: journal:PATH (one host, or a shared "
             "file system) or postgresql://... (any number of hosts)"
         )
-    study, tracker = initialise_study(space, storage, tracking_uri, device)
-    logs = Path("hybrid-workers") / study.study_name
-    logs.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     if gpus is None:  # CPU workers share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        # the study records the latency device with its thread count: the workers' count
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    study, tracker = initialise_study(space, storage, tracking_uri, device)
+    logs = Path("hybrid-workers") / study.study_name
+    logs.mkdir(parents=True, exist_ok=True)
     processes = []
     for i in range(workers):
         worker_env = dict(env)
@@ -255,8 +257,9 @@ def launch_workers(
     )
     status = "KILLED"
     try:
-        while any(p.poll() is None for p in processes):
-            time.sleep(POLL_SECONDS)
+        while running_processes := [p for p in processes if p.poll() is None]:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # ends as the last one does
+                running_processes[0].wait(timeout=POLL_SECONDS)
             done, running = _counts(study)
             bar.n = done
             bar.set_postfix(running=running, refresh=True)
