@@ -144,6 +144,9 @@ class TrainStep:
         finally:
             current.wait_stream(side)
         self._give_up_graph(failure)
+        # the error's traceback holds the failed step's autograd graph, made on the side
+        # stream: alive, it would tie the next backward's gradients to that stream
+        del failure
         return self._eager(inputs, targets, lr)
 
     def _give_up_graph(self, error: RuntimeError) -> None:
