@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +82,19 @@ def _count(text: str) -> int:
     return int(value)
 
 
-def _switch(text: str) -> bool | None:
-    """true / false, or auto (None: the default decides)."""
-    choices = {"true": True, "false": False, "auto": None}
-    if text.lower() not in choices:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of true, false, auto")
-    return choices[text.lower()]
+def _word_parser(choices: dict[str, bool | None]) -> Callable[[str], bool | None]:
+    """An argparse type taking one of `choices`' words (any case)."""
+
+    def parse(text: str) -> bool | None:
+        if text.lower() not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return choices[text.lower()]
+
+    return parse
+
+
+_switch = _word_parser({"true": True, "false": False, "auto": None})  # None: the default decides
+_boolean = _word_parser({"true": True, "false": False})
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +132,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             "float | None": float,
             "str": str,
             "bool | None": _switch,
+            "bool": _boolean,
         }[f.type]
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",

@@ -30,7 +30,14 @@ from hybrid.config import ModelConfig
 from hybrid.errors import invalid
 from hybrid.model import HybridLM
 from hybrid.token_cache import TokenData, train_batch, validation_windows
-from hybrid.train_step import StepStats, TrainStep, autocast, plain_param_groups, use_cuda_graph
+from hybrid.train_step import (
+    StepStats,
+    TrainStep,
+    autocast,
+    deterministic_algorithms,
+    plain_param_groups,
+    use_cuda_graph,
+)
 from hybrid.train_step import TrainingDiverged as TrainingDiverged  # train() raises it
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -63,6 +70,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     cuda_graph: bool | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "eval_tokens", "log_every", "checkpoint_every"):
@@ -86,11 +94,14 @@ class TrainConfig:
             raise invalid("train.eval_every", self.eval_every, "a positive integer or null")
         if self.cuda_graph not in (None, True, False):
             raise invalid("train.cuda_graph", self.cuda_graph, "true, false or null (auto)")
+        if not isinstance(self.deterministic, bool):
+            raise invalid("train.deterministic", self.deterministic, "true or false")
 
     def recipe(self) -> dict[str, Any]:
-        """The settings that decide what is trained: all but how the step is issued."""
+        """The settings that decide what is trained: all but how the steps run (graphed or
+        not, deterministic kernels or not)."""
         settings = dataclasses.asdict(self)
-        del settings["cuda_graph"]
+        del settings["cuda_graph"], settings["deterministic"]
         return settings
 
     @property
@@ -194,7 +205,22 @@ def train(
     checkpoint: Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Build the model (seeded), train it on `data` for the budget, evaluate it."""
+    """Build the model (seeded), train it on `data` for the budget, evaluate it; with
+    `config.deterministic`, under PyTorch's deterministic algorithms (the previous setting
+    comes back after)."""
+    with deterministic_algorithms(config.deterministic):
+        return _train(model_config, data, config, device, callbacks, checkpoint, progress)
+
+
+def _train(
+    model_config: ModelConfig,
+    data: TokenData,
+    config: TrainConfig,
+    device: torch.device | str | None,
+    callbacks: Sequence[Callback],
+    checkpoint: Path | None,
+    progress: bool,
+) -> TrainResult:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graphed = use_cuda_graph(config.cuda_graph, device)
     if model_config.vocab_size < data.tokenizer.vocab_size:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from hybrid.errors import invalid
 from hybrid.graphs import host_syncs_raise, record_graph
 
 WARMUP_STEPS = 3
+FILL_UNINITIALIZED_MEMORY = False  # under train.deterministic; see deterministic_algorithms
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,6 +45,35 @@ def use_cuda_graph(setting: bool | None, device: torch.device) -> bool:
             "train.cuda_graph", setting, f"false or null on device {device} (graphs need CUDA)"
         )
     return device.type == "cuda" if setting is None else setting
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """`train.deterministic`: inside, PyTorch picks deterministic kernels or raises for an op
+    that has none, so two runs of one command give the same losses bit for bit (CUDA training
+    otherwise differs run to run: BENCHMARKS.md); flash-attention's backward follows the
+    setting (`hybrid.layers.attention`) and this project's Triton kernels are deterministic
+    either way. cuBLAS needs `CUBLAS_WORKSPACE_CONFIG` for it; it is set to `:4096:8` unless
+    given. PyTorch's filling of every new tensor (`fill_uninitialized_memory`) is turned off:
+    it guards against kernels that read memory they never wrote, which ours do not (the GPU
+    tests poison every output), and it took 17% of a graphed 20M hybrid's step (BENCHMARKS.md)."""
+    if not enabled:
+        yield
+        return
+    settings = torch.utils.deterministic
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        settings.fill_uninitialized_memory,
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    settings.fill_uninitialized_memory = FILL_UNINITIALIZED_MEMORY
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        settings.fill_uninitialized_memory = previous[2]
 
 
 def autocast(device: torch.device, cache: bool = True):

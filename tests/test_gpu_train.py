@@ -135,30 +135,76 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_or_fails_clearly(corpus, mo
               progress=False)  # fmt: skip
 
 
-def test_graphed_step_captures_the_prefill_attention_backend():
-    """Random batches, no corpus: runs where `datasets` is absent too, so with .cute carried
-    it captures flash-attn-4's forward and backward (SDPA's elsewhere)."""
-    from hybrid.layers.attention import select_backend
+RANDOM_BATCH_MODEL = ModelConfig.from_pattern(
+    "M-*-", d_model=256, vocab_size=256, mamba3={"d_state": 32}, attention={"n_heads": 4}
+)
+
+
+def _random_batches() -> list[torch.Tensor]:
+    """Eight fresh random batches (no corpus: the tests that use them run where `datasets` is
+    absent too, so with .cute carried the attention is flash-attn-4's)."""
+    return [torch.randint(0, 256, (4, 257), device=CUDA) for _ in range(8)]
+
+
+def _train_on(batches: list[torch.Tensor], graphed: bool) -> tuple[list[float], torch.Tensor]:
+    """Steps of `RANDOM_BATCH_MODEL`, seeded, on `batches`: the losses and final weights."""
     from hybrid.model import HybridLM
     from hybrid.train import param_groups
     from hybrid.train_step import TrainStep
 
-    config = ModelConfig.from_pattern(
-        "M-*-", d_model=256, vocab_size=256, mamba3={"d_state": 32}, attention={"n_heads": 4}
-    )
-    batches = [torch.randint(0, 256, (4, 257), device=CUDA) for _ in range(8)]
-    losses = {}
-    for graphed in (False, True):
-        torch.manual_seed(0)
-        model = HybridLM(config, device=CUDA)
-        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True)
-        step = TrainStep(model, optimizer, grad_clip=1.0, graphed=graphed, insist=True)
-        losses[graphed] = [step(b[:, :-1], b[:, 1:], 1e-3)[0].item() for b in batches]
-        assert (step.replay is not None) == graphed
-        step.close()
+    torch.manual_seed(0)
+    model = HybridLM(RANDOM_BATCH_MODEL, device=CUDA)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True)
+    step = TrainStep(model, optimizer, grad_clip=1.0, graphed=graphed, insist=True)
+    losses = [step(b[:, :-1], b[:, 1:], 1e-3)[0].item() for b in batches]
+    assert (step.replay is not None) == graphed
+    step.close()
+    return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_graphed_step_captures_the_prefill_attention_backend():
+    from hybrid.layers.attention import select_backend
+
+    batches = _random_batches()
+    losses = {graphed: _train_on(batches, graphed)[0] for graphed in (False, True)}
     backend = select_backend("auto", CUDA, torch.bfloat16)[0]
     print(f"attention {backend}: eager {losses[False]}\ngraphed {losses[True]}")
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_deterministic_graphed_steps_repeat_with_the_prefill_attention_backend():
+    """Under `deterministic_algorithms` (train.deterministic) flash-attn-4's backward runs its
+    deterministic form: two graphed runs give the same losses and weights bit for bit."""
+    from hybrid.layers.attention import select_backend
+    from hybrid.train_step import deterministic_algorithms
+
+    batches = _random_batches()
+    with deterministic_algorithms(True):
+        losses_a, weights_a = _train_on(batches, True)
+        losses_b, weights_b = _train_on(batches, True)
+    print(f"attention {select_backend('auto', CUDA, torch.bfloat16)[0]}: {losses_a}")
+    assert losses_a == losses_b and torch.equal(weights_a, weights_b)
+
+
+def test_deterministic_runs_repeat_bit_for_bit(corpus):
+    """train.deterministic: two eager runs and a graphed one of a MIMO hybrid with attention
+    give the same losses and parameters bit for bit. Runs without it are printed, not
+    checked: whether a given pair of them differs is up to the GPU's scheduling."""
+    model = MODELS["MIMO R=2 + attention"]
+
+    def run(graphed: bool, deterministic: bool):
+        config = dataclasses.replace(SHORT, cuda_graph=graphed, deterministic=deterministic)
+        return train(model, corpus, config, device=CUDA, progress=False)
+
+    exact = [run(False, True), run(False, True), run(True, True)]
+    reference = [e["loss"] for e in exact[0].curve]
+    for result in exact[1:]:
+        assert [e["loss"] for e in result.curve] == reference
+        assert torch.equal(_flat_parameters(result), _flat_parameters(exact[0]))
+    assert not torch.are_deterministic_algorithms_enabled()
+    free = [[e["loss"] for e in run(True, False).curve] for _ in range(2)]
+    worst = max(abs(a - b) / a for a, b in zip(*free, strict=True))
+    print(f"deterministic: {reference}\ndefault, two runs: worst loss difference {worst:.2e}")
 
 
 def test_graphed_run_stops_on_divergence(corpus, monkeypatch):

@@ -165,6 +165,9 @@ def test_trial_to_model_is_deterministic_and_shown():
     graphless = parse_space(_text(_set("train.cuda_graph", False))).plan(params)
     assert graphless.train.cuda_graph is False and a.train.cuda_graph is None
     assert graphless.key == a.key  # how the step is issued is not part of the recipe
+    exact = parse_space(_text(_set("train.deterministic", True))).plan(params)
+    assert exact.train.deterministic is True and a.train.deterministic is False
+    assert exact.key == a.key
 
 
 @pytest.mark.parametrize(

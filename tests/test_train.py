@@ -208,6 +208,34 @@ def test_cuda_graph_setting_is_checked(shakespeare):
         train(TINY, shakespeare, _config(steps=2, cuda_graph=True), device="cpu", progress=False)
 
 
+def test_deterministic_runs_repeat_and_leave_the_global_setting_as_it_was(shakespeare):
+    """train.deterministic turns PyTorch's deterministic algorithms on for the run alone; two
+    runs give the same losses (on CPU they do anyway: the test checks the mode trains)."""
+    with pytest.raises(ValueError, match=r"train.deterministic='yes' is invalid; allowed: true"):
+        TrainConfig(steps=1, deterministic="yes")
+    config = _config(steps=4, log_every=1, deterministic=True)
+    seen = []
+
+    def callback(_event, _values):
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        seen.append(torch.are_deterministic_algorithms_enabled() and not fill)
+
+    runs = [
+        train(TINY, shakespeare, config, device="cpu", progress=False, callbacks=[callback])
+        for _ in range(2)
+    ]
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory  # PyTorch's default, back
+    assert [p["loss"] for p in runs[0].curve] == [p["loss"] for p in runs[1].curve]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:  # a caller's own setting survives a run, and a failing run
+        with pytest.raises(ValueError, match="vocab_size"):
+            train(dataclasses.replace(TINY, vocab_size=2), shakespeare, config, progress=False)
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_a_graphed_runs_checkpointed_optimizer_loads_as_an_eager_one():
     weight = torch.nn.Parameter(torch.randn(4, 4))
     graphed = torch.optim.AdamW([weight], lr=torch.tensor(2e-3), capturable=True)

@@ -2,7 +2,8 @@
 CUDA): ~20M-parameter models (a 3:1 Mamba-3:attention hybrid and a pure Mamba-3 model, each
 with the Triton scan and with the chunked PyTorch path, and a pure Transformer of about the
 same size as the peer) and a ~120M `M-M-M-*-` hybrid on both Mamba-3 paths, each with its
-step replayed from a CUDA graph (`train.cuda_graph`, the default on CUDA) and issued eagerly.
+step replayed from a CUDA graph (`train.cuda_graph`, the default on CUDA) and issued eagerly;
+`--steps-as graph,graph-det` adds runs under `train.deterministic` (the `-det` suffix).
 Steady-state tokens/s is measured between the first and the last logged step (compilation,
 warm-up and capture excluded); model FLOP utilisation uses each model's `flops_per_token` × 3
 against the matmul rate measured in the same run; "peak GB" is the run's peak reserved memory.
@@ -48,11 +49,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write all figures as JSON here")
     parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
     parser.add_argument(
-        "--steps-as", default="graph,eager", help="graph and/or eager (comma-separated)"
+        "--steps-as",
+        default="graph,eager",
+        help="comma-separated: graph, eager, graph-det, eager-det (-det: train.deterministic)",
     )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    modes = [m for m in args.steps_as.split(",") if device.type == "cuda" or m == "eager"]
+    modes = [m for m in args.steps_as.split(",") if device.type == "cuda" or "graph" not in m]
     peak = measure_ceilings(device)
     data = prepare_data(CorpusSpec(args.corpus))
     if args.quick:
@@ -80,7 +83,8 @@ def main() -> None:
             steps=steps,
             log_every=log_every,
             eval_tokens=batch * seq_len,
-            cuda_graph=mode == "graph",
+            cuda_graph=mode.startswith("graph"),
+            deterministic=mode.endswith("-det"),
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -111,14 +115,14 @@ def main() -> None:
             torch.cuda.empty_cache()
     rate = {(r["model"], r["step"]): r["tokens_per_s"] for r in rows}
     print(
-        f"\n{'model':<20}{'step':<7}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
+        f"\n{'model':<20}{'step':<11}{'pattern':<22}{'params':>12}{'tokens/s':>12}{'step ms':>9}"
         f"{'MFU %':>7}{'peak GB':>9}{'vs transformer':>16}"
     )
     for r in rows:
         peer = rate.get(("transformer", r["step"]))
         ratio = f"{r['tokens_per_s'] / peer:.2f}x" if peer else "-"
         print(
-            f"{r['model']:<20}{r['step']:<7}{r['pattern'][:21]:<22}{r['params']:>12,}"
+            f"{r['model']:<20}{r['step']:<11}{r['pattern'][:21]:<22}{r['params']:>12,}"
             f"{r['tokens_per_s']:>12,.0f}{r['step_ms']:>9.1f}{r['mfu_pct']:>7.1f}"
             f"{r['peak_reserved_gb']:>9.1f}{ratio:>16}"
         )
@@ -128,6 +132,9 @@ def main() -> None:
             print(f"{name} ({mode}): Triton scan {speedup:.2f}x the chunked PyTorch path")
         if mode == "graph" and (name, "eager") in rate:
             print(f"{name}: CUDA-graphed step {tokens_per_s / rate[(name, 'eager')]:.2f}x eager")
+        if mode.endswith("-det") and (name, mode[:-4]) in rate:
+            ratio = tokens_per_s / rate[(name, mode[:-4])]
+            print(f"{name} ({mode[:-4]}): deterministic {ratio:.2f}x the default")
     if args.out:
         args.out.write_text(
             json.dumps(

@@ -277,7 +277,8 @@ class Attention(Layer):
 
     def _flash(self, backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         fn = _import_fa4() if backend == "fa4" else _import_fa2()
-        out = fn(q, k, v, causal=True)
+        # its backward adds dq blocks with atomics unless asked not to (train.deterministic)
+        out = fn(q, k, v, causal=True, deterministic=torch.are_deterministic_algorithms_enabled())
         return out[0] if isinstance(out, tuple) else out
 
     def _sdpa(self, q: Tensor, keys: Tensor, values: Tensor, offset: int) -> Tensor:
