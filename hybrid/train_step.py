@@ -56,7 +56,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     either way. cuBLAS needs `CUBLAS_WORKSPACE_CONFIG` for it; it is set to `:4096:8` unless
     given. PyTorch's filling of every new tensor (`fill_uninitialized_memory`) is turned off:
     it guards against kernels that read memory they never wrote, which ours do not (the GPU
-    tests poison every output), and it took 17% of a graphed 20M hybrid's step (BENCHMARKS.md)."""
+    tests poison every output), and it cost a graphed 20M hybrid 17% of its tokens/s
+    (BENCHMARKS.md)."""
     if not enabled:
         yield
         return

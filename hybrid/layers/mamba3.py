@@ -31,7 +31,7 @@ from hybrid.layers.registry import Layer, register
 ROPE_FRACTIONS = (0.5, 1.0)
 # in_proj's output rows are padded to a multiple of this many columns at matmul time: cuBLAS
 # runs its Hopper kernels only on 16-byte-aligned rows, and an unaligned width (3H + S is
-# often odd) falls back to an sm80 kernel at a few percent of the matmul rate
+# often odd) falls back to an sm80 kernel at 40% of their speed (H100, BENCHMARKS.md)
 PROJECTION_ALIGNMENT = 8
 STATE_DTYPES = ("float32", "bfloat16")
 
