@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hybrid.cli import main
 from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
@@ -47,6 +49,14 @@ def test_bad_values_exit_2_with_the_reason(capsys):
     assert "mamba3.headdim=48 is invalid" in capsys.readouterr().err
     assert main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "oops"]) == 2
     assert "LAYER.FIELD=VALUE" in capsys.readouterr().err
+    train = ["train", "--pattern", "M-", "--d-model", "64", "--steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train, "--deterministic", "maybe"])
+    assert exit_info.value.code == 2
+    assert "'maybe' is not one of true, false" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*train, "--cuda-graph", "maybe"])
+    assert "'maybe' is not one of true, false, auto" in capsys.readouterr().err
 
 
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
