@@ -258,6 +258,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
     workers = len(gpus) if gpus is not None else args.workers
     if gpus is not None and not gpus:
         raise ValueError("--gpus all: no CUDA device is visible")
+    if args.gpus not in (None, "all") and workers == 1:
+        # one GPU named: the search runs in this process, pinned to it as a worker would be
+        # (nothing has touched CUDA yet; "all" counted the devices, and with one there is
+        # nothing to pin)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
     if args.init:
         study, tracker = initialise_study(space, storage, args.tracking_uri, _device(args.device))
         print(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from hybrid.cli import main
@@ -76,3 +79,23 @@ def test_the_front_summary_prints_an_empty_front(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "Pareto set: 0 of 0 feasible trials (hypervolume 0)"
     assert lines[1].split() == ["trial", "pattern", "val_perplexity", "params", "sampled"]
+
+
+def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, capsys):
+    """`--gpus 3` runs the search in this process (one worker), on GPU 3, not on GPU 0."""
+    import hybrid.search.study as study
+    from hybrid.search.study import Front, SearchOutcome
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # restored after the test
+    seen = []
+
+    def run_search(space, **kwargs):
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        return SearchOutcome(None, Front(), "parent", "", 0)
+
+    monkeypatch.setattr(study, "run_search", run_search)
+    space = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(space), "--gpus", "3"]) == 0
+    assert seen == ["3"]
+    assert "Pareto set: 0 of 0" in capsys.readouterr().out
