@@ -76,3 +76,34 @@ def test_chunked_varlen_equals_each_sequence_on_its_own():
         assert rel_err(final.ssm[i : i + 1], expected_final.ssm) <= 1e-10
     with pytest.raises(ValueError, match="cu_seqlens"):
         mamba3_scan(inputs, weights, Mamba3Options(), cu_seqlens=[0, 5, 30])
+
+
+def test_cached_device_tensors_built_under_inference_mode_serve_training():
+    """The chunk table and RoPE's frequencies are cached per layout / head size. Built first
+    under inference mode (an evaluation, a latency measurement, `generate`), they must still
+    be normal tensors: a later training step saves them for its backward."""
+    from hybrid.kernels.mamba3_prefill_core import chunk_table
+    from hybrid.kernels.rope import inverse_frequencies
+
+    cpu = torch.device("cpu")
+    length = int(torch.randint(40, 400, ()))  # a layout and a base no other test caches
+    with torch.inference_mode():
+        table = chunk_table((0, 37, 37 + length), 16, cpu)
+        freqs = inverse_frequencies(48, 1000.0 + length, cpu)
+    for cached in (table.last_token, table.seq_starts, table.tok0, freqs):
+        assert not cached.is_inference()
+
+    class SavesIt(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, saved):
+            ctx.save_for_backward(saved)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2, None
+
+    x = torch.randn(3, requires_grad=True)
+    for cached in (table.seq_starts, freqs):
+        SavesIt.apply(x, cached).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 4.0))

@@ -25,7 +25,6 @@ A_i − A_j), reverse-summed over the sequence by the caller. Sequences are list
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import os
@@ -39,6 +38,7 @@ from torch import Tensor
 from hybrid.kernels.mamba3_common import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.segment_cumsum import segment_cumsum
+from hybrid.kernels.tensor_cache import tensor_cache
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
@@ -87,7 +87,7 @@ class ChunkTable:
                    as_tensor(seq_starts), last)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def chunk_table(seq_starts: tuple[int, ...], chunk_tokens: int, device) -> ChunkTable:
     """Cached per layout, so repeated calls (training steps, CUDA-graph capture) copy nothing
     from the host."""

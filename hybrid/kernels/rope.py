@@ -12,12 +12,12 @@ shared or (Bt, T) per sequence, so a decode step can be graphed.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from hybrid.kernels.tensor_cache import tensor_cache
 
 BLOCK_TOKENS = 16
 
@@ -49,7 +49,7 @@ def _rope_kernel(
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
+@tensor_cache()
 def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> Tensor:
     """theta^(−2i/D), float32, as `rope_rotate` computes it; one copy per device."""
     return theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
