@@ -189,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         model_config,
         data,
         train_config,
-        device=args.device,
+        device=_device(args.device),
         callbacks=[show],
         checkpoint=args.checkpoint,
     )
@@ -291,7 +291,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
             n_trials=args.trials,
             storage=storage,
             tracking_uri=args.tracking_uri,
-            device=args.device,
+            device=_device(args.device),
         )
     _print_front(outcome, space.metric_names)
     print(
@@ -363,7 +363,12 @@ def _cmd_ui(args: argparse.Namespace) -> None:
 
 
 def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The --device; `cuda:N` also becomes the current device, as Triton launches its kernels
+    on the current device whatever device their tensors are on."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def _bench(

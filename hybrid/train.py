@@ -11,6 +11,7 @@ resumes where it stopped, seeing the same batches (they are a function of seed a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -208,7 +209,10 @@ def train(
     """Build the model (seeded), train it on `data` for the budget, evaluate it; with
     `config.deterministic`, under PyTorch's deterministic algorithms (the previous setting
     comes back after)."""
-    with deterministic_algorithms(config.deterministic):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Triton launches on the current device, whatever device its tensors are on
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, deterministic_algorithms(config.deterministic):
         return _train(model_config, data, config, device, callbacks, checkpoint, progress)
 
 
@@ -216,12 +220,11 @@ def _train(
     model_config: ModelConfig,
     data: TokenData,
     config: TrainConfig,
-    device: torch.device | str | None,
+    device: torch.device,
     callbacks: Sequence[Callback],
     checkpoint: Path | None,
     progress: bool,
 ) -> TrainResult:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graphed = use_cuda_graph(config.cuda_graph, device)
     if model_config.vocab_size < data.tokenizer.vocab_size:
         raise invalid(

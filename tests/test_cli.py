@@ -99,3 +99,17 @@ def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, 
     assert main(["search", str(space), "--gpus", "3"]) == 0
     assert seen == ["3"]
     assert "Pareto set: 0 of 0" in capsys.readouterr().out
+
+
+def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
+    """`--device cuda:1`: Triton launches on the current device, so the CLI makes it current
+    (faked here: this test runs without a GPU)."""
+    import torch
+
+    from hybrid.cli import _device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert _device("cuda:1") == torch.device("cuda:1")
+    assert _device("cpu") == torch.device("cpu")
+    assert made_current == [torch.device("cuda:1")]
