@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
+from hybrid.devices import resolve_device
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
 from hybrid.search.latency import DTYPES
@@ -365,7 +366,7 @@ def _cmd_ui(args: argparse.Namespace) -> None:
 def _device(name: str | None) -> torch.device:
     """The --device; `cuda:N` also becomes the current device, as Triton launches its kernels
     on the current device whatever device their tensors are on."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device

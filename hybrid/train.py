@@ -11,7 +11,6 @@ resumes where it stopped, seeing the same batches (they are a function of seed a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -28,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
+from hybrid.devices import on_device, resolve_device
 from hybrid.errors import invalid
 from hybrid.model import HybridLM
 from hybrid.token_cache import TokenData, train_batch, validation_windows
@@ -209,10 +209,8 @@ def train(
     """Build the model (seeded), train it on `data` for the budget, evaluate it; with
     `config.deterministic`, under PyTorch's deterministic algorithms (the previous setting
     comes back after)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # Triton launches on the current device, whatever device its tensors are on
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device, deterministic_algorithms(config.deterministic):
+    device = resolve_device(device)
+    with on_device(device), deterministic_algorithms(config.deterministic):
         return _train(model_config, data, config, device, callbacks, checkpoint, progress)
 
 

@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from hybrid.config import ModelConfig
+from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
 from hybrid.kernels.mamba3_decode import planned_decode_backend
 from hybrid.kernels.mamba3_scan import planned_scan_backend
@@ -295,7 +296,7 @@ def measure(
     dtype = DTYPES[request.dtype] if cuda else torch.float32
     repeats = repeats or (30 if cuda else 9)
     torch.manual_seed(0)
-    with _PeakMemory(device) as peak:
+    with on_device(device), _PeakMemory(device) as peak:
         model = HybridLM(config, device=device, dtype=dtype).eval()
         tokens = torch.randint(0, config.vocab_size, (request.batch, request.length), device=device)
         graphed = cuda and graphs

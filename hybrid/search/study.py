@@ -22,6 +22,7 @@ import torch
 from optuna.trial import TrialState
 
 from hybrid.data import CorpusSpec
+from hybrid.devices import resolve_device
 from hybrid.search.figures import pareto_html, pareto_png
 from hybrid.search.latency import device_name
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
@@ -323,7 +324,7 @@ def run_search(
     or times out."""
     from hybrid.search.worker import work
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     data = load_data(space)
     storage = storage or default_storage(space)
     study, tracker = initialise_study(space, storage, tracking_uri, device)
