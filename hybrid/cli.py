@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
 from hybrid.data import CorpusSpec
-from hybrid.devices import resolve_device
+from hybrid.devices import resolve_device, visible_devices_for
 from hybrid.layers import available, entry
 from hybrid.model import HybridLM
 from hybrid.search.latency import DTYPES
@@ -263,7 +263,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         # one GPU named: the search runs in this process, pinned to it as a worker would be
         # (nothing has touched CUDA yet; "all" counted the devices, and with one there is
         # nothing to pin)
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(gpus[0])
     if args.init:
         study, tracker = initialise_study(space, storage, args.tracking_uri, _device(args.device))
         print(
@@ -309,7 +309,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     from hybrid.search.worker import work
 
     if args.gpu is not None:  # before anything touches CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(args.gpu)
     space = load_space(args.space)
     device = _device(args.device)
     data = load_data(space)

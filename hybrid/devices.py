@@ -1,9 +1,10 @@
-"""Which device work runs on: the default when none is named, and making a CUDA device
-current for a block of work."""
+"""Which device work runs on: the default when none is named, pinning a process to one GPU,
+and making a CUDA device current for a block of work."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -12,6 +13,23 @@ import torch
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """The named device, or CUDA when there is one, else the CPU."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def visible_devices_for(gpu: int) -> str:
+    """The CUDA_VISIBLE_DEVICES that pins a process to GPU `gpu` as this process numbers its
+    GPUs: through an inherited CUDA_VISIBLE_DEVICES (a scheduler such as Slurm sets it to the
+    job's GPUs, and id 0 is then the job's first GPU, not the host's)."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None:
+        return str(gpu)
+    entries = [e.strip() for e in inherited.split(",") if e.strip()]
+    if not 0 <= gpu < len(entries):
+        allowed = f"0..{len(entries) - 1}" if entries else "none: no GPU is visible"
+        raise ValueError(
+            f"GPU id {gpu} is not visible to this process (CUDA_VISIBLE_DEVICES="
+            f"{inherited!r}); allowed ids: {allowed}"
+        )
+    return entries[gpu]
 
 
 @contextlib.contextmanager

@@ -82,11 +82,12 @@ def test_the_front_summary_prints_an_empty_front(capsys):
 
 
 def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, capsys):
-    """`--gpus 3` runs the search in this process (one worker), on GPU 3, not on GPU 0."""
+    """`--gpus 3` runs the search in this process (one worker), on this process's GPU 3 (the
+    host's GPU 7 under an inherited CUDA_VISIBLE_DEVICES), not on GPU 0."""
     import hybrid.search.study as study
     from hybrid.search.study import Front, SearchOutcome
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # restored after the test
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # restored after the test
     seen = []
 
     def run_search(space, **kwargs):
@@ -97,7 +98,7 @@ def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, 
     space = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
     monkeypatch.chdir(tmp_path)
     assert main(["search", str(space), "--gpus", "3"]) == 0
-    assert seen == ["3"]
+    assert seen == ["7"]
     assert "Pareto set: 0 of 0" in capsys.readouterr().out
 
 

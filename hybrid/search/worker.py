@@ -28,6 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from hybrid.devices import visible_devices_for
 from hybrid.search.heartbeat import Heartbeat, fail_stale_trials
 from hybrid.search.objectives import TrialRunner
 from hybrid.search.space import SearchSpace
@@ -210,6 +211,7 @@ def launch_workers(
             "workers would fail on locked writes; allowed: journal:PATH (one host, or a shared "
             "file system) or postgresql://... (any number of hosts)"
         )
+    pins = [visible_devices_for(g) for g in gpus] if gpus is not None else None
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     if gpus is None:  # CPU workers share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
@@ -221,8 +223,8 @@ def launch_workers(
     processes = []
     for i in range(workers):
         worker_env = dict(env)
-        if gpus is not None:
-            worker_env["CUDA_VISIBLE_DEVICES"] = str(gpus[i])
+        if pins is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = pins[i]
         command = [
             sys.executable,
             "-m",
