@@ -413,7 +413,7 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     bx = min(dx, 64)
     grid = (table.n_seq, heads, (dx // bx) * (dy // by))
     _state_pass_kernel[grid](
-        x, pointer_or(mx, s), y, a, s, states, init if init is not None else final, final,
+        x, pointer_or(mx, s), y, a, s, states, pointer_or(init, final), final,
         table.tok0, table.ntok, table.seq_chunk0, heads, x.stride(0),
         DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
         REVERSE=reverse, HAS_MX=mx is not None, PRECISION=_precision(x.dtype),

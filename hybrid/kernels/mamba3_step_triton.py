@@ -28,6 +28,7 @@ from hybrid.kernels.mamba3_common import (
     Mamba3State,
     Mamba3Weights,
     is_power_of_two,
+    pointer_or,
 )
 from hybrid.kernels.triton_math import (
     PI,
@@ -243,7 +244,6 @@ def mamba3_step_triton(
     n_angles = token.angle.shape[-1]
     out = torch.empty_like(token.x)
     mimo = weights.mimo_x is not None
-    placeholder = weights.d  # never read when the flag is off
     _mamba3_step_kernel[(batch, n_heads)](
         token.x,
         token.z,
@@ -259,10 +259,10 @@ def mamba3_step_triton(
         weights.b_bias.contiguous(),
         weights.c_bias.contiguous(),
         weights.d,
-        weights.mimo_x if mimo else placeholder,
-        weights.mimo_z if mimo else placeholder,
-        weights.mimo_o if mimo else placeholder,
-        weights.out_norm if weights.out_norm is not None else placeholder,
+        *(
+            pointer_or(w, weights.d)
+            for w in (weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm)
+        ),
         state.angle,
         state.ssm,
         state.k,
