@@ -55,8 +55,8 @@ def test_training_on_cuda_with_bf16_autocast_learns(corpus):
     assert result.metrics["val_loss"] < 2.0
 
 
-def _flat_parameters(result) -> torch.Tensor:
-    return torch.cat([p.detach().float().flatten() for p in result.model.parameters()])
+def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -73,7 +73,7 @@ def test_graphed_steps_train_as_the_eager_steps_do(corpus, name):
     }
     eager, graphed = ([e["loss"] for e in runs[g].curve] for g in (False, True))
     worst = max(abs(a - b) / a for a, b in zip(eager, graphed, strict=True))
-    params = rel_err(_flat_parameters(runs[True]), _flat_parameters(runs[False]))
+    params = rel_err(_flat_parameters(runs[True].model), _flat_parameters(runs[False].model))
     print(f"{name}: worst loss difference {worst:.2e}, parameters {params:.2e}")
     # every batch differs and the rate moves each step: a replay that read stale inputs or
     # a frozen rate would leave the eager curve by far more than bf16 rounding does
@@ -159,7 +159,7 @@ def _train_on(batches: list[torch.Tensor], graphed: bool) -> tuple[list[float], 
     losses = [step(b[:, :-1], b[:, 1:], 1e-3)[0].item() for b in batches]
     assert (step.replay is not None) == graphed
     step.close()
-    return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+    return losses, _flat_parameters(model)
 
 
 def test_graphed_step_captures_the_prefill_attention_backend():
@@ -200,7 +200,7 @@ def test_deterministic_runs_repeat_bit_for_bit(corpus):
     reference = [e["loss"] for e in exact[0].curve]
     for result in exact[1:]:
         assert [e["loss"] for e in result.curve] == reference
-        assert torch.equal(_flat_parameters(result), _flat_parameters(exact[0]))
+        assert torch.equal(_flat_parameters(result.model), _flat_parameters(exact[0].model))
     assert not torch.are_deterministic_algorithms_enabled()
     free = [[e["loss"] for e in run(True, False).curve] for _ in range(2)]
     worst = max(abs(a - b) / a for a, b in zip(*free, strict=True))
