@@ -364,8 +364,9 @@ def _cmd_ui(args: argparse.Namespace) -> None:
 
 
 def _device(name: str | None) -> torch.device:
-    """The --device; `cuda:N` also becomes the current device, as Triton launches its kernels
-    on the current device whatever device their tensors are on."""
+    """The --device; `cuda:N` also becomes the current device, so that what a command does
+    without naming a device (synchronisations, memory statistics, CUDA-graph streams) is
+    done there too."""
     device = resolve_device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)

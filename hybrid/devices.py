@@ -4,10 +4,14 @@ and making a CUDA device current for a block of work."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -32,13 +36,23 @@ def visible_devices_for(gpu: int) -> str:
     return entries[gpu]
 
 
-@contextlib.contextmanager
-def on_device(device: torch.device) -> Iterator[None]:
-    """Inside, a CUDA `device` is the current one (the previous comes back after): Triton
-    launches its kernels on the current device whatever device their tensors are on, so work
-    on `cuda:1` from a process whose current device is 0 would run its kernels on GPU 0."""
-    if device.type != "cuda":
-        yield
-        return
-    with torch.cuda.device(device):
-        yield
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which a CUDA `device` is the current one (the previous comes back after).
+    Triton and the CuTe DSL launch their kernels on the current device's stream whatever device
+    their tensors are on, so every kernel entry point runs in one: work on `cuda:1` from a
+    process whose current device is 0 would otherwise run its kernels on GPU 0."""
+    if device.type != "cuda" or device.index is None:
+        return contextlib.nullcontext()  # the CPU, or "cuda": the current device already
+    return torch.cuda.device(device)
+
+
+def on_input_device(launch: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for a kernel entry point whose first argument is a tensor: it runs with that
+    tensor's device current (`on_device`)."""
+
+    @functools.wraps(launch)
+    def run(first: torch.Tensor, *args, **kwargs) -> T:
+        with on_device(first.device):
+            return launch(first, *args, **kwargs)
+
+    return run

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from hybrid.cache import InferenceCache
 from hybrid.config import ModelConfig
+from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
 from hybrid.layers import build
 from hybrid.layers.norms import RMSNorm
@@ -136,13 +137,15 @@ class HybridLM(nn.Module):
         token (Bt,) -> logits (Bt, vocab) at any position (positions live on the device).
         Capturing runs one real step, so the cache is reset afterwards: capture before the
         prefill. The returned logits are the graph's own tensor, overwritten by the next call."""
-        token = torch.zeros(batch, dtype=torch.long, device=self.embedding.weight.device)
+        device = self.embedding.weight.device
+        token = torch.zeros(batch, dtype=torch.long, device=device)
         out: dict[str, Tensor] = {}
 
         def step() -> None:
             out["logits"] = self.step(token, cache)
 
-        replay = capture_cuda_graph(step, warmup=1)
+        with on_device(device):  # the capture's streams are the current device's
+            replay = capture_cuda_graph(step, warmup=1)
         cache.reset()
 
         def run(next_token: Tensor) -> Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hybrid.devices import on_device, resolve_device, visible_devices_for
+from hybrid.devices import on_device, on_input_device, resolve_device, visible_devices_for
 
 
 def test_the_default_device_is_cuda_when_there_is_one(monkeypatch):
@@ -47,3 +48,26 @@ def test_pinning_goes_through_an_inherited_visible_device_list(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ValueError, match="allowed ids: none: no GPU is visible"):
         visible_devices_for(0)
+
+
+def test_a_kernel_entry_point_runs_on_its_first_argument_s_device(monkeypatch):
+    entered, current_at_launch = [], []
+
+    @contextlib.contextmanager
+    def current(device):
+        entered.append(device)
+        yield
+        entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", current)
+
+    @on_input_device
+    def launch(x, scale, *, shift=0):
+        """Doc kept."""
+        current_at_launch.append(list(entered))
+        return scale * 2 + shift
+
+    assert launch(SimpleNamespace(device=torch.device("cuda:1")), 3, shift=1) == 7
+    assert launch(torch.ones(1), 3) == 6
+    assert current_at_launch == [[torch.device("cuda:1")], []]  # the CPU makes nothing current
+    assert entered == [] and launch.__doc__ == "Doc kept."

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.devices import on_input_device
+
 ROWS_PER_PROGRAM = 16  # rows a norm program walks (its share of the weight-gradient sum)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -135,6 +137,7 @@ def takes(x: Tensor) -> bool:
     return x.is_cuda and x.dtype in KERNEL_DTYPES
 
 
+@on_input_device
 def fused_gated_rms_norm(
     x: Tensor,
     z: Tensor | None,
@@ -206,6 +209,7 @@ class SwiGLUProduct(torch.autograd.Function):
         return dh
 
 
+@on_input_device
 def fused_swiglu(h: Tensor) -> Tensor:
     """silu(h[..., :hidden]) ⊙ h[..., hidden:] for the fused (..., 2·hidden) projection."""
     return SwiGLUProduct.apply(h.contiguous())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hybrid.devices import on_device
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
     Mamba3Options,
@@ -84,14 +85,13 @@ def mamba3_step(
 ) -> Tensor:
     """Advance `state` in place by one token (inputs without a token axis); returns o (Bt, H, P)."""
     chosen = decode_backend(token, state, backend)
+    if chosen == "torch":
+        out, new_state = mamba3_reference_step(token, weights, options, state)
+        state.copy_(new_state)
+        return out
     if chosen == "cute":
-        from hybrid.kernels.mamba3_step_cute import mamba3_step_cute
-
-        return mamba3_step_cute(token, weights, options, state)
-    if chosen == "triton":
-        from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
-
-        return mamba3_step_triton(token, weights, options, state)
-    out, new_state = mamba3_reference_step(token, weights, options, state)
-    state.copy_(new_state)
-    return out
+        from hybrid.kernels.mamba3_step_cute import mamba3_step_cute as kernel
+    else:
+        from hybrid.kernels.mamba3_step_triton import mamba3_step_triton as kernel
+    with on_device(state.ssm.device):
+        return kernel(token, weights, options, state)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from hybrid.devices import on_device
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
 from hybrid.kernels.mamba3_prefill import mamba3_prefill, sequence_bounds, unsupported_reason
@@ -85,7 +86,10 @@ def mamba3_scan(
     """
     chosen = scan_backend(inputs, chunk_size, backend)
     if chosen == "triton":
-        return mamba3_prefill(inputs, weights, options, state, chunk_size, cu_seqlens, final_state)
+        with on_device(inputs.x.device):
+            return mamba3_prefill(
+                inputs, weights, options, state, chunk_size, cu_seqlens, final_state
+            )
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
         out, final = run_per_sequence(

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.devices import on_input_device
 from hybrid.kernels.tensor_cache import tensor_cache
 
 BLOCK_TOKENS = 16
@@ -83,6 +84,7 @@ class Rope(torch.autograd.Function):
         return _rotate(dout, positions, inv_freq, inverse=True), None, None
 
 
+@on_input_device
 def rope_triton(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """x (Bt, T, heads, D), D even, any batch/token strides; positions (T,) or (Bt, T).
     Returns the rotated x, contiguous, in x's dtype; differentiable in x."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.cache import KVCache
+from hybrid.devices import on_device, on_input_device
 from hybrid.errors import invalid
 from hybrid.layers.registry import Layer, register
 
@@ -193,6 +194,7 @@ def sdpa_decode(q: Tensor, cache: KVCache) -> Tensor:
     return out.reshape(batch, 1, heads, head_dim)
 
 
+@on_input_device
 def fa4_decode(q: Tensor, cache: KVCache) -> Tensor:
     """flash-attn-4 over the cache, reading `seqlens` keys per sequence on the device. The
     cache's (Bt, H_kv, S, D) buffers go in as (Bt, S, H_kv, D) views (strides, no copy).
@@ -278,7 +280,9 @@ class Attention(Layer):
     def _flash(self, backend: str, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         fn = _import_fa4() if backend == "fa4" else _import_fa2()
         # its backward adds dq blocks with atomics unless asked not to (train.deterministic)
-        out = fn(q, k, v, causal=True, deterministic=torch.are_deterministic_algorithms_enabled())
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        with on_device(q.device):
+            out = fn(q, k, v, causal=True, deterministic=deterministic)
         return out[0] if isinstance(out, tuple) else out
 
     def _sdpa(self, q: Tensor, keys: Tensor, values: Tensor, offset: int) -> Tensor:

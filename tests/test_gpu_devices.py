@@ -1,0 +1,62 @@
+"""A model on the second GPU, called from a process whose current device is the first: every
+kernel entry point makes its inputs' device current (Triton and the CuTe DSL launch on the
+current device), so it computes what the same model computes on the first GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import rel_err
+
+from hybrid.config import ModelConfig
+from hybrid.model import HybridLM
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs"),
+]
+
+
+def _pair(dtype: torch.dtype) -> tuple[HybridLM, HybridLM]:
+    """The same hybrid (MIMO Mamba-3, attention, MLP) on cuda:0 and on cuda:1."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_pattern(
+        "M-*-M-",
+        d_model=256,
+        vocab_size=512,
+        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
+        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
+    )
+    first = HybridLM(config, device="cuda:0", dtype=dtype)
+    return first, copy.deepcopy(first).to("cuda:1")
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_a_model_on_the_second_gpu_trains_like_one_on_the_first(dtype, tol):
+    torch.cuda.set_device(0)
+    first, second = _pair(dtype)
+    tokens = torch.randint(0, 512, (4, 96), device="cuda:0")
+    results = []
+    for model in (first, second):
+        device = next(model.parameters()).device
+        logits = model(tokens.to(device))
+        logits.float().logsumexp(-1).mean().backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        results.append((logits.float().cpu(), grads.cpu()))
+    assert torch.cuda.current_device() == 0
+    assert rel_err(results[1][0], results[0][0]) <= tol
+    assert rel_err(results[1][1], results[0][1]) <= tol
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_model_on_the_second_gpu_generates_what_one_on_the_first_does(cuda_graph):
+    """Greedy fp32 generation, eager steps and a captured graph (its streams on cuda:1)."""
+    torch.cuda.set_device(0)
+    first, second = (model.eval() for model in _pair(torch.float32))
+    prompt = torch.randint(0, 512, (4, 40), device="cuda:0")
+    expected = first.generate(prompt, 16, temperature=0, cuda_graph=cuda_graph)
+    got = second.generate(prompt.to("cuda:1"), 16, temperature=0, cuda_graph=cuda_graph)
+    assert torch.cuda.current_device() == 0
+    assert torch.equal(got.cpu(), expected.cpu())
