@@ -20,7 +20,9 @@ pytestmark = [
 
 
 def _pair(dtype: torch.dtype) -> tuple[HybridLM, HybridLM]:
-    """The same hybrid (MIMO Mamba-3, attention, MLP) on cuda:0 and on cuda:1."""
+    """The same hybrid (MIMO Mamba-3, attention, MLP) on cuda:0 and on cuda:1, each copied
+    from the host: a copy between the GPUs would enable peer access, and kernels launched on
+    GPU 0 would then read GPU 1's tensors over NVLink and give the right numbers."""
     torch.manual_seed(0)
     config = ModelConfig.from_pattern(
         "M-*-M-",
@@ -29,15 +31,15 @@ def _pair(dtype: torch.dtype) -> tuple[HybridLM, HybridLM]:
         mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
         attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
     )
-    first = HybridLM(config, device="cuda:0", dtype=dtype)
-    return first, copy.deepcopy(first).to("cuda:1")
+    on_host = HybridLM(config, dtype=dtype)
+    return copy.deepcopy(on_host).to("cuda:0"), on_host.to("cuda:1")
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_a_model_on_the_second_gpu_trains_like_one_on_the_first(dtype, tol):
     torch.cuda.set_device(0)
     first, second = _pair(dtype)
-    tokens = torch.randint(0, 512, (4, 96), device="cuda:0")
+    tokens = torch.randint(0, 512, (4, 96))
     results = []
     for model in (first, second):
         device = next(model.parameters()).device
@@ -55,8 +57,8 @@ def test_a_model_on_the_second_gpu_generates_what_one_on_the_first_does(cuda_gra
     """Greedy fp32 generation, eager steps and a captured graph (its streams on cuda:1)."""
     torch.cuda.set_device(0)
     first, second = (model.eval() for model in _pair(torch.float32))
-    prompt = torch.randint(0, 512, (4, 40), device="cuda:0")
-    expected = first.generate(prompt, 16, temperature=0, cuda_graph=cuda_graph)
+    prompt = torch.randint(0, 512, (4, 40))
+    expected = first.generate(prompt.to("cuda:0"), 16, temperature=0, cuda_graph=cuda_graph)
     got = second.generate(prompt.to("cuda:1"), 16, temperature=0, cuda_graph=cuda_graph)
     assert torch.cuda.current_device() == 0
     assert torch.equal(got.cpu(), expected.cpu())
