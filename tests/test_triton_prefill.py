@@ -34,7 +34,7 @@ def test_rope_kernel_matches_pytorch_under_the_interpreter():
 def test_token_major_passes_projection_slices_without_a_copy():
     """The kernels read in_proj slices through their token strides: a column slice (each
     token's entries contiguous) is passed as is, anything else is copied contiguous."""
-    from hybrid.kernels.mamba3_common import token_major
+    from hybrid.kernels.launch_args import token_major
 
     wide = torch.randn(7, 3 * 4 * 16 + 5)
     x = wide[:, 5 : 5 + 4 * 16].unflatten(-1, (4, 16))  # (T, H, P) slice, token stride 197

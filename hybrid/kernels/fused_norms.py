@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.launch_args import pointer_or
 
 ROWS_PER_PROGRAM = 16  # rows a norm program walks (its share of the weight-gradient sum)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -103,7 +104,7 @@ class FusedNorm(torch.autograd.Function):
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
                  "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
         _norm_fwd_kernel[grid](
-            x, z if z is not None else x, weight if weight is not None else x, out, rows, dim,
+            x, pointer_or(z, x), pointer_or(weight, x), out, rows, dim,
             eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size), **flags,
             enable_fp_fusion=True,
         )  # fmt: skip
@@ -120,7 +121,7 @@ class FusedNorm(torch.autograd.Function):
         dz = torch.empty(z.shape, device=z.device, dtype=torch.float32) if z is not None else dx
         dw = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
         _norm_bwd_kernel[(blocks, dim // ctx.group_size)](
-            x, z if z is not None else x, weight if weight is not None else x,
+            x, pointer_or(z, x), pointer_or(weight, x),
             dout.contiguous(), dx, dz, dw, rows, dim, ctx.eps, GS=ctx.group_size,
             BLOCK=triton.next_power_of_2(ctx.group_size), **ctx.flags, enable_fp_fusion=True,
         )  # fmt: skip

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import token_major
+from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.triton_math import PI, a_coefficient, softplus, tanh
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import pointer_or, token_major
+from hybrid.kernels.launch_args import pointer_or, token_major
 
 BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger

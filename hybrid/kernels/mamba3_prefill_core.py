@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import pointer_or, token_major
+from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.tensor_cache import tensor_cache

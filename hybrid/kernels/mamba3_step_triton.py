@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.launch_args import pointer_or
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
     Mamba3Options,
     Mamba3State,
     Mamba3Weights,
     is_power_of_two,
-    pointer_or,
 )
 from hybrid.kernels.triton_math import (
     PI,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import token_major
+from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.triton_math import cos_sin_wrapped
 
 BLOCK_TOKENS = 32

@@ -1,0 +1,24 @@
+"""How tensors are handed to the Triton kernels as pointer arguments: optional ones, and
+token-major ones that may be column slices of a projection."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def pointer_or(t: Tensor | None, fallback: Tensor) -> Tensor:
+    """An optional tensor as a kernel's pointer argument: where it is absent, any tensor
+    stands in (the kernel's constexpr flag keeps it from being read)."""
+    return t if t is not None else fallback
+
+
+def token_major(t: Tensor) -> Tensor:
+    """t itself when each token's entries are contiguous (a column slice of the in_proj
+    output, say), else a contiguous copy. The Triton kernels take the token stride as an
+    argument, so slicing the projection costs no copy."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t if t.shape[0] == 1 or t.stride(0) >= expected else t.contiguous()
