@@ -32,6 +32,7 @@ from helpers import (
     random_weights,
     rel_err,
 )
+from triton.runtime.errors import OutOfResources
 
 from hybrid.kernels import mamba3_prefill_core
 from hybrid.kernels.chunked import mamba3_chunked
@@ -82,6 +83,31 @@ def _run(fn, named, probe_out, probe_ssm):
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, length, dtype):
+    _check_against_chunked(rank, headdim, d_state, chunk, length, dtype)
+
+
+SCAN_KERNELS = ("_state_pass_kernel", "_chunk_output_kernel", "_chunk_grad_kernel")
+
+
+@pytest.mark.parametrize(
+    "config", mamba3_prefill_core.CANDIDATE_CONFIGS, ids=lambda c: f"w{c.num_warps}s{c.num_stages}"
+)
+@pytest.mark.parametrize(("rank", "chunk"), [(1, 64), (4, 16)])
+def test_every_autotune_candidate_computes_the_same_scan(config, rank, chunk, monkeypatch):
+    """The suite compiles one config per kernel (HYBRID_TRITON_AUTOTUNE=0) and training picks
+    the fastest candidate, so each candidate runs here too, in bf16 at the paper's head shape:
+    a compiler bug may hit one layout only (fla #640: Triton 3.4–3.7.0 on Hopper corrupts a
+    transposed MMA result fed to another MMA, the pattern of our dq/dk products, at one tile
+    size)."""
+    for name in SCAN_KERNELS:
+        monkeypatch.setattr(getattr(mamba3_prefill_core, name), "configs", [config])
+    try:
+        _check_against_chunked(rank, 64, 128, chunk, 200, torch.bfloat16)
+    except OutOfResources as error:  # the autotuner drops such a candidate too
+        pytest.skip(f"{config} does not fit this GPU: {error}")
+
+
+def _check_against_chunked(rank, headdim, d_state, chunk, length, dtype):
     heads, batch = 4, 2
     inputs = random_inputs(batch=batch, length=length, heads=heads, headdim=headdim,
                            d_state=d_state, rank=rank, groups=2, angles=d_state // 4)  # fmt: skip

@@ -94,11 +94,16 @@ def chunk_table(seq_starts: tuple[int, ...], chunk_tokens: int, device) -> Chunk
     return ChunkTable.build(list(seq_starts), chunk_tokens, device)
 
 
+# what the autotuner chooses among (num_warps, num_stages); the GPU tests run every one
+CANDIDATE_CONFIGS = tuple(
+    triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)
+)
+UNTUNED_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
+
+
 def _configs() -> list[triton.Config]:
-    """num_warps/num_stages candidates, or one (interpreter: each config is a rerun)."""
-    if not AUTOTUNE:
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+    """The candidates, or one (interpreter: each config is a rerun)."""
+    return list(CANDIDATE_CONFIGS) if AUTOTUNE else [UNTUNED_CONFIG]
 
 
 def _autotune(key: list[str]):
