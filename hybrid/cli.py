@@ -54,9 +54,38 @@ def _cmd_layers(_: argparse.Namespace) -> None:
 
 
 def _model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
-    return ModelConfig.from_pattern(
-        args.pattern, d_model=args.d_model, vocab_size=vocab_size, **_parse_overrides(args.set)
-    )
+    """From --pattern and --d-model, or from --model-config (whose vocab_size then stands);
+    --set overrides the options of every layer of a kind either way."""
+    overrides = _parse_overrides(args.set)
+    if args.model_config is None:
+        if args.pattern is None or args.d_model is None:
+            raise ValueError("--pattern and --d-model are required (or --model-config FILE)")
+        return ModelConfig.from_pattern(
+            args.pattern, d_model=args.d_model, vocab_size=vocab_size, **overrides
+        )
+    if args.pattern is not None or args.d_model is not None:
+        raise ValueError("--model-config gives the pattern and d_model: drop --pattern/--d-model")
+    return read_model_config(args.model_config).with_layer_options(**overrides)
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """A `ModelConfig.to_dict()` in JSON or YAML: a trial's `model_config.json` (MLflow, or
+    `hybrid export`)."""
+    try:
+        text = path.read_text()
+        # by suffix: YAML 1.1 would read JSON's 1e-05 as a string
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"--model-config {path}: {error}") from None
+    if not isinstance(data, dict) or "d_model" not in data or "layers" not in data:
+        raise ValueError(
+            f"--model-config {path}: not a model config (a mapping with d_model and layers, "
+            "as `model_config.json` of a trial)"
+        )
+    try:
+        return ModelConfig.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"--model-config {path}: {error!r}") from None
 
 
 def _cmd_describe(args: argparse.Namespace) -> None:
@@ -83,6 +112,16 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _trial_numbers(text: str) -> list[int]:
+    """`3,9` -> [3, 9]."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of trial numbers"
+        ) from None
+
+
 def _word_parser(choices: dict[str, bool | None]) -> Callable[[str], bool | None]:
     """An argparse type taking one of `choices`' words (any case)."""
 
@@ -99,8 +138,13 @@ _boolean = _word_parser({"true": True, "false": False})
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pattern", required=True, help="e.g. 'M-M-M-*-'")
-    parser.add_argument("--d-model", type=int, required=True)
+    parser.add_argument("--pattern", help="e.g. 'M-M-M-*-' (with --d-model)")
+    parser.add_argument("--d-model", type=int)
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="instead of --pattern/--d-model: a model_config.json (a trial's, hybrid export)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -212,6 +256,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
     pareto = outcome.front.pareto
+    print(
+        f"\nPareto set: {len(pareto)} of {len(outcome.front.rows)} feasible trials "
+        f"(hypervolume {outcome.front.hypervolume:.6g})"
+    )
+    _print_trials(pareto, metrics)
+
+
+def _print_trials(rows: list[dict[str, Any]], metrics: list[str]) -> None:
+    """Front rows (`compute_front`) as a table: objectives, parameters, sampled values."""
     extra = [] if "params" in metrics else ["params"]
     header = ["trial", "pattern", *metrics, *extra, "sampled"]
     table = [
@@ -222,13 +275,9 @@ def _print_front(outcome: SearchOutcome, metrics: list[str]) -> None:
             *(f"{r[m]:,}" for m in extra),
             r["point"],
         ]
-        for r in pareto
+        for r in rows
     ]
     widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(header)]
-    print(
-        f"\nPareto set: {len(pareto)} of {len(outcome.front.rows)} feasible trials "
-        f"(hypervolume {outcome.front.hypervolume:.6g})"
-    )
     for row in [header, *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
@@ -328,6 +377,20 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         f"worker done: {ran} trials run here; study {study.study_name!r} holds "
         f"{len(study.get_trials(states=(TrialState.COMPLETE,)))} completed trials"
     )
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from hybrid.search.export import export_trials
+    from hybrid.search.space import load_space
+    from hybrid.search.study import default_storage, study_name_of
+
+    space = load_space(args.space)
+    out = args.out or Path(f"export-{study_name_of(space)}")
+    exported = export_trials(space, args.storage or default_storage(space), out, args.trials)
+    print(f"exported {len(exported)} trial(s) of study {study_name_of(space)!r} to {out}/")
+    _print_trials([e.row for e in exported], space.metric_names)
+    print(f"\n{out}/front.csv; per trial model_config.json and trial.json. To train one again:")
+    print(exported[0].train_command)
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
@@ -483,6 +546,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default=None)
     worker.add_argument("--quiet", action="store_true", help="no progress bar")
     worker.set_defaults(run=_cmd_worker)
+
+    export = sub.add_parser(
+        "export", help="write a study's Pareto set (or chosen trials) as model configs"
+    )
+    export.add_argument("space", help="the search-space YAML the study ran")
+    export.add_argument("--storage", default=None, help="the study's storage (default: the file's)")
+    export.add_argument(
+        "--trials",
+        type=_trial_numbers,
+        default=None,
+        help="comma-separated trial numbers (default: the Pareto set)",
+    )
+    export.add_argument(
+        "--out", type=Path, default=None, help="directory (default: export-STUDY_NAME)"
+    )
+    export.set_defaults(run=_cmd_export)
 
     ui = sub.add_parser("ui", help="the MLflow UI on a study's store, on 127.0.0.1")
     ui.add_argument("space", nargs="?", help="search-space YAML (finds its store and study)")

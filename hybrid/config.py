@@ -93,6 +93,24 @@ class ModelConfig:
         layers = tuple(LayerSpec(name, configs[name]) for name in layer_types)
         return cls(d_model, layers, vocab_size, norm_eps, tie_embeddings)
 
+    def with_layer_options(self, **layer_options: Mapping[str, Any]) -> ModelConfig:
+        """A copy in which every layer of each named kind takes these option values (its other
+        options kept), e.g. `config.with_layer_options(mamba3={"mimo_rank": 4})`."""
+        for name in layer_options:
+            registry.entry(name)
+        layers = tuple(
+            LayerSpec(
+                spec.kind,
+                layer_config(
+                    spec.kind, {**dataclasses.asdict(spec.config), **layer_options[spec.kind]}
+                ),
+            )
+            if spec.kind in layer_options
+            else spec
+            for spec in self.layers
+        )
+        return dataclasses.replace(self, layers=layers)
+
     @classmethod
     def from_pattern(cls, pattern: str, **kwargs: Any) -> ModelConfig:
         """Parse Megatron notation, e.g. `ModelConfig.from_pattern("M-M-*-", d_model=512)`."""

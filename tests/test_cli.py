@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,6 +38,30 @@ def test_describe_prints_the_models_own_figures(capsys):
     assert f"{model.num_params():,}" in out
     assert f"{model.state_bytes(2048):,}" in out
     assert "attention ratio over mixers 0.500" in out
+
+
+def test_a_model_config_file_stands_for_pattern_and_d_model(tmp_path, capsys):
+    """A trial's model_config.json describes the model its flags would, and --set still
+    overrides options of a layer kind on top of it."""
+    config = ModelConfig.from_pattern(
+        "M-*-M-", d_model=64, vocab_size=300, mamba3={"d_state": 32}, attention={"n_heads": 4}
+    )
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert main(["describe", "--model-config", str(path), "--set", "mamba3.mimo_rank=2"]) == 0
+    changed = config.with_layer_options(mamba3={"mimo_rank": 2})
+    assert f"{HybridLM(changed, device='meta').num_params():,}" in capsys.readouterr().out
+    assert main(["describe", "--model-config", str(path), "--pattern", "M-"]) == 2
+    assert "drop --pattern/--d-model" in capsys.readouterr().err
+    assert main(["describe", "--d-model", "64"]) == 2
+    assert "--pattern and --d-model are required (or --model-config FILE)" in (
+        capsys.readouterr().err
+    )
+    path.write_text("[1, 2]")
+    assert main(["describe", "--model-config", str(path)]) == 2
+    assert "not a model config" in capsys.readouterr().err
+    assert main(["describe", "--model-config", str(tmp_path / "absent.json")]) == 2
+    assert "absent.json" in capsys.readouterr().err
 
 
 def test_layers_lists_the_registry(capsys):

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -24,9 +25,11 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from hybrid import cli
+from hybrid.config import ModelConfig
 from hybrid.search.pareto import dominates, to_minimisation
 from hybrid.search.space import load_space
-from hybrid.search.study import FrontUpdater, run_search
+from hybrid.search.study import FrontUpdater, compute_front, run_search
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -217,6 +220,38 @@ def test_rerun_resumes_without_repeating(searched):
     assert len(optuna.load_study(study_name="tiny", storage=more.study._storage).trials) == len(
         numbers
     )
+
+
+def test_export_writes_the_front_as_configs_whose_command_retrains_the_trial(
+    searched, tmp_path, capsys
+):
+    space, outcome, path = searched
+    out = tmp_path / "export"
+    assert cli.main(["export", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny", storage=outcome.study._storage)
+    front = {r["trial"] for r in compute_front(study, space).pareto}
+    assert {int(d.name.split("-")[1]) for d in out.glob("trial-*")} == front
+    with (out / "front.csv").open() as f:
+        listed = [int(r["trial"]) for r in csv.DictReader(f)]
+    assert set(listed) == front
+    first = json.loads((out / f"trial-{listed[0]:03d}" / "trial.json").read_text())
+    assert first["train_command"] in printed  # the command for the front's first row
+    number = min(front)
+    trial = study.trials[number]
+    folder = out / f"trial-{number:03d}"
+    exported = ModelConfig.from_dict(json.loads((folder / "model_config.json").read_text()))
+    assert exported == ModelConfig.from_dict(trial.user_attrs["model"])
+    record = json.loads((folder / "trial.json").read_text())
+    assert list(record["objectives"].values()) == trial.values
+    # the command trains the same model on the same batches: the trial's perplexity again
+    metrics = tmp_path / "metrics.json"
+    words = shlex.split(record["train_command"])[1:]
+    assert cli.main([*words, "--device", "cpu", "--metrics-json", str(metrics)]) == 0
+    again = json.loads(metrics.read_text())["metrics"]["val_perplexity"]
+    assert again == pytest.approx(record["objectives"]["val_perplexity"], rel=1e-5)
+    assert cli.main(["export", str(path), "--trials", "999", "--out", str(out)]) == 2
+    assert "--trials [999] are not completed feasible trials" in capsys.readouterr().err
 
 
 def _free_port() -> int:
