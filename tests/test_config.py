@@ -92,3 +92,22 @@ def test_build_validates_before_allocating(monkeypatch):
     with pytest.raises(ValueError, match=r"mamba3\.headdim=48"):
         build(LayerSpec("mamba3", Mamba3Config(headdim=48)), 64)
     assert constructed == []
+
+
+def test_with_layer_options_changes_one_kind_and_validates():
+    config = ModelConfig.from_pattern(
+        "M-*-M-", d_model=64, mamba3={"d_state": 32, "headdim": 16}, attention={"n_heads": 4}
+    )
+    changed = config.with_layer_options(mamba3={"mimo_rank": 4})
+    mamba = [spec.config for spec in changed.layers if spec.kind == "mamba3"]
+    assert [(c.mimo_rank, c.d_state, c.headdim) for c in mamba] == [(4, 32, 16)] * 2
+    assert [s for s in changed.layers if s.kind != "mamba3"] == [
+        s for s in config.layers if s.kind != "mamba3"
+    ]
+    assert config.layers[0].config.mimo_rank == 1  # a copy
+    with pytest.raises(ValueError, match=r"mamba3\.bogus=1 is invalid"):
+        config.with_layer_options(mamba3={"bogus": 1})
+    with pytest.raises(ValueError, match=r"mamba3\.headdim=48 is invalid"):
+        config.with_layer_options(mamba3={"headdim": 48})
+    with pytest.raises(ValueError, match="allowed: \\['attention', 'mamba3', 'swiglu'\\]"):
+        config.with_layer_options(mamba9={"d_state": 8})
