@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hybrid.config import ModelConfig
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State, Mamba3Weights
 
 
@@ -153,3 +154,14 @@ def greedy_by_forwards(model, prompt, n):
         for _ in range(n):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seq
+
+
+def small_hybrid_config(pattern: str = "M-*-M-") -> ModelConfig:
+    """The GPU tests' hybrid: MIMO R=2 Mamba-3 and GQA attention at d_model 256, vocab 512."""
+    return ModelConfig.from_pattern(
+        pattern,
+        d_model=256,
+        vocab_size=512,
+        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
+        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
+    )

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy_by_forwards, random_inputs, random_state, random_weights, rel_err
+from helpers import (
+    greedy_by_forwards,
+    random_inputs,
+    random_state,
+    random_weights,
+    rel_err,
+    small_hybrid_config,
+)
 
 from hybrid.config import LayerSpec, ModelConfig
 from hybrid.kernels.chunked import mamba3_chunked
@@ -101,13 +108,7 @@ def test_cuda_graph_of_a_hybrid_step_replays_the_eager_step():
     from hybrid.search.latency import capture_cuda_graph
 
     torch.manual_seed(0)
-    config = ModelConfig.from_pattern(
-        "M-*-M-",
-        d_model=256,
-        vocab_size=512,
-        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
-        attention={"n_heads": 4, "n_kv_heads": 2},
-    )
+    config = small_hybrid_config()
     model = HybridLM(config, device=CUDA, dtype=torch.float32).eval()
     with torch.inference_mode():
         _, cache = model.prefill(torch.randint(0, 512, (4, 300), device=CUDA), max_seqlen=301)
@@ -179,14 +180,7 @@ def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, h
 
 def _generation_model(pattern, dtype):
     torch.manual_seed(0)
-    config = ModelConfig.from_pattern(
-        pattern,
-        d_model=256,
-        vocab_size=512,
-        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
-        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
-    )
-    return HybridLM(config, device=CUDA, dtype=dtype).eval()
+    return HybridLM(small_hybrid_config(pattern), device=CUDA, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("pattern", ["M-*-M-*-", "*-*-"])

@@ -8,9 +8,8 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, small_hybrid_config
 
-from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
 
 pytestmark = [
@@ -24,14 +23,7 @@ def _pair(dtype: torch.dtype) -> tuple[HybridLM, HybridLM]:
     from the host: a copy between the GPUs would enable peer access, and kernels launched on
     GPU 0 would then read GPU 1's tensors over NVLink and give the right numbers."""
     torch.manual_seed(0)
-    config = ModelConfig.from_pattern(
-        "M-*-M-",
-        d_model=256,
-        vocab_size=512,
-        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
-        attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
-    )
-    on_host = HybridLM(config, dtype=dtype)
+    on_host = HybridLM(small_hybrid_config(), dtype=dtype)
     return copy.deepcopy(on_host).to("cuda:0"), on_host.to("cuda:1")
 
 
