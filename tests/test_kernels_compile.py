@@ -62,10 +62,10 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (mamba3_prefill_core._chunk_grad_kernel, {**PREFILL, "R": 4, "PRECISION": "ieee"}, set()),
     (rotated_bc._rotated_bc_fwd_kernel, {"N": 128, "R": 1, "BT": 32, "HB": 8, "PAIRWISE": True},
      {"k_ptr", "q_ptr"}),
-    (rotated_bc._rotated_bc_bwd_kernel, {"N": 64, "R": 4, "BT": 32, "HB": 2, "PAIRWISE": False},
+    (rotated_bc._rotated_bc_bwd_kernel, {"N": 64, "R": 4, "BT": 16, "HB": 2, "PAIRWISE": False},
      {"dk_ptr", "dq_ptr"}),
     (rotated_bc._rotated_bc_bwd_kernel,  # one head split: d raw B/C stored in their dtype
-     {"N": 128, "R": 1, "BT": 32, "HB": 32, "PAIRWISE": True},
+     {"N": 128, "R": 1, "BT": 16, "HB": 32, "PAIRWISE": True},
      {"b_ptr", "c_ptr", "dk_ptr", "dq_ptr", "db_ptr", "dc_ptr"}),
     (mimo_values._values_bwd_kernel, {"R": 8, "P": 128, "BT": 16},
      {"x_ptr", "dxr_ptr", "dx_ptr"}),

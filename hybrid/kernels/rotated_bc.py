@@ -30,8 +30,13 @@ from hybrid.kernels.triton_math import cos_sin_wrapped
 
 BLOCK_TOKENS = 32
 # the MIMO forward writes R rows per token and head: 16-token blocks were faster there (H100,
-# 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32); the backward is fastest at 32 for every R
+# 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32)
 MIMO_FWD_BLOCK_TOKENS = 16
+# backward programs of 16 tokens on 2 warps: fwd+bwd at 16,384 tokens, H=32, N=128 on an H100
+# took about 0.68 / 1.09 / 2.18 / 4.19 ms at R = 1 / 2 / 4 / 8 against 0.70 / 1.18 / 2.36 / 4.61
+# with 32 tokens on 4 warps (the op at 8 × 2048: R=4 7.82 → 7.64 ms; 16 tokens on 4 warps
+# and 8 on 2 were slower than both)
+BACKWARD_BLOCK_TOKENS, BACKWARD_WARPS = 16, 2
 # H100, 8 × 2048, H=32: the backward took 0.37 ms (SISO) and 1.72 ms (R=4) with 32 heads per
 # program against 0.42 and 1.99 ms with 8; fewer than ~512 programs leave SMs idle
 MAX_HEADS_PER_PROGRAM = 32
@@ -244,7 +249,7 @@ class RotatedBC(torch.autograd.Function):
         b, c, b_w, c_w, b_bias, c_bias, phi = ctx.saved_tensors
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        blocks = triton.cdiv(tokens, BLOCK_TOKENS)
+        blocks = triton.cdiv(tokens, BACKWARD_BLOCK_TOKENS)
         hb = heads_per_program(heads // groups, blocks)
         splits = heads // groups // hb
         shape = (tokens, rank, heads, n)
@@ -262,8 +267,8 @@ class RotatedBC(torch.autograd.Function):
         _rotated_bc_bwd_kernel[(blocks, heads // hb)](
             b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
             dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
-            c.stride(0), ctx.eps, N=n, R=rank, BT=BLOCK_TOKENS, HB=hb, PAIRWISE=ctx.pairwise,
-            enable_fp_fusion=True,
+            c.stride(0), ctx.eps, N=n, R=rank, BT=BACKWARD_BLOCK_TOKENS, HB=hb,
+            PAIRWISE=ctx.pairwise, num_warps=BACKWARD_WARPS, enable_fp_fusion=True,
         )  # fmt: skip
         draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
         dw = dw.sum((1, 2, 3))
