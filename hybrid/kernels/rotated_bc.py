@@ -28,10 +28,12 @@ from torch import Tensor
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.triton_math import cos_sin_wrapped
 
-BLOCK_TOKENS = 32
-# the MIMO forward writes R rows per token and head: 16-token blocks were faster there (H100,
-# 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32)
-MIMO_FWD_BLOCK_TOKENS = 16
+# forward programs (tokens, warps): the MIMO forward writes R rows per token and head, and
+# 16-token blocks were faster there (H100, 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32); a
+# sweep of tokens 8-64 × warps 1-8 (H100, 16,384 tokens, H=32, N=128) then took SISO from
+# 0.169 ms (4 warps) to 0.146 ms and R=4 from 0.593 ms (4 warps) to 0.553 ms
+SISO_FORWARD_TILING = (32, 2)
+MIMO_FORWARD_TILING = (16, 8)
 # backward programs of 16 tokens on 2 warps: fwd+bwd at 16,384 tokens, H=32, N=128 on an H100
 # took about 0.68 / 1.09 / 2.18 / 4.19 ms at R = 1 / 2 / 4 / 8 against 0.70 / 1.18 / 2.36 / 4.61
 # with 32 tokens on 4 warps (the op at 8 × 2048: R=4 7.82 → 7.64 ms; 16 tokens on 4 warps
@@ -230,7 +232,7 @@ class RotatedBC(torch.autograd.Function):
     def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        bt = MIMO_FWD_BLOCK_TOKENS if rank > 1 else BLOCK_TOKENS
+        bt, warps = MIMO_FORWARD_TILING if rank > 1 else SISO_FORWARD_TILING
         hb = heads_per_program(heads // groups, triton.cdiv(tokens, bt) * rank)
         k = torch.empty(tokens, rank, heads, n, device=b.device, dtype=out_dtype)
         q = torch.empty_like(k)
@@ -238,7 +240,8 @@ class RotatedBC(torch.autograd.Function):
         _rotated_bc_fwd_kernel[grid](
             b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles,
             b.stride(0), c.stride(0), eps,
-            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise, enable_fp_fusion=True,
+            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise, num_warps=warps,
+            enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
         ctx.eps, ctx.pairwise = eps, pairwise
