@@ -1,7 +1,8 @@
-"""`hybrid` command line: `search` (run or resume a search space), `ui` (the MLflow UI on its
-store), `bench` (latency and memory, no training), `train` (one model on a corpus), `data`
-(prepare a corpus and its token cache),
-`describe` (size, state and FLOPs of a pattern, nothing allocated), `layers` (the registry)."""
+"""`hybrid` command line: `search` (run or resume a search space), `worker` (join one),
+`export` (its Pareto set as model configs), `ui` (the MLflow UI on its store), `bench`
+(latency and memory, no training), `train` (one model on a corpus), `data` (prepare a corpus
+and its token cache), `describe` (size, state and FLOPs of a pattern, nothing allocated),
+`layers` (the registry)."""
 
 from __future__ import annotations
 
