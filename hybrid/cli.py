@@ -390,6 +390,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     exported = export_trials(space, args.storage or default_storage(space), out, args.trials)
     print(f"exported {len(exported)} trial(s) of study {study_name_of(space)!r} to {out}/")
     _print_trials([e.row for e in exported], space.metric_names)
+    stale = sorted({p.name for p in out.glob("trial-*")} - {e.directory.name for e in exported})
+    if stale:
+        print(f"(also in {out}/ from an earlier export, not in this one: {', '.join(stale)})")
     print(f"\n{out}/front.csv; per trial model_config.json and trial.json. To train one again:")
     print(exported[0].train_command)
 

@@ -252,6 +252,10 @@ def test_export_writes_the_front_as_configs_whose_command_retrains_the_trial(
     assert again == pytest.approx(record["objectives"]["val_perplexity"], rel=1e-5)
     assert cli.main(["export", str(path), "--trials", "999", "--out", str(out)]) == 2
     assert "--trials [999] are not completed feasible trials" in capsys.readouterr().err
+    (out / "trial-998").mkdir()  # left by an earlier export: named, never deleted
+    assert cli.main(["export", str(path), "--out", str(out)]) == 0
+    assert "not in this one: trial-998" in capsys.readouterr().out
+    assert (out / "trial-998").is_dir()
 
 
 def _free_port() -> int:
