@@ -4,13 +4,17 @@ study exists; valid files round-trip; trials map to models deterministically."""
 from __future__ import annotations
 
 import copy
+import shlex
+from pathlib import Path
 
 import pytest
 import yaml
 
-from hybrid.cli import main
+from hybrid.cli import build_parser, main
 from hybrid.model import HybridLM
-from hybrid.search.space import SpaceError, make_pattern, parse_space
+from hybrid.search.export import train_command
+from hybrid.search.space import DataSection, SpaceError, make_pattern, parse_space
+from hybrid.train import TrainConfig
 
 BASE = {
     "name": "t",
@@ -217,3 +221,23 @@ def test_seed_designs_map_to_points():
     assert space.plan(space.seed_params("M-M-*-M-")).pattern == "M-M-*-M-"
     with pytest.raises(ValueError, match="not a point of this space"):
         space.seed_params("M-*-M-M-")
+
+
+def test_the_exported_train_command_parses_back_to_the_same_settings():
+    """Every data setting and every non-default training setting survives the round trip
+    through `hybrid train`'s own parser (bools as words, the streaming switch, None left out)."""
+    data = DataSection(
+        corpus="hub:some/set", seq_len=256, tokenizer="bpe:512", hub_config="en",
+        streaming=True, max_documents=1000, val_fraction=0.1, text_field="body",
+    )  # fmt: skip
+    train = TrainConfig(
+        batch_size=8, seq_len=256, tokens=50_000, lr=1e-3, schedule="wsd", cuda_graph=False,
+        deterministic=True, eval_every=20,
+    )  # fmt: skip
+    command = train_command(Path("out dir/model_config.json"), data, train)
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.model_config == Path("out dir/model_config.json")
+    for name in ("corpus", "tokenizer", "hub_config", "streaming", "max_documents",
+                 "val_fraction", "text_field", "hub_split"):  # fmt: skip
+        assert getattr(args, name) == getattr(data, name), name
+    assert TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__}) == train
