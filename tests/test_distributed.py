@@ -128,6 +128,11 @@ def test_three_workers_on_postgres(tmp_path):
     ran = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert len(children) == len(ran)
     assert {r.info.status for r in children} <= {"FINISHED", "FAILED"}
+    # the front, exported from the PostgreSQL study
+    out = _run("export", str(path), "--storage", storage, "--out", "front", cwd=tmp_path)
+    exported = sorted(d.name for d in (tmp_path / "front").glob("trial-*"))
+    assert exported and f"exported {len(exported)} trial(s)" in out
+    assert all((tmp_path / "front" / d / "model_config.json").is_file() for d in exported)
 
 
 @pytest.mark.parametrize("store", ["journal", pytest.param("postgres", marks=needs_postgres)])
