@@ -128,8 +128,9 @@ def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, 
 
 
 def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
-    """`--device cuda:1`: Triton launches on the current device, so the CLI makes it current
-    (faked here: this test runs without a GPU)."""
+    """`--device cuda:1` becomes the current device, so what a command does without naming a
+    device (synchronisations, memory statistics, graph streams) is done there too (faked
+    here: this test runs without a GPU)."""
     import torch
 
     from hybrid.cli import _device
