@@ -5,9 +5,9 @@ inputs are one packed row (Bt = 1) of several sequences, each with its own initi
 state. Triton runs the scan itself (`mamba3_prefill_core`: quadratic within a chunk,
 sequential across chunks), the per-token coefficients Δ, A, λ and the per-sequence angle sums
 (`mamba3_coefficients`, wrapped as they go, so float32 stays exact over any length), the B/C
-RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage (D skip,
-pre-gate norm, silu gate, MIMO sum: `mamba3_gate`), each with a Triton backward. The MIMO
-values x̃_r = mimo_x[:, r] ⊙ x are formed inside the scan kernels.
+RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage
+(pre-gate norm, silu gate, MIMO sum: `mamba3_gate`; the D skip is the scan's), each with a
+Triton backward. The MIMO values x̃_r = mimo_x[:, r] ⊙ x are formed inside the scan kernels.
 """
 
 from __future__ import annotations
@@ -112,12 +112,11 @@ def mamba3_prefill(
         init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(
-        q, k, values, log_alpha, scale, gamma, init, table, chunk_size, weights.mimo_x
+        q, k, values, log_alpha, scale, gamma, init, table, chunk_size, weights.mimo_x, weights.d
     )
     out = mamba3_gate(
-        y, x, z, weights.d, weights.mimo_x, weights.mimo_z, weights.mimo_o, weights.out_norm,
-        options.out_norm_eps,
-    ).reshape(batch, length, heads, headdim)  # fmt: skip
+        y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps
+    ).reshape(batch, length, heads, headdim)
     if not final_state:
         return out, None
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)

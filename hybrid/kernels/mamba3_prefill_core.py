@@ -7,7 +7,7 @@ and head, rows i = (token τ(i), rank r) in token-major order, per-token log α 
 them, so the forward neither writes nor keeps an R-fold v; the backward materialises it for
 the chunk gradients and reduces their dv to dx and d mimo_x, `mimo_values`):
 
-    y_i = Σ_{j: τ(j) ≤ τ(i)} e^{A_i − A_j} w_ij (q_i·k_j) v_j + e^{A_i} G_0 q_i
+    y_i = Σ_{j: τ(j) ≤ τ(i)} e^{A_i − A_j} w_ij (q_i·k_j) v_j + e^{A_i} G_0 q_i + D v_i
     w_ij = s_τ(j) if τ(j) < τ(i), γ_τ(j) if τ(j) = τ(i)
     G_T  = Σ_j e^{A_T − A_j} s_τ(j) v_j k_jᵀ + e^{A_T} G_0   (s of a sequence's last token is γ)
 
@@ -19,8 +19,11 @@ Three kernels:
   chunk_output  per (chunk, head): y = intra-chunk scores plus the start state's read-out;
   chunk_grad    per (chunk, head): dq, dk, dv and the per-row gradients of A, s and γ.
 The log-decay gradient uses dA_i = q_i·dq_i − k_i·dk_i (every pairwise term depends on
-A_i − A_j), reverse-summed over the sequence by the caller. Sequences are lists of chunks
-(`ChunkTable`), so a varlen batch is one flat token axis and no chunk crosses a boundary.
+A_i − A_j), reverse-summed over the sequence by the caller. The D skip (optional) is added
+where the output is formed, so no later kernel reads x again for it, and its gradient joins
+dv in the product with the intra-chunk mixing matrix (on its diagonal). Sequences are lists
+of chunks (`ChunkTable`), so a varlen batch is one flat token axis and no chunk crosses a
+boundary.
 """
 
 from __future__ import annotations
@@ -155,6 +158,23 @@ def _token_weights(cum, s, g, tok, valid):
 
 
 @triton.jit
+def _diagonal(BT: tl.constexpr):
+    """(BT, BT) True where the row is the column."""
+    i = tl.arange(0, BT)
+    return i[:, None] == i[None, :]
+
+
+@triton.jit
+def _with_skip(mix, d_ptr, h, BT: tl.constexpr, HAS_D: tl.constexpr):
+    """The intra-chunk mixing matrix with the D skip on its diagonal, so dv_i gains D·dy_i in
+    the product that is there anyway (no extra registers: in the chunk gradients, unlike
+    the forward, this form cost nothing on an H100)."""
+    if HAS_D:
+        mix += tl.where(_diagonal(BT), tl.load(d_ptr + h), 0.0)
+    return mix
+
+
+@triton.jit
 def _stored_values(v_ptr, rows, tokens, SV, h, H, cols, valid, R: tl.constexpr,
                    P: tl.constexpr):  # fmt: skip
     """Value rows of head h at columns `cols` from v (T, R, H, P) with token stride SV (v may
@@ -253,7 +273,7 @@ def _state_pass_kernel(
     tl.store(final_ptr + edge + tile, carry)
 
 
-@_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX"])
+@_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX", "HAS_D"])
 @triton.jit
 def _chunk_output_kernel(
     q_ptr,
@@ -263,6 +283,7 @@ def _chunk_output_kernel(
     a_ptr,
     s_ptr,
     g_ptr,
+    d_ptr,
     states_ptr,
     y_ptr,
     tok0_ptr,
@@ -276,6 +297,7 @@ def _chunk_output_kernel(
     BN: tl.constexpr,
     BP: tl.constexpr,
     HAS_MX: tl.constexpr,
+    HAS_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -299,6 +321,8 @@ def _chunk_output_kernel(
                 BT, BP, HAS_MX)  # fmt: skip
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
+    if HAS_D:  # after the product: on its diagonal, MIMO's forward was 12% slower (H100)
+        y += tl.load(d_ptr + h) * v.to(tl.float32)
     tl.store(
         y_ptr + rows[:, None] * (H * P) + h * P + op[None, :],
         y.to(y_ptr.dtype.element_ty),
@@ -306,7 +330,7 @@ def _chunk_output_kernel(
     )
 
 
-@_autotune(["N", "P", "R", "BT", "BN"])
+@_autotune(["N", "P", "R", "BT", "BN", "HAS_D"])
 @triton.jit
 def _chunk_grad_kernel(
     q_ptr,
@@ -316,6 +340,7 @@ def _chunk_grad_kernel(
     a_ptr,
     s_ptr,
     g_ptr,
+    d_ptr,
     states_ptr,
     dstates_ptr,
     dq_ptr,
@@ -324,6 +349,7 @@ def _chunk_grad_kernel(
     da_ptr,
     ds_ptr,
     dg_ptr,
+    dd_ptr,
     tok0_ptr,
     ntok_ptr,
     H,
@@ -333,9 +359,11 @@ def _chunk_grad_kernel(
     R: tl.constexpr,
     BT: tl.constexpr,
     BN: tl.constexpr,
+    HAS_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Gradients of one chunk, given its start state and the gradient of its end state."""
+    """Gradients of one chunk, given its start state and the gradient of its end state; with
+    HAS_D, this chunk's part of dD (dd, (n_chunks, H))."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     rows, tokens, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
@@ -362,8 +390,12 @@ def _chunk_grad_kernel(
     d_scores = dmix * w
     coef_end = tl.where(valid, tl.exp(total - cum), 0.0)
     coef = coef_end * s
-    dv = tl.dot(tl.trans((scores * w).to(dy.dtype)), dy, input_precision=PRECISION)
+    mix = _with_skip(scores * w, d_ptr, h, BT, HAS_D)
+    dv = tl.dot(tl.trans(mix.to(dy.dtype)), dy, input_precision=PRECISION)
     dv += coef[:, None] * to_end
+    if HAS_D:  # Σ_i dy_i·v_i: the diagonal of dmix
+        diagonal = tl.where(_diagonal(BT), dmix, 0.0)
+        tl.store(dd_ptr + c * H + h, tl.sum(tl.sum(diagonal, 1), 0))
     tl.store(dv_ptr + pv_offs, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
 
     weighted = dmix * scores
@@ -427,10 +459,10 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     return states, final
 
 
-def scan_forward(q, k, v, mx, a, s, g, init, table: ChunkTable, chunk_tokens: int):
+def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable, chunk_tokens: int):
     """y (T, R, H, P) in v's dtype, the final states (n_seq, H, P, N) fp32 and the chunks'
     start states (n_chunks, H, P, N) in the input dtype (kept for the backward). v is
-    (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P)."""
+    (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P); d (H,) fp32 or None."""
     tokens, rank, heads, d_state = q.shape
     headdim = v.shape[-1]
     chunk_rows = chunk_tokens * rank
@@ -442,52 +474,56 @@ def scan_forward(q, k, v, mx, a, s, g, init, table: ChunkTable, chunk_tokens: in
     bn = min(d_state, 128 if rank > 1 else 64)
     grid = (table.n_chunks, heads, headdim // bp)
     _chunk_output_kernel[grid](
-        q, k, v, pointer_or(mx, a), a, s, g, states, y, table.tok0, table.ntok, heads, v.stride(0),
-        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn, BP=bp, HAS_MX=mx is not None,
-        PRECISION=_precision(q.dtype), enable_fp_fusion=True,
+        q, k, v, pointer_or(mx, a), a, s, g, pointer_or(d, a), states, y, table.tok0,
+        table.ntok, heads, v.stride(0), N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn,
+        BP=bp, HAS_MX=mx is not None, HAS_D=d is not None, PRECISION=_precision(q.dtype),
+        enable_fp_fusion=True,
     )  # fmt: skip
     return y, final, states
 
 
-def scan_backward(q, k, v, mx, a, s, g, states, dy, dfinal, table: ChunkTable,
+def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable,
                   chunk_tokens: int):  # fmt: skip
     """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes; with
-    mx, dx (T, H, P)), d mimo_x (fp32, or None), per-row dA, ds, dγ (fp32) and dinit."""
+    mx, dx (T, H, P)), d mimo_x (fp32, or None), per-row dA, ds, dγ (fp32), dD (fp32, or
+    None) and dinit."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     chunk_rows = chunk_tokens * rank
     dstates, dinit = _state_pass(dy, None, q, a, s, dfinal, table, rank, chunk_rows, True)
     rows = v if mx is None else mimo_values(v, mx)  # (T, R, H, P), any token stride
     dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, rows))  # contiguous
     per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
+    dd = _new_output((table.n_chunks, heads), q, torch.float32) if d is not None else None
     _chunk_grad_kernel[(table.n_chunks, heads)](
-        q, k, rows, dy, a, s, g, states, dstates, dq, dk, dv, per_row[0], per_row[1],
-        per_row[2], table.tok0, table.ntok, heads, rows.stride(0),
-        N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
-        PRECISION=_precision(q.dtype), enable_fp_fusion=True,
+        q, k, rows, dy, a, s, g, pointer_or(d, a), states, dstates, dq, dk, dv, per_row[0],
+        per_row[1], per_row[2], pointer_or(dd, a), table.tok0, table.ntok, heads,
+        rows.stride(0), N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
+        HAS_D=d is not None, PRECISION=_precision(q.dtype), enable_fp_fusion=True,
     )  # fmt: skip
+    dd = dd.sum(0) if dd is not None else None
     if mx is None:
-        return dq, dk, dv, None, per_row, dinit
+        return dq, dk, dv, None, per_row, dd, dinit
     dx, dmx = mimo_values_grad(v, mx, dv)
-    return dq, dk, dx, dmx, per_row, dinit
+    return dq, dk, dx, dmx, per_row, dd, dinit
 
 
 class Mamba3CoreFunction(torch.autograd.Function):
-    """y, G_T = core(q, k, v, a, s, γ, G_0): the kernels above with a Triton backward.
+    """y, G_T = core(q, k, v, a, s, γ, D, G_0): the kernels above with a Triton backward.
 
     The chunks' start states are kept for the backward (a tensor of q's size at headdim 64)
     rather than recomputed: one state pass fewer per training step."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mx, a, s, g, init, table, chunk_tokens):
+    def forward(ctx, q, k, v, mx, a, s, g, d, init, table, chunk_tokens):
         ctx.set_materialize_grads(False)  # training leaves G_T unused: no zeros, no work
-        y, final, states = scan_forward(q, k, v, mx, a, s, g, init, table, chunk_tokens)
-        ctx.save_for_backward(q, k, v, mx, a, s, g, init, states, final)
+        y, final, states = scan_forward(q, k, v, mx, a, s, g, d, init, table, chunk_tokens)
+        ctx.save_for_backward(q, k, v, mx, a, s, g, d, init, states, final)
         ctx.table, ctx.chunk_tokens = table, chunk_tokens
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        q, k, v, mx, a, s, g, init, states, final = ctx.saved_tensors
+        q, k, v, mx, a, s, g, d, init, states, final = ctx.saved_tensors
         table = ctx.table
         dy = (
             dy.contiguous()
@@ -495,8 +531,8 @@ class Mamba3CoreFunction(torch.autograd.Function):
             else torch.zeros((*q.shape[:3], v.shape[-1]), device=v.device, dtype=v.dtype)
         )
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        dq, dk, dv, dmx, per_row, dinit = scan_backward(
-            q, k, v, mx, a, s, g, states, dy, dfinal, table, ctx.chunk_tokens
+        dq, dk, dv, dmx, per_row, dd, dinit = scan_backward(
+            q, k, v, mx, a, s, g, d, states, dy, dfinal, table, ctx.chunk_tokens
         )
         # (T, H) each: the ranks of a token summed
         da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
@@ -504,16 +540,18 @@ class Mamba3CoreFunction(torch.autograd.Function):
             da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
         da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
         dinit = dinit if init is not None else None
-        return dq, dk, dv, dmx, da, ds, dg, dinit, None, None
+        return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None, None
 
 
-def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int, mimo_x=None):
+def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int, mimo_x=None,
+                d=None):  # fmt: skip
     """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P), or with `mimo_x` (H, R, P)
     the MIMO x (T, H, P) whose rows x̃_r = mimo_x[:, r] ⊙ x the kernels form (any token
-    stride); a, s, g: (T, H) fp32; init: (n_seq, H, P, N) fp32 or None. Returns y (T, R, H,
-    P) and G_T (n_seq, H, P, N)."""
+    stride); a, s, g: (T, H) fp32; init: (n_seq, H, P, N) fp32 or None; d: the D skip (H,)
+    or None. Returns y (T, R, H, P) (with D·x̃_r) and G_T (n_seq, H, P, N)."""
     mx = mimo_x.float().contiguous() if mimo_x is not None else None
     return Mamba3CoreFunction.apply(
         q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
-        g.contiguous(), init.contiguous() if init is not None else None, table, chunk_tokens,
+        g.contiguous(), d.float().contiguous() if d is not None else None,
+        init.contiguous() if init is not None else None, table, chunk_tokens,
     )  # fmt: skip
