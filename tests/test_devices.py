@@ -19,20 +19,27 @@ def test_the_default_device_is_cuda_when_there_is_one(monkeypatch):
     assert resolve_device(None) == torch.device("cuda")
 
 
-def test_the_guard_makes_a_cuda_device_current_and_leaves_the_cpu_alone(monkeypatch):
+@pytest.fixture
+def current_devices(monkeypatch) -> list:
+    """The devices `torch.cuda.device` has made current, innermost last (a fake: no GPU)."""
     entered = []
 
     @contextlib.contextmanager
     def current(device):
         entered.append(device)
         yield
+        entered.pop()
 
     monkeypatch.setattr(torch.cuda, "device", current)
+    return entered
+
+
+def test_the_guard_makes_a_cuda_device_current_and_leaves_the_cpu_alone(current_devices):
     with on_device(torch.device("cpu")):
-        pass
+        assert current_devices == []
     with on_device(torch.device("cuda:1")):
-        assert entered == [torch.device("cuda:1")]
-    assert entered == [torch.device("cuda:1")]
+        assert current_devices == [torch.device("cuda:1")]
+    assert current_devices == []
 
 
 def test_pinning_goes_through_an_inherited_visible_device_list(monkeypatch):
@@ -50,24 +57,16 @@ def test_pinning_goes_through_an_inherited_visible_device_list(monkeypatch):
         visible_devices_for(0)
 
 
-def test_a_kernel_entry_point_runs_on_its_first_argument_s_device(monkeypatch):
-    entered, current_at_launch = [], []
-
-    @contextlib.contextmanager
-    def current(device):
-        entered.append(device)
-        yield
-        entered.pop()
-
-    monkeypatch.setattr(torch.cuda, "device", current)
+def test_a_kernel_entry_point_runs_on_its_first_argument_s_device(current_devices):
+    current_at_launch = []
 
     @on_input_device
     def launch(x, scale, *, shift=0):
         """Doc kept."""
-        current_at_launch.append(list(entered))
+        current_at_launch.append(list(current_devices))
         return scale * 2 + shift
 
     assert launch(SimpleNamespace(device=torch.device("cuda:1")), 3, shift=1) == 7
     assert launch(torch.ones(1), 3) == 6
     assert current_at_launch == [[torch.device("cuda:1")], []]  # the CPU makes nothing current
-    assert entered == [] and launch.__doc__ == "Doc kept."
+    assert current_devices == [] and launch.__doc__ == "Doc kept."
