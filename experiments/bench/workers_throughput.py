@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACE = ROOT / "experiments" / "quickstart.yaml"
 
 
+def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    """A trial's own time, start to completion (train, evaluate, measure)."""
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def run(gpus: str, trials: int, workers: int, cuda_graph: bool = True) -> dict:
     """One `hybrid search` of `trials` on `gpus` (one worker each): its wall time, what its
     trials did, the median trained trial's own time (start to completion: train, evaluate,
@@ -63,7 +68,7 @@ def run(gpus: str, trials: int, workers: int, cuda_graph: bool = True) -> dict:
         )
         complete = study.get_trials(states=(TrialState.COMPLETE,))
         trained = [t for t in complete if "duplicate_of" not in t.user_attrs]
-        busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in complete)
+        busy = sum(_trial_seconds(t) for t in complete)
         per_gpu: dict[str, int] = {}
         for t in complete:  # which pinned GPU ran each trial
             gpu = f"{t.user_attrs.get('device', '?')} #{t.user_attrs.get('cuda_visible_devices')}"
@@ -76,9 +81,7 @@ def run(gpus: str, trials: int, workers: int, cuda_graph: bool = True) -> dict:
         "seconds": seconds,
         "trials_per_hour": 3600 * len(complete) / seconds,
         "trials_per_gpu": per_gpu,
-        "median_trial_s": statistics.median(
-            (t.datetime_complete - t.datetime_start).total_seconds() for t in trained
-        ),
+        "median_trial_s": statistics.median(_trial_seconds(t) for t in trained),
         "median_train_s": statistics.median(
             t.user_attrs["metrics"]["train_seconds"] for t in trained
         ),
