@@ -19,6 +19,7 @@ from hybrid.kernels.reference import mamba3_reference
 def test_prefill_kernels_match_the_oracle_under_the_interpreter():
     stdout = run_interpreted("check_mamba3_prefill.py")
     assert stdout.count("R=") == 6 and "segment cumsum" in stdout and "worst" in stdout
+    assert "core with and without D" in stdout
 
 
 def test_fused_norm_and_swiglu_kernels_match_pytorch_under_the_interpreter():

@@ -4,8 +4,9 @@ state entry — in float32 with fresh random inputs, for SISO and MIMO, with an 
 partial last chunks, a variable-length batch and both A activations; every other case splits
 a group's heads over programs (one head each), so the B/C backward adds per-program parts,
 and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
-its in_proj output (the kernels read them through their token strides).
-Prints one line per case; non-zero exit past the tolerance."""
+its in_proj output (the kernels read them through their token strides); and the scan core
+without its D skip, the benchmarks' form. Prints one line per case; non-zero exit past the
+tolerance."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from helpers import (
 from hybrid.kernels import rotated_bc
 from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Inputs, Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
+from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
 from hybrid.kernels.mamba3_scan import run_per_sequence
 from hybrid.kernels.reference import mamba3_reference
 from hybrid.kernels.segment_cumsum import segment_cumsum
@@ -91,8 +93,32 @@ def check_segment_cumsum() -> float:
     return worst
 
 
+def check_core_without_d() -> float:
+    """The scan core with and without its D skip (the op always passes D; the benchmarks'
+    core, compared with fla, does not): y differs by exactly D·x̃_r, and the gradients of
+    x and D by what that term adds."""
+    tokens, rank, heads, p, n, chunk = 24, 2, 2, 16, 16, 8
+    table = ChunkTable.build([0, 13, tokens], chunk, torch.device("cpu"))
+    q, k = torch.randn(2, tokens, rank, heads, n)
+    x = torch.randn(tokens, heads, p, requires_grad=True)
+    mimo_x = torch.randn(heads, rank, p)
+    a, s, g = -0.1 * torch.rand(tokens, heads), torch.rand(tokens, heads), torch.rand(tokens, heads)
+    d = torch.randn(heads, requires_grad=True)
+    probe = torch.randn(tokens, rank, heads, p)
+    with_d = mamba3_core(q, k, x, a, s, g, None, table, chunk, mimo_x, d)[0]
+    without = mamba3_core(q, k, x, a, s, g, None, table, chunk, mimo_x)[0]
+    values = mimo_x.transpose(0, 1) * x.detach().unsqueeze(1)  # x̃ (T, R, H, P)
+    errors = [rel_err(with_d - without, d.detach()[:, None] * values)]
+    dx_with, dd = torch.autograd.grad((with_d * probe).sum(), (x, d))
+    (dx_without,) = torch.autograd.grad((without * probe).sum(), (x,))
+    skip_dx = (probe * d.detach()[:, None] * mimo_x.transpose(0, 1)).sum(1)
+    errors += [rel_err(dx_with - dx_without, skip_dx), rel_err(dd, (probe * values).sum((0, 1, 3)))]
+    print(f"core with and without D: y, dx, dD errors {', '.join(f'{e:.1e}' for e in errors)}")
+    return max(errors)
+
+
 def main() -> int:
-    worst = check_segment_cumsum()
+    worst = max(check_segment_cumsum(), check_core_without_d())
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
         rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
