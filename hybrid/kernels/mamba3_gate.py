@@ -20,7 +20,7 @@ from torch import Tensor
 from hybrid.kernels.launch_args import pointer_or, token_major
 
 BLOCK_TOKENS = 16
-# MIMO backward: a program writes per-rank partial sums of three (H, R, P) weights, so larger
+# MIMO backward: a program writes per-rank partial sums of (H, R, P) weights, so larger
 # token blocks cut that traffic, and each partial is a reduction over the block's tokens that
 # crosses warps, so fewer warps cut those. Past ~32 values of a (BT, P) tile per thread the
 # kernel spills, and with the pre-gate norm's per-rank tiles it spills at 32 tokens; unrolled
@@ -29,7 +29,8 @@ BLOCK_TOKENS = 16
 # R=2 0.73-0.79 / 0.79-0.82, with the norm 0.81-0.95 / 0.70-0.80; R=4 0.96-1.20 / 0.95-1.11,
 # with the norm 3.27-3.42 / 1.22-1.32; R=8 unrolled 3.9 / 1.7, with the norm 28.3 / 6.2, as
 # a loop 1.48 / 1.74, with the norm 2.15 / 2.07. 4 warps were slower everywhere. SISO and the
-# forward are fastest at 16 tokens and 4 warps.
+# forward are fastest at 16 tokens and 4 warps. (Measured while the gate also did the D skip:
+# it read x, wrote dx and a third partial, d mimo_x; R=4 without the norm now takes 0.37 ms.)
 MIMO_BWD_WARPS = 2
 MAX_UNROLLED_RANK = 4
 
