@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from hybrid.search.space import DataSection, SearchSpace
-from hybrid.search.study import compute_front, open_storage, study_name_of
+from hybrid.search.study import compute_front, load_existing_study
 from hybrid.train import TrainConfig
 
 
@@ -31,18 +29,6 @@ class ExportedTrial:
     row: dict[str, Any]  # the trial's `compute_front` row: number, pattern, rank, objectives
     directory: Path
     train_command: str
-
-
-def load_finished_study(space: SearchSpace, storage: str) -> optuna.Study:
-    """The study of `space` in `storage`, or ValueError saying there is none."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=study_name_of(space), storage=open_storage(storage))
-    except KeyError:
-        raise ValueError(
-            f"study {study_name_of(space)!r} does not exist in {storage}: run "
-            "`hybrid search SPACE.yaml` first, or pass the storage it used (--storage)"
-        ) from None
 
 
 def _flag(name: str, value: Any) -> list[str]:
@@ -88,7 +74,11 @@ def export_trials(
     space: SearchSpace, storage: str, out: Path, trials: Sequence[int] | None = None
 ) -> list[ExportedTrial]:
     """Write the Pareto set of the study (or the given trial numbers) under `out`."""
-    study = load_finished_study(space, storage)
+    study = load_existing_study(
+        space,
+        storage,
+        "run `hybrid search SPACE.yaml` first, or pass the storage it used (--storage)",
+    )
     front = compute_front(study, space)
     rows = _chosen_rows(front.rows, trials)
     if not rows:

@@ -282,22 +282,34 @@ def initialise_study(
     return study, tracker
 
 
+def load_existing_study(
+    space: SearchSpace,
+    storage: str,
+    remedy: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
+    """The study of `space` in `storage`, or ValueError saying there is none and `remedy`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(
+            study_name=study_name_of(space), storage=open_storage(storage), sampler=sampler
+        )
+    except KeyError:
+        raise ValueError(
+            f"study {study_name_of(space)!r} does not exist in {storage}: {remedy}"
+        ) from None
+
+
 def join_study(
     space: SearchSpace, storage: str, tracking_uri: str | None, device: torch.device
 ) -> tuple[optuna.Study, StudyTracker]:
     """Open a study that `initialise_study` created (a worker never creates one)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(
-            study_name=study_name_of(space),
-            storage=open_storage(storage),
-            sampler=make_sampler(space, f"{socket.gethostname()}:{os.getpid()}"),
-        )
-    except KeyError:
-        raise ValueError(
-            f"study {study_name_of(space)!r} does not exist in {storage}: create it first with "
-            f"`hybrid search SPACE.yaml --storage {storage} --init`"
-        ) from None
+    study = load_existing_study(
+        space,
+        storage,
+        f"create it first with `hybrid search SPACE.yaml --storage {storage} --init`",
+        sampler=make_sampler(space, f"{socket.gethostname()}:{os.getpid()}"),
+    )
     _check_resume(study, space, device)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent is None:
