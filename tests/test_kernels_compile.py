@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hybrid.kernels import (
+    angle_sums,
     fused_norms,
     mamba3_coefficients,
     mamba3_gate,
@@ -29,16 +30,17 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}  # as every launch in hybrid/kernels
 INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
-INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "pos_ptr"}
+INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "pos_ptr",
+                "chunk_seq_ptr"}  # fmt: skip
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
     (segment_cumsum._segment_cumsum_kernel,
-     {"BT": 128, "BC": 4, "HAS_INIT": True, "REVERSE": False, "WRAP": True, "OUTER": True},
-     set()),
+     {"BT": 16, "BC": 4, "HAS_INIT": True, "REVERSE": False, "WRAP": True}, set()),
     (segment_cumsum._segment_cumsum_kernel,
-     {"BT": 64, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False, "OUTER": False},
-     set()),
+     {"BT": 128, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False}, set()),
+    (angle_sums._chunk_sums_kernel, {"BT": 64, "BC": 64}, set()),
+    (angle_sums._chunk_prefix_kernel, {"BT": 16, "BC": 64, "HAS_INIT": True}, set()),
     (mamba3_coefficients._coef_fwd_kernel, {"BT": 4, "HP": 32, "SP": 32, "HEAVY_TAIL": True},
      {"dt_ptr", "a_ptr", "trap_ptr", "ang_ptr"}),
     (mamba3_coefficients._coef_bwd_kernel, {"BT": 2, "HP": 64, "SP": 32, "HEAVY_TAIL": False},

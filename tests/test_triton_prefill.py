@@ -83,7 +83,7 @@ def test_cached_device_tensors_built_under_inference_mode_serve_training():
     """The chunk table and RoPE's frequencies are cached per layout / head size. Built first
     under inference mode (an evaluation, a latency measurement, `generate`), they must still
     be normal tensors: a later training step saves them for its backward."""
-    from hybrid.kernels.mamba3_prefill_core import chunk_table
+    from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.rope import inverse_frequencies
 
     cpu = torch.device("cpu")

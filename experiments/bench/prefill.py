@@ -42,8 +42,9 @@ from common import (
     training_step,
 )
 
+from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3Weights
-from hybrid.kernels.mamba3_prefill_core import ChunkTable, mamba3_core
+from hybrid.kernels.mamba3_prefill_core import mamba3_core
 from hybrid.kernels.mamba3_scan import mamba3_scan
 
 HEADS, HEADDIM, D_STATE, CHUNK_ROWS = 32, 64, 128, 64

@@ -5,7 +5,7 @@ Element-wise in PyTorch these were ~20 small launches forward and ~35 backward p
 (T, H, S) float32 angle-increment tensor written, re-read and reduced twice: at training
 shapes the GPU idled waiting for the host. Here one kernel computes every (token, head)
 coefficient and θ = π·tanh(angle); the per-sequence angle sums read Δ_t,h·θ_t,s on the fly
-(`segment_cumsum` with an outer-product input); the backward is the reverse angle sum and one
+(`angle_sums`, chunk-parallel); the backward is the reverse angle sum and one
 kernel that reduces its (T, H, S) gradient over S (for Δ) and over heads (for θ) in
 registers. Definitions follow `mamba3_common.discretise` and `angle_increments`.
 """
@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.angle_sums import angle_sums
+from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.triton_math import PI, a_coefficient, softplus, tanh
@@ -128,7 +130,7 @@ class Mamba3Coefficients(torch.autograd.Function):
     """(log α, scale, γ, β', φ) from the raw dt, a, trap, angle inputs; see the module."""
 
     @staticmethod
-    def forward(ctx, dt, a, trap, angle, dt_bias, angle0, last, seq_starts, heavy_tail, floor):
+    def forward(ctx, dt, a, trap, angle, dt_bias, angle0, table, heavy_tail, floor):
         tokens, heads = dt.shape
         n_angles = angle.shape[1]
         bt, hp, sp = _tiling(heads, n_angles)
@@ -138,18 +140,20 @@ class Mamba3Coefficients(torch.autograd.Function):
         )
         theta = torch.empty(tokens, n_angles, **f32)
         _coef_fwd_kernel[(triton.cdiv(tokens, bt),)](
-            dt, a, trap, angle, dt_bias, last, log_alpha, scale, gamma, beta_free, delta, theta,
-            tokens, heads, n_angles, dt.stride(0), angle.stride(0), floor,
+            dt, a, trap, angle, dt_bias, table.last_token, log_alpha, scale, gamma, beta_free,
+            delta, theta, tokens, heads, n_angles, dt.stride(0), angle.stride(0), floor,
             BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail, enable_fp_fusion=True,
         )  # fmt: skip
-        phi = segment_cumsum((delta, theta), seq_starts, angle0, wrap=True)
-        ctx.save_for_backward(dt, a, trap, angle, dt_bias, last, seq_starts)
-        ctx.heavy_tail, ctx.floor, ctx.has_angle0 = heavy_tail, floor, angle0 is not None
+        phi = angle_sums(delta, theta, table, angle0)
+        ctx.save_for_backward(dt, a, trap, angle, dt_bias)
+        ctx.table, ctx.heavy_tail, ctx.floor = table, heavy_tail, floor
+        ctx.has_angle0 = angle0 is not None
         return log_alpha, scale, gamma, beta_free, phi
 
     @staticmethod
     def backward(ctx, dla, dscale, dgamma, dbetaf, dphi):
-        dt, a, trap, angle, dt_bias, last, seq_starts = ctx.saved_tensors
+        dt, a, trap, angle, dt_bias = ctx.saved_tensors
+        last, seq_starts = ctx.table.last_token, ctx.table.seq_starts
         tokens, heads = dt.shape
         n_angles = angle.shape[1]
         bt, hp, sp = _tiling(heads, n_angles)
@@ -175,14 +179,13 @@ class Mamba3Coefficients(torch.autograd.Function):
         dangle0 = dinc[seq_starts[:-1].long()] if ctx.has_angle0 else None
         return (
             ddt, da, dtrap, dangle, dbias.sum(0)[:heads].to(dt_bias.dtype), dangle0,
-            None, None, None, None,
+            None, None, None,
         )  # fmt: skip
 
 
-def mamba3_coefficients(dt, a, trap, angle, dt_bias, angle0, last, seq_starts, options):
+def mamba3_coefficients(dt, a, trap, angle, dt_bias, angle0, table: ChunkTable, options):
     """dt, a, trap (T, H), angle (T, S) raw (any token strides; dt, a, trap share one);
-    dt_bias (H,); angle0 (n_seq, H, S) or None;
-    last (T,) bool marks each sequence's last token; seq_starts (n_seq + 1,) int32.
+    dt_bias (H,); angle0 (n_seq, H, S) or None; the batch's layout `table`.
     Returns float32 log α, scale = γ + β'_next, γ, β' (T, H) and wrapped φ (T, H, S)."""
     dt, a, trap = (token_major(t) for t in (dt, a, trap))
     if not dt.stride(0) == a.stride(0) == trap.stride(0):
@@ -190,5 +193,5 @@ def mamba3_coefficients(dt, a, trap, angle, dt_bias, angle0, last, seq_starts, o
     return Mamba3Coefficients.apply(
         dt, a, trap, token_major(angle),
         dt_bias.float().contiguous(), angle0.float().contiguous() if angle0 is not None else None,
-        last, seq_starts, options.a_activation == "heavy_tail", options.a_floor,
+        table, options.a_activation == "heavy_tail", options.a_floor,
     )  # fmt: skip

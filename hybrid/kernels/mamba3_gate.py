@@ -20,24 +20,18 @@ from torch import Tensor
 from hybrid.kernels.launch_args import pointer_or, token_major
 
 BLOCK_TOKENS = 16
-# MIMO backward: a program writes per-rank partial sums of (H, R, P) weights, so larger
-# token blocks cut that traffic, and each partial is a reduction over the block's tokens that
-# crosses warps, so fewer warps cut those. Past ~32 values of a (BT, P) tile per thread the
-# kernel spills, and with the pre-gate norm's per-rank tiles it spills at 32 tokens; unrolled
-# over R = 8 the ranks' tiles overlap and it spills at any block, so there the rank loop stays
-# a loop. H100, 8 × 2048, P 64, gradient of the gate alone, ms at 32 / 16 tokens (2 warps):
-# R=2 0.73-0.79 / 0.79-0.82, with the norm 0.81-0.95 / 0.70-0.80; R=4 0.96-1.20 / 0.95-1.11,
-# with the norm 3.27-3.42 / 1.22-1.32; R=8 unrolled 3.9 / 1.7, with the norm 28.3 / 6.2, as
-# a loop 1.48 / 1.74, with the norm 2.15 / 2.07. 4 warps were slower everywhere. SISO and the
-# forward are fastest at 16 tokens and 4 warps. (Measured while the gate also did the D skip:
-# it read x, wrote dx and a third partial, d mimo_x; R=4 without the norm now takes 0.37 ms.)
-MIMO_BWD_WARPS = 2
-MAX_UNROLLED_RANK = 4
-
-
-def mimo_bwd_tokens(norm: bool) -> int:
-    """Token block of the MIMO gate backward: 16 with the pre-gate norm, else 32."""
-    return 16 if norm else 32
+# MIMO backward: a program writes per-rank partial sums of (H, R, P) weights, and each is a
+# reduction over the block's tokens that crosses warps, so fewer warps cut those; unrolled over
+# R > 2 the ranks' tiles overlap and spill (most with the pre-gate norm's per-rank tiles), so
+# there the rank loop stays a loop. H100, 8 × 2048, P 64, bf16, the gradient of the gate alone,
+# us, as it was (R=2 and R=4: 2 warps, 32 tokens, 16 with the norm, unrolled; R=8 rolled) ->
+# now (R=2: 32 tokens, 2 warps, unrolled; R > 2: 16 tokens, 1 warp, rolled), from a sweep of
+# 16/32 tokens × 1/2/4 warps × rolled or not: R=2 216 -> 216, with the norm 264 -> 242; R=4
+# 376 -> 369, with the norm 602 -> 433; R=8 686 -> 658, with the norm 969 -> 798. SISO and the
+# forward are fastest at 16 tokens and 4 warps (within 1-5% of every other option).
+MAX_UNROLLED_RANK = 2
+UNROLLED_BWD_TILING = (32, 2)  # (tokens, warps) at 1 < R <= MAX_UNROLLED_RANK
+ROLLED_BWD_TILING = (16, 1)
 
 
 @triton.jit
@@ -152,6 +146,13 @@ def _gate_bwd_kernel(
         tl.store(dw_ptr + (blk * H + h) * P + offs, dw)
 
 
+def backward_tiling(rank: int) -> tuple[int, int]:
+    """(tokens, warps) of a backward program; see the measurements above."""
+    if rank == 1:
+        return BLOCK_TOKENS, 4
+    return UNROLLED_BWD_TILING if rank <= MAX_UNROLLED_RANK else ROLLED_BWD_TILING
+
+
 class Mamba3Gate(torch.autograd.Function):
     """o (T, H, P) from y (T, R, H, P), z (T, H, P) and the layer's output weights."""
 
@@ -174,7 +175,7 @@ class Mamba3Gate(torch.autograd.Function):
         y, z, mimo_z, mimo_o, norm_w = ctx.saved_tensors
         tokens, rank, heads, p = y.shape
         mimo, norm = mimo_z is not None, norm_w is not None
-        bt = mimo_bwd_tokens(norm) if rank > 1 else BLOCK_TOKENS
+        bt, warps = backward_tiling(rank)
         blocks = triton.cdiv(tokens, bt)
         f32 = {"device": y.device, "dtype": torch.float32}
         dy = torch.empty_like(y)
@@ -185,7 +186,7 @@ class Mamba3Gate(torch.autograd.Function):
             y, z, *(pointer_or(w, y) for w in (mimo_z, mimo_o, norm_w)), dout.contiguous(), dy,
             dz, *per_rank, dw, tokens, heads, z.stride(0), ctx.eps,
             R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm, ROLLED=rank > MAX_UNROLLED_RANK,
-            num_warps=MIMO_BWD_WARPS if rank > 1 else 4, enable_fp_fusion=True,
+            num_warps=warps, enable_fp_fusion=True,
         )  # fmt: skip
         dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
         return dy, dz, dmz, dmo, dw.sum(0) if norm else None, None

@@ -79,9 +79,10 @@ def mamba3_prefill(
     into the rows), which must be a power of two >= 16. final_state=False (training) skips
     gathering the state and returns None for it.
     """
+    from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
-    from hybrid.kernels.mamba3_prefill_core import chunk_table, mamba3_core
+    from hybrid.kernels.mamba3_prefill_core import mamba3_core
     from hybrid.kernels.rotated_bc import rotated_bc
 
     reason = inputs_unsupported_reason(inputs, chunk_size)
@@ -98,7 +99,7 @@ def mamba3_prefill(
     x, z, b, c, dt, a_raw, trap, angle = (tokens(t) for t in inputs)
     log_alpha, scale, gamma, beta_free, phi = mamba3_coefficients(
         dt, a_raw, trap, angle, weights.dt_bias, state.angle if state is not None else None,
-        table.last_token, table.seq_starts, options,
+        table, options,
     )  # fmt: skip
     k, q = rotated_bc(
         b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,

@@ -29,72 +29,21 @@ boundary.
 from __future__ import annotations
 
 import inspect
-import itertools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.segment_cumsum import segment_cumsum
-from hybrid.kernels.tensor_cache import tensor_cache
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
 AUTOTUNE = os.environ.get("HYBRID_TRITON_AUTOTUNE", "1") != "0" and not INTERPRETING
-
-
-@dataclass(frozen=True)
-class ChunkTable:
-    """Where each chunk starts (token), how many tokens it has, and each sequence's chunks."""
-
-    tok0: Tensor  # (n_chunks,) int32
-    ntok: Tensor  # (n_chunks,) int32
-    seq_chunk0: Tensor  # (n_seq + 1,) int32
-    seq_ends: Tensor  # (n_seq,) int64, last token of each sequence
-    seq_starts: Tensor  # (n_seq + 1,) int32 token offsets (cu_seqlens)
-    last_token: Tensor  # (T,) bool, True at each sequence's last token
-
-    @property
-    def n_chunks(self) -> int:
-        return self.tok0.numel()
-
-    @property
-    def n_seq(self) -> int:
-        return self.seq_ends.numel()
-
-    @classmethod
-    def build(cls, seq_starts: list[int], chunk_tokens: int, device) -> ChunkTable:
-        """From token offsets [0, end_1, ..., total] (cu_seqlens as host integers)."""
-        tok0, ntok, seq_chunk0 = [], [], [0]
-        for start, end in itertools.pairwise(seq_starts):
-            if end <= start:
-                raise ValueError(f"cu_seqlens must be strictly increasing, got {seq_starts}")
-            for t in range(start, end, chunk_tokens):
-                tok0.append(t)
-                ntok.append(min(chunk_tokens, end - t))
-            seq_chunk0.append(len(tok0))
-
-        def as_tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        ends = as_tensor([e - 1 for e in seq_starts[1:]], torch.int64)
-        last = torch.zeros(seq_starts[-1], dtype=torch.bool, device=device).index_fill_(
-            0, ends, True
-        )
-        return cls(as_tensor(tok0), as_tensor(ntok), as_tensor(seq_chunk0), ends,
-                   as_tensor(seq_starts), last)  # fmt: skip
-
-
-@tensor_cache(maxsize=64)
-def chunk_table(seq_starts: tuple[int, ...], chunk_tokens: int, device) -> ChunkTable:
-    """Cached per layout, so repeated calls (training steps, CUDA-graph capture) copy nothing
-    from the host."""
-    return ChunkTable.build(list(seq_starts), chunk_tokens, device)
 
 
 # what the autotuner chooses among (num_warps, num_stages); the GPU tests run every one

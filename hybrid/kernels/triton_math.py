@@ -36,6 +36,13 @@ def wrap_angle(phi):
 
 
 @triton.jit
+def centre_angle(phi):
+    """Reduce to [−π, π): the same rotation, and a small angle keeps its magnitude (sums of
+    such angles stay as exact in float32 as their terms)."""
+    return phi - tl.floor(phi / TWO_PI + 0.5) * TWO_PI
+
+
+@triton.jit
 def cos_sin_wrapped(phi):
     """cos φ and sin φ of an angle in [0, 2π) (`wrap_angle`'s range). Compiled kernels use the
     hardware approximations on φ − π, inside [−π, π) where their absolute error is ~1e-6
