@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hybrid.kernels import (
-    angle_sums,
+    chunked_cumsum,
     fused_norms,
     mamba3_coefficients,
     mamba3_gate,
@@ -39,8 +39,16 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"BT": 16, "BC": 4, "HAS_INIT": True, "REVERSE": False, "WRAP": True}, set()),
     (segment_cumsum._segment_cumsum_kernel,
      {"BT": 128, "BC": 32, "HAS_INIT": False, "REVERSE": True, "WRAP": False}, set()),
-    (angle_sums._chunk_sums_kernel, {"BT": 64, "BC": 64}, set()),
-    (angle_sums._chunk_prefix_kernel, {"BT": 16, "BC": 64, "HAS_INIT": True}, set()),
+    (chunked_cumsum._chunk_sums_kernel, {"BT": 64, "BC": 64, "OUTER": True, "WRAP": True},
+     set()),
+    (chunked_cumsum._chunk_sums_kernel, {"BT": 16, "BC": 32, "OUTER": False, "WRAP": False},
+     set()),
+    (chunked_cumsum._chunk_prefix_kernel,
+     {"BT": 16, "BC": 64, "OUTER": True, "REVERSE": False, "WRAP": True, "HAS_INIT": True},
+     set()),
+    (chunked_cumsum._chunk_prefix_kernel,
+     {"BT": 64, "BC": 32, "OUTER": False, "REVERSE": True, "WRAP": False, "HAS_INIT": False},
+     set()),
     (mamba3_coefficients._coef_fwd_kernel, {"BT": 4, "HP": 32, "SP": 32, "HEAVY_TAIL": True},
      {"dt_ptr", "a_ptr", "trap_ptr", "ang_ptr"}),
     (mamba3_coefficients._coef_bwd_kernel, {"BT": 2, "HP": 64, "SP": 32, "HEAVY_TAIL": False},

@@ -5,7 +5,7 @@ Element-wise in PyTorch these were ~20 small launches forward and ~35 backward p
 (T, H, S) float32 angle-increment tensor written, re-read and reduced twice: at training
 shapes the GPU idled waiting for the host. Here one kernel computes every (token, head)
 coefficient and θ = π·tanh(angle); the per-sequence angle sums read Δ_t,h·θ_t,s on the fly
-(`angle_sums`, chunk-parallel); the backward is the reverse angle sum and one
+(`chunked_cumsum`); the backward is the reverse angle sum and one
 kernel that reduces its (T, H, S) gradient over S (for Δ) and over heads (for θ) in
 registers. Definitions follow `mamba3_common.discretise` and `angle_increments`.
 """
@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.angle_sums import angle_sums
 from hybrid.kernels.chunk_table import ChunkTable
+from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.triton_math import PI, a_coefficient, softplus, tanh
@@ -144,7 +144,7 @@ class Mamba3Coefficients(torch.autograd.Function):
             delta, theta, tokens, heads, n_angles, dt.stride(0), angle.stride(0), floor,
             BT=bt, HP=hp, SP=sp, HEAVY_TAIL=heavy_tail, enable_fp_fusion=True,
         )  # fmt: skip
-        phi = angle_sums(delta, theta, table, angle0)
+        phi = chunked_cumsum((delta, theta), table, angle0, wrap=True)
         ctx.save_for_backward(dt, a, trap, angle, dt_bias)
         ctx.table, ctx.heavy_tail, ctx.floor = table, heavy_tail, floor
         ctx.has_angle0 = angle0 is not None

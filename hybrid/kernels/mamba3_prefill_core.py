@@ -37,9 +37,9 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.kernels.chunk_table import ChunkTable
+from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
-from hybrid.kernels.segment_cumsum import segment_cumsum
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
@@ -487,7 +487,8 @@ class Mamba3CoreFunction(torch.autograd.Function):
         da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
         if dfinal is not None:
             da_rows[table.seq_ends] += (dfinal * final).sum(dim=(-2, -1))
-        da = segment_cumsum(da_rows, table.seq_starts, reverse=True)
+        # (T, H): 8-14 us chunk-parallel, against 10-66 us for a serial walk (H100, H=32)
+        da = chunked_cumsum(da_rows, table, reverse=True)
         dinit = dinit if init is not None else None
         return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None, None
 

@@ -1,11 +1,10 @@
 """Cumulative sums along the token axis that restart at every sequence boundary, in Triton.
 
-The Mamba-3 prefill's backward needs them for the reverse sums of the angle and log-decay
-gradients, and the chunk-parallel angle sums (`angle_sums`) for the short scan over their
-chunks' sums. torch.cumsum over the outer axis of a (T, C) tensor runs one thread per column
-and is serial in T; here each program owns a strip of columns of one sequence and walks its
-tokens a block at a time, loading each block one step ahead so the load overlaps the
-previous block's sum.
+The Mamba-3 prefill's backward needs them for the reverse sums of the angle gradients, and
+the chunk-parallel sums (`chunked_cumsum`) for the short scan over their chunks' sums.
+torch.cumsum over the outer axis of a (T, C) tensor runs one thread per column and is serial
+in T; here each program owns a strip of columns of one sequence and walks its tokens a block
+at a time, loading each block one step ahead so the load overlaps the previous block's sum.
 """
 
 from __future__ import annotations

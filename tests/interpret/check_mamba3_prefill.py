@@ -5,7 +5,7 @@ partial last chunks, a variable-length batch and both A activations; every other
 a group's heads over programs (one head each), so the B/C backward adds per-program parts,
 and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
 its in_proj output (the kernels read them through their token strides); and the scan core
-without its D skip, the benchmarks' form; the segment and angle sums on their own. Prints
+without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from helpers import (
 )
 
 from hybrid.kernels import rotated_bc
-from hybrid.kernels.angle_sums import angle_sums
 from hybrid.kernels.chunk_table import ChunkTable
+from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Inputs, Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_prefill_core import mamba3_core
@@ -95,22 +95,28 @@ def check_segment_cumsum() -> float:
     return worst
 
 
-def check_angle_sums() -> float:
-    """The chunk-parallel angle sums against float64 sums per sequence: sequences of one
-    token, of a partial last chunk and of many chunks (more than one block of the carry
-    scan), with and without initial angles, and large increments (wrapping many times)."""
+def check_chunked_cumsum() -> float:
+    """The chunk-parallel sums against float64 sums per sequence (sequences of one token, of
+    a partial last chunk and of more chunks than one step of the carry scan): the angles
+    (outer-product input, wrapped, with and without initial angles, increments that wrap
+    many times) and plain reverse sums."""
     lengths, chunk = [1, 45, 300, 7], 8
     bounds = [0, *itertools.accumulate(lengths)]
     table = ChunkTable.build(bounds, chunk, torch.device("cpu"))
     delta, theta = torch.rand(bounds[-1], 3) * 2, (torch.rand(bounds[-1], 5) - 0.5) * 6
+    plain = torch.randn(bounds[-1], 3, 4)
     worst = 0.0
     for init in (None, torch.rand(len(lengths), 3, 5) * 6):
-        phi = angle_sums(delta, theta, table, init)
+        phi = chunked_cumsum((delta, theta), table, init, wrap=True)
         inc = (delta[:, :, None] * theta[:, None, :]).double()
         for i, piece in enumerate(inc.split(lengths)):
             expected = piece.cumsum(0) + (init[i].double() if init is not None else 0.0)
             worst = max(worst, angle_err(phi[bounds[i] : bounds[i + 1]], expected))
-    print(f"angle sums (chunks of {chunk}, lengths {lengths}): worst {worst:.1e}")
+    suffix = chunked_cumsum(plain, table, reverse=True)
+    for i, piece in enumerate(plain.double().split(lengths)):
+        expected = piece.flip(0).cumsum(0).flip(0)
+        worst = max(worst, rel_err(suffix[bounds[i] : bounds[i + 1]], expected))
+    print(f"chunked sums (chunks of {chunk}, lengths {lengths}): worst {worst:.1e}")
     return worst
 
 
@@ -139,7 +145,7 @@ def check_core_without_d() -> float:
 
 
 def main() -> int:
-    worst = max(check_segment_cumsum(), check_angle_sums(), check_core_without_d())
+    worst = max(check_segment_cumsum(), check_chunked_cumsum(), check_core_without_d())
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
         rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
