@@ -1,7 +1,7 @@
 """The layout of a (possibly variable-length) batch on one flat token axis, cut into the scan's
 chunks: sequence-aligned token blocks, so no chunk crosses a sequence boundary. The Triton
 prefill kernels take it to walk sequences chunk by chunk (the scan) and to sum within and
-across chunks (the angle sums)."""
+across chunks (`chunked_cumsum`: the angles, the log-decay gradient)."""
 
 from __future__ import annotations
 

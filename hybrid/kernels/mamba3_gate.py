@@ -124,7 +124,7 @@ def _gate_bwd_kernel(
 ):  # fmt: skip
     """Partials (one row per token block): dmimo_z, dmimo_o (blocks, H, R, P) and dw (blocks,
     H, P). ROLLED keeps the rank loop a loop (unrolled, ranks' tiles overlap and
-    spill at R = 8); otherwise `loop_unroll_factor` unrolls it whole (H100: within the
+    spill past R = 2); otherwise `loop_unroll_factor` unrolls it whole (H100: within the
     ±8% spread of `tl.static_range`, results bit-identical)."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
