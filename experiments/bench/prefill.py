@@ -124,7 +124,7 @@ def core_runner(batch, length, rank, device) -> Callable[[], torch.Tensor]:
     s = (0.1 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
     g = (0.05 * torch.rand(tokens, HEADS, device=device)).requires_grad_()
     table = ChunkTable.build([b * length for b in range(batch + 1)], CHUNK_ROWS // rank, device)
-    return lambda: mamba3_core(q, k, x, a, s, g, None, table, CHUNK_ROWS // rank, mimo_x)[0]
+    return lambda: mamba3_core(q, k, x, a, s, g, None, table, mimo_x)[0]
 
 
 FLA_GUARD_NOTE = "fla bwd past its #640 guard: time only"

@@ -113,7 +113,7 @@ def mamba3_prefill(
         init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(
-        q, k, values, log_alpha, scale, gamma, init, table, chunk_size, weights.mimo_x, weights.d
+        q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d
     )
     out = mamba3_gate(
         y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps

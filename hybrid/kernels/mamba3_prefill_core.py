@@ -408,13 +408,13 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     return states, final
 
 
-def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable, chunk_tokens: int):
+def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable):
     """y (T, R, H, P) in v's dtype, the final states (n_seq, H, P, N) fp32 and the chunks'
     start states (n_chunks, H, P, N) in the input dtype (kept for the backward). v is
     (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P); d (H,) fp32 or None."""
     tokens, rank, heads, d_state = q.shape
     headdim = v.shape[-1]
-    chunk_rows = chunk_tokens * rank
+    chunk_rows = table.chunk_tokens * rank
     states, final = _state_pass(v, mx, k, a, s, init, table, rank, chunk_rows, reverse=False)
     y = _new_output((tokens, rank, heads, headdim), v)
     bp = min(headdim, 64)
@@ -431,13 +431,12 @@ def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable, chunk_tokens:
     return y, final, states
 
 
-def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable,
-                  chunk_tokens: int):  # fmt: skip
+def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable):
     """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes; with
     mx, dx (T, H, P)), d mimo_x (fp32, or None), per-row dA, ds, dγ (fp32), dD (fp32, or
     None) and dinit."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
-    chunk_rows = chunk_tokens * rank
+    chunk_rows = table.chunk_tokens * rank
     dstates, dinit = _state_pass(dy, None, q, a, s, dfinal, table, rank, chunk_rows, True)
     rows = v if mx is None else mimo_values(v, mx)  # (T, R, H, P), any token stride
     dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, rows))  # contiguous
@@ -463,11 +462,11 @@ class Mamba3CoreFunction(torch.autograd.Function):
     rather than recomputed: one state pass fewer per training step."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mx, a, s, g, d, init, table, chunk_tokens):
+    def forward(ctx, q, k, v, mx, a, s, g, d, init, table):
         ctx.set_materialize_grads(False)  # training leaves G_T unused: no zeros, no work
-        y, final, states = scan_forward(q, k, v, mx, a, s, g, d, init, table, chunk_tokens)
+        y, final, states = scan_forward(q, k, v, mx, a, s, g, d, init, table)
         ctx.save_for_backward(q, k, v, mx, a, s, g, d, init, states, final)
-        ctx.table, ctx.chunk_tokens = table, chunk_tokens
+        ctx.table = table
         return y, final
 
     @staticmethod
@@ -481,7 +480,7 @@ class Mamba3CoreFunction(torch.autograd.Function):
         )
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dq, dk, dv, dmx, per_row, dd, dinit = scan_backward(
-            q, k, v, mx, a, s, g, d, states, dy, dfinal, table, ctx.chunk_tokens
+            q, k, v, mx, a, s, g, d, states, dy, dfinal, table
         )
         # (T, H) each: the ranks of a token summed
         da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
@@ -490,18 +489,18 @@ class Mamba3CoreFunction(torch.autograd.Function):
         # (T, H): 8-14 us chunk-parallel, against 10-66 us for a serial walk (H100, H=32)
         da = chunked_cumsum(da_rows, table, reverse=True)
         dinit = dinit if init is not None else None
-        return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None, None
+        return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None
 
 
-def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, chunk_tokens: int, mimo_x=None,
-                d=None):  # fmt: skip
+def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None):
     """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P), or with `mimo_x` (H, R, P)
     the MIMO x (T, H, P) whose rows x̃_r = mimo_x[:, r] ⊙ x the kernels form (any token
     stride); a, s, g: (T, H) fp32; init: (n_seq, H, P, N) fp32 or None; d: the D skip (H,)
-    or None. Returns y (T, R, H, P) (with D·x̃_r) and G_T (n_seq, H, P, N)."""
+    or None; `table` cuts the tokens into the scan's chunks. Returns y (T, R, H, P) (with
+    D·x̃_r) and G_T (n_seq, H, P, N)."""
     mx = mimo_x.float().contiguous() if mimo_x is not None else None
     return Mamba3CoreFunction.apply(
         q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
         g.contiguous(), d.float().contiguous() if d is not None else None,
-        init.contiguous() if init is not None else None, table, chunk_tokens,
+        init.contiguous() if init is not None else None, table,
     )  # fmt: skip

@@ -132,8 +132,8 @@ def check_core_without_d() -> float:
     a, s, g = -0.1 * torch.rand(tokens, heads), torch.rand(tokens, heads), torch.rand(tokens, heads)
     d = torch.randn(heads, requires_grad=True)
     probe = torch.randn(tokens, rank, heads, p)
-    with_d = mamba3_core(q, k, x, a, s, g, None, table, chunk, mimo_x, d)[0]
-    without = mamba3_core(q, k, x, a, s, g, None, table, chunk, mimo_x)[0]
+    with_d = mamba3_core(q, k, x, a, s, g, None, table, mimo_x, d)[0]
+    without = mamba3_core(q, k, x, a, s, g, None, table, mimo_x)[0]
     values = mimo_x.transpose(0, 1) * x.detach().unsqueeze(1)  # x̃ (T, R, H, P)
     errors = [rel_err(with_d - without, d.detach()[:, None] * values)]
     dx_with, dd = torch.autograd.grad((with_d * probe).sum(), (x, d))
