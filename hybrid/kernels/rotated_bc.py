@@ -28,17 +28,19 @@ from torch import Tensor
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.triton_math import cos_sin_wrapped
 
-# forward programs (tokens, warps): the MIMO forward writes R rows per token and head, and
-# 16-token blocks were faster there (H100, 8 × 2048, R=4: 0.72 ms against 1.12 ms at 32); a
-# sweep of tokens 8-64 × warps 1-8 (H100, 16,384 tokens, H=32, N=128) then took SISO from
-# 0.169 ms (4 warps) to 0.146 ms and R=4 from 0.593 ms (4 warps) to 0.553 ms
-SISO_FORWARD_TILING = (32, 2)
-MIMO_FORWARD_TILING = (16, 8)
-# backward programs of 16 tokens on 2 warps: fwd+bwd at 16,384 tokens, H=32, N=128 on an H100
-# took about 0.68 / 1.09 / 2.18 / 4.19 ms at R = 1 / 2 / 4 / 8 against 0.70 / 1.18 / 2.36 / 4.61
-# with 32 tokens on 4 warps (the op at 8 × 2048: R=4 7.82 → 7.64 ms; 16 tokens on 4 warps
-# and 8 on 2 were slower than both)
-BACKWARD_BLOCK_TOKENS, BACKWARD_WARPS = 16, 2
+# programs (tokens, warps, pipeline stages of the head loop): the MIMO forward writes R rows
+# per token and head, and 16-token blocks were faster there (H100, 8 × 2048, R=4: 0.72 ms
+# against 1.12 ms at 32); a sweep of tokens 8-64 × warps 1-8 (H100, 16,384 tokens, H=32,
+# N=128) then took SISO from 0.169 ms (4 warps) to 0.146 ms and R=4 from 0.593 ms (4 warps)
+# to 0.553 ms. The backward's head loop is pipelined (Triton's asynchronous copies of the
+# next heads' dk, dq and φ while this head is computed); with 3 stages a sweep of tokens 8-32
+# × warps 1-4 × stages 1-4 (same shape, backward alone) took R = 1 / 2 / 4 / 8 from 369 /
+# 731 / 1534 / 3150 µs (16 tokens, 2 warps, no pipeline) to 231 / 562 / 1098 / 2160 µs,
+# MIMO at 8 tokens; 3 stages gave the MIMO forward 4-7%, SISO's none.
+SISO_FORWARD_TILING = (32, 2, 1)
+MIMO_FORWARD_TILING = (16, 8, 3)
+SISO_BACKWARD_TILING = (16, 2, 3)
+MIMO_BACKWARD_TILING = (8, 2, 3)
 # H100, 8 × 2048, H=32: the backward took 0.37 ms (SISO) and 1.72 ms (R=4) with 32 heads per
 # program against 0.42 and 1.99 ms with 8; fewer than ~512 programs leave SMs idle
 MAX_HEADS_PER_PROGRAM = 32
@@ -101,7 +103,7 @@ def _rotated_bc_fwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, k_ptr, q_ptr,
     T, H, G, S, SB, SC, eps,
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
-    PAIRWISE: tl.constexpr,
+    PAIRWISE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program (token block, HB heads of one group, rank): k and q rows of those heads."""
     h0 = tl.program_id(1) * HB
@@ -113,7 +115,7 @@ def _rotated_bc_fwd_kernel(
     cols = tl.arange(0, N)
     kn, kw, _ = _normalised(b_ptr, bw_ptr, tokens, SB, r, g, G, cols, tmask, eps, N)
     qn, qw, _ = _normalised(c_ptr, cw_ptr, tokens, SC, r, g, G, cols, tmask, eps, N)
-    for i in range(HB):
+    for i in tl.range(HB, num_stages=STAGES):
         h = h0 + i
         cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
         bias_row = (h * R + r) * N + cols
@@ -157,7 +159,7 @@ def _rotated_bc_bwd_kernel(
     db_ptr, dc_ptr, dbw_ptr, dcw_ptr, dbb_ptr, dcb_ptr, dphi_ptr,
     T, H, G, S, SB, SC, eps,
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
-    PAIRWISE: tl.constexpr,
+    PAIRWISE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program (token block, HB heads of one group), every rank.
 
@@ -183,7 +185,7 @@ def _rotated_bc_bwd_kernel(
         dku_b = tl.zeros([BT, N // 2], dtype=tl.float32)
         dqu_a = tl.zeros([BT, N // 2], dtype=tl.float32)
         dqu_b = tl.zeros([BT, N // 2], dtype=tl.float32)
-        for i in range(HB):
+        for i in tl.range(HB, num_stages=STAGES):
             h = h0 + i
             cos, sin = _angles(phi_ptr, tokens, h, H, S, tmask, N)
             grad = (rows[:, None] * H + h) * N + cols[None, :]
@@ -232,7 +234,7 @@ class RotatedBC(torch.autograd.Function):
     def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        bt, warps = MIMO_FORWARD_TILING if rank > 1 else SISO_FORWARD_TILING
+        bt, warps, stages = MIMO_FORWARD_TILING if rank > 1 else SISO_FORWARD_TILING
         hb = heads_per_program(heads // groups, triton.cdiv(tokens, bt) * rank)
         k = torch.empty(tokens, rank, heads, n, device=b.device, dtype=out_dtype)
         q = torch.empty_like(k)
@@ -240,7 +242,7 @@ class RotatedBC(torch.autograd.Function):
         _rotated_bc_fwd_kernel[grid](
             b, c, b_w, c_w, b_bias, c_bias, phi, k, q, tokens, heads, groups, n_angles,
             b.stride(0), c.stride(0), eps,
-            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise, num_warps=warps,
+            N=n, R=rank, BT=bt, HB=hb, PAIRWISE=pairwise, STAGES=stages, num_warps=warps,
             enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
@@ -252,7 +254,8 @@ class RotatedBC(torch.autograd.Function):
         b, c, b_w, c_w, b_bias, c_bias, phi = ctx.saved_tensors
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        blocks = triton.cdiv(tokens, BACKWARD_BLOCK_TOKENS)
+        bt, warps, stages = MIMO_BACKWARD_TILING if rank > 1 else SISO_BACKWARD_TILING
+        blocks = triton.cdiv(tokens, bt)
         hb = heads_per_program(heads // groups, blocks)
         splits = heads // groups // hb
         shape = (tokens, rank, heads, n)
@@ -270,8 +273,8 @@ class RotatedBC(torch.autograd.Function):
         _rotated_bc_bwd_kernel[(blocks, heads // hb)](
             b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
             dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
-            c.stride(0), ctx.eps, N=n, R=rank, BT=BACKWARD_BLOCK_TOKENS, HB=hb,
-            PAIRWISE=ctx.pairwise, num_warps=BACKWARD_WARPS, enable_fp_fusion=True,
+            c.stride(0), ctx.eps, N=n, R=rank, BT=bt, HB=hb, PAIRWISE=ctx.pairwise,
+            STAGES=stages, num_warps=warps, enable_fp_fusion=True,
         )  # fmt: skip
         draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
         dw = dw.sum((1, 2, 3))
