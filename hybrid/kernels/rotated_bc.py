@@ -215,16 +215,15 @@ def _rotated_bc_bwd_kernel(
 
 
 def heads_per_program(heads_per_group: int, token_blocks: int) -> int:
-    """The largest power of two <= MAX_HEADS_PER_PROGRAM dividing the group's head count that
+    """The largest divisor of the group's head count, at most MAX_HEADS_PER_PROGRAM, that
     still leaves MIN_PROGRAMS programs: a program normalises its B/C rows once for all its
     heads, and with the whole group in one program the backward writes d(raw B|C) once,
-    without per-split float32 parts and their reduction."""
-    hb = MAX_HEADS_PER_PROGRAM
-    while heads_per_group % hb:
-        hb //= 2
-    while hb > 1 and token_blocks * (heads_per_group // hb) < MIN_PROGRAMS:
-        hb //= 2
-    return hb
+    without per-split float32 parts and their reduction (any divisor: 12 or 24 heads, as at
+    d_model 384 or 768, would otherwise split in three)."""
+    fitting = [hb for hb in range(1, min(heads_per_group, MAX_HEADS_PER_PROGRAM) + 1)
+               if heads_per_group % hb == 0]  # fmt: skip
+    enough = [hb for hb in fitting if token_blocks * (heads_per_group // hb) >= MIN_PROGRAMS]
+    return max(enough or [1])
 
 
 class RotatedBC(torch.autograd.Function):

@@ -38,12 +38,12 @@ from hybrid.kernels.mamba3_scan import run_per_sequence
 from hybrid.kernels.reference import mamba3_reference
 from hybrid.kernels.segment_cumsum import segment_cumsum
 
-HEADS = 2
+HEADS = 3  # with one group, the B/C rotation runs 3 heads (not a power of two) a program
 # rank, rotation, pre-gate norm, groups, angles, headdim, d_state, chunk tokens, lengths
 CASES = [
-    (1, "pairwise", False, 2, 4, 16, 32, 16, None),
+    (1, "pairwise", False, 3, 4, 16, 32, 16, None),
     (2, "halves", True, 1, 4, 16, 16, 8, None),
-    (4, "halves", False, 2, 2, 16, 16, 4, None),
+    (4, "halves", False, 3, 2, 16, 16, 4, None),
     (1, "pairwise", True, 1, 4, 16, 16, 16, [5, 21, 17]),
     (2, "halves", False, 1, 2, 32, 16, 8, [9, 14]),
     (8, "halves", True, 1, 2, 16, 16, 2, None),  # the gate backward's 8-token blocks
