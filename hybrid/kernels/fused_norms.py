@@ -19,6 +19,11 @@ from hybrid.devices import on_input_device
 from hybrid.kernels.launch_args import pointer_or
 
 ROWS_PER_PROGRAM = 16  # rows a norm program walks (its share of the weight-gradient sum)
+# the walk is pipelined (the next rows' loads in flight while one is normalised): bf16,
+# H100, forward+backward µs, 16,384 × 384 51.7 → 40.3, 49,152 × 512 123.8 → 114.7,
+# 65,536 × 768 228.9 → 204.8 (torch's F.rms_norm: 84, 263, 413), forward 14.0 → 11.0 at
+# 16,384 × 384, equal at the larger shapes
+ROW_STAGES = tl.constexpr(3)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -39,7 +44,7 @@ def _norm_fwd_kernel(
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
-    for i in range(ROWS):
+    for i in tl.range(ROWS, num_stages=ROW_STAGES):
         row = (rows0 + i).to(tl.int64)
         mask = cmask & ((cols * 0 + row) < M)
         x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
@@ -63,7 +68,7 @@ def _norm_bwd_kernel(
     cmask = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(ROWS):
+    for i in tl.range(ROWS, num_stages=ROW_STAGES):
         row = (blk * ROWS + i).to(tl.int64)
         mask = cmask & ((cols * 0 + row) < M)
         x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)

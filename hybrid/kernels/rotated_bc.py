@@ -28,19 +28,18 @@ from torch import Tensor
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.triton_math import cos_sin_wrapped
 
-# programs (tokens, warps, pipeline stages of the head loop): the MIMO forward writes R rows
-# per token and head, and 16-token blocks were faster there (H100, 8 × 2048, R=4: 0.72 ms
-# against 1.12 ms at 32); a sweep of tokens 8-64 × warps 1-8 (H100, 16,384 tokens, H=32,
-# N=128) then took SISO from 0.169 ms (4 warps) to 0.146 ms and R=4 from 0.593 ms (4 warps)
-# to 0.553 ms. The backward's head loop is pipelined (Triton's asynchronous copies of the
-# next heads' dk, dq and φ while this head is computed); with 3 stages a sweep of tokens 8-32
-# × warps 1-4 × stages 1-4 (same shape, backward alone) took R = 1 / 2 / 4 / 8 from 369 /
-# 731 / 1534 / 3150 µs (16 tokens, 2 warps, no pipeline) to 231 / 562 / 1098 / 2160 µs,
-# MIMO at 8 tokens; 3 stages gave the MIMO forward 4-7%, SISO's none.
-SISO_FORWARD_TILING = (32, 2, 1)
-MIMO_FORWARD_TILING = (16, 8, 3)
+# programs (tokens, warps, pipeline stages of the head loop). Both head loops are pipelined
+# (Triton's asynchronous copies bring the next heads' rows while this head is computed).
+# H100, H=32, N=128, 16,384 tokens, kernels alone, µs: the backward at R = 1 / 2 / 4 / 8
+# took 369 / 731 / 1534 / 3150 (16 tokens, 2 warps, no pipeline) and takes 231 / 562 / 1098
+# / 2160 (a sweep of 4-32 tokens × 1-4 warps × 1-4 stages; MIMO at 8 tokens). The MIMO
+# backward's best block holds 1,024 (token, state) elements: 16 tokens at N=64 (49,152
+# tokens, H=16, R=4: 834 µs against 1,144 at 8 tokens); SISO stays at 16 either way. The
+# forward at 16 tokens on 8 warps (R=4 at N=128: 0.59 ms on 4 warps, 0.72 at 32 tokens
+# unpipelined, 0.52 now; SISO at N=64 116 → 106 µs, at N=128 equal to 32 tokens on 2 warps).
+FORWARD_TILING = (16, 8, 3)
 SISO_BACKWARD_TILING = (16, 2, 3)
-MIMO_BACKWARD_TILING = (8, 2, 3)
+MIMO_BACKWARD_ELEMENTS, MIMO_BACKWARD_WARPS, MIMO_BACKWARD_STAGES = 1024, 2, 3
 # H100, 8 × 2048, H=32: the backward took 0.37 ms (SISO) and 1.72 ms (R=4) with 32 heads per
 # program against 0.42 and 1.99 ms with 8; fewer than ~512 programs leave SMs idle
 MAX_HEADS_PER_PROGRAM = 32
@@ -226,6 +225,14 @@ def heads_per_program(heads_per_group: int, token_blocks: int) -> int:
     return max(enough or [1])
 
 
+def backward_tiling(rank: int, d_state: int) -> tuple[int, int, int]:
+    """(tokens, warps, pipeline stages) of a backward program; see the measurements above."""
+    if rank == 1:
+        return SISO_BACKWARD_TILING
+    tokens = min(32, max(1, MIMO_BACKWARD_ELEMENTS // d_state))
+    return tokens, MIMO_BACKWARD_WARPS, MIMO_BACKWARD_STAGES
+
+
 class RotatedBC(torch.autograd.Function):
     """(k, q) per head from per-group B and C; see the module docstring."""
 
@@ -233,7 +240,7 @@ class RotatedBC(torch.autograd.Function):
     def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        bt, warps, stages = MIMO_FORWARD_TILING if rank > 1 else SISO_FORWARD_TILING
+        bt, warps, stages = FORWARD_TILING
         hb = heads_per_program(heads // groups, triton.cdiv(tokens, bt) * rank)
         k = torch.empty(tokens, rank, heads, n, device=b.device, dtype=out_dtype)
         q = torch.empty_like(k)
@@ -253,7 +260,7 @@ class RotatedBC(torch.autograd.Function):
         b, c, b_w, c_w, b_bias, c_bias, phi = ctx.saved_tensors
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
-        bt, warps, stages = MIMO_BACKWARD_TILING if rank > 1 else SISO_BACKWARD_TILING
+        bt, warps, stages = backward_tiling(rank, n)
         blocks = triton.cdiv(tokens, bt)
         hb = heads_per_program(heads // groups, blocks)
         splits = heads // groups // hb
