@@ -46,8 +46,10 @@ Document = dict[str, str]
 
 
 def cache_dir() -> Path:
-    """`$HYBRID_CACHE`, default `~/.cache/hybrid`."""
-    return Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid"))
+    """`$HYBRID_CACHE`, default `~/.cache/hybrid`, made absolute: the fetches run in their
+    own working directories (a relative `HYBRID_CACHE=.data` made pip download into the wrong
+    folder)."""
+    return Path(os.environ.get("HYBRID_CACHE", Path.home() / ".cache" / "hybrid")).absolute()
 
 
 def _fetch(command: list[str], workdir: Path, what: str) -> Path:

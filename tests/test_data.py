@@ -178,3 +178,13 @@ def test_builtin_austen():
     assert len(docs) == 269  # chapters of the six novels
     assert any("It is a truth universally acknowledged" in d for d in docs)
     assert sum(map(len, docs)) > 3_900_000
+
+
+def test_relative_cache_dir_is_made_absolute(tmp_path, monkeypatch):
+    # the corpus fetches run pip in their own working directory: a relative HYBRID_CACHE
+    # (the README's `HYBRID_CACHE=.data`) must not be resolved against that one
+    from hybrid.corpora import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYBRID_CACHE", ".data")
+    assert cache_dir() == tmp_path / ".data"
