@@ -14,6 +14,7 @@ from hybrid.cache import InferenceCache
 from hybrid.config import ModelConfig
 from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
+from hybrid.kernels.norms import add_rms_norm
 from hybrid.layers import build
 from hybrid.layers.norms import RMSNorm
 from hybrid.layers.registry import Layer
@@ -22,7 +23,8 @@ DECODE_ROOM = 1024  # tokens `prefill` leaves for decoding when max_seqlen is no
 
 
 class Block(nn.Module):
-    """x + layer(RMSNorm(x))."""
+    """x + layer(RMSNorm(x)); `HybridLM.forward` runs it with the add fused into the next
+    block's norm."""
 
     def __init__(self, layer: Layer, d_model: int, eps: float, *, device=None, dtype=None):
         super().__init__()
@@ -83,12 +85,17 @@ class HybridLM(nn.Module):
         × 2048 tokens the full logits would take gigabytes."""
         if cache is not None:
             self._check_room(cache, tokens.shape[1])
-        x = self.embedding(tokens)
+        # each block's residual add is fused into the next norm (`add_rms_norm`): x holds the
+        # residual stream up to the previous block, `out` that block's output
+        x, out = self.embedding(tokens), None
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
+            x, normed = add_rms_norm(x, out, block.norm.weight, block.norm.eps)
+            out = block.layer(normed, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seqlen += tokens.shape[1]
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        if last_only:
+            x, out = x[:, -1:], out[:, -1:] if out is not None else None
+        return self.lm_head(add_rms_norm(x, out, self.norm.weight, self.norm.eps)[1])
 
     def forward_in_pieces(self, tokens: Tensor, cache: InferenceCache, piece_tokens: int) -> Tensor:
         """`forward(tokens, cache, last_only=True)` over at most piece_tokens (batch × length)

@@ -255,3 +255,29 @@ def test_graphed_attention_step_is_valid_at_every_position():
             graphed.advance(1)
             assert rel_err(out["y"].float(), sdpa.step(token, eager).float()) <= 1e-2
         assert graphed.seqlens.tolist() == eager.seqlens.tolist() == [306] * 4
+
+
+@pytest.mark.parametrize("rows", [1, 37, 4096])
+def test_fused_residual_add_and_norm_on_cuda(rows):
+    """A bf16 block output added into a float32 residual stream and normalised, as a training
+    step under autocast runs it, against `x + δ` and the PyTorch RMSNorm; gradients too."""
+    from hybrid.kernels.fused_norms import fused_add_rms_norm
+
+    dim = 384
+    x = torch.randn(rows, dim, device=CUDA, requires_grad=True)
+    delta = torch.randn(rows, dim, device=CUDA).bfloat16().requires_grad_()
+    weight = (1 + 0.2 * torch.randn(dim, device=CUDA)).requires_grad_()
+    probes = torch.randn(rows, dim, device=CUDA), torch.randn(rows, dim, device=CUDA)
+    summed, normed = fused_add_rms_norm(x, delta, weight, 1e-5)
+    ((summed * probes[0]).sum() + (normed * probes[1]).sum()).backward()
+    mine = [t.grad for t in (x, delta, weight)]
+    for t in (x, delta, weight):
+        t.grad = None
+    ref_sum = x + delta
+    ref_norm = ref_sum * torch.rsqrt(ref_sum.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+    ((ref_sum * probes[0]).sum() + (ref_norm * probes[1]).sum()).backward()
+    assert summed.dtype == normed.dtype == torch.float32 and mine[1].dtype == torch.bfloat16
+    assert rel_err(summed, ref_sum) <= 1e-6 and rel_err(normed, ref_norm) <= 1e-5
+    for got, ref, tol in zip(mine, (x.grad, delta.grad, weight.grad), (1e-5, 4e-3, 1e-5),
+                             strict=True):  # fmt: skip
+        assert rel_err(got.float(), ref.float()) <= tol

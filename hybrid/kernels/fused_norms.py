@@ -6,6 +6,12 @@ RMSNorm), optionally gated by silu(z) after the norm (Mamba-3's pre-gate form) o
 (Mamba-2's post-gate form). Statistics and arithmetic are float32 whatever the input dtype;
 the backward recomputes 1/rms (nothing saved but the inputs) and writes the weight gradient
 as per-block partial sums, summed by the caller.
+
+The plain RMSNorm also takes the pre-norm residual add (`fused_add_rms_norm`): x + δ is formed,
+stored and normalised in one pass, and the backward adds the residual stream's incoming
+gradient to the norm's, so a block costs no separate add kernel in either direction (in
+PyTorch: a mixed-dtype add forward and a gradient accumulation backward, ~25 µs each at
+16,384 × 384 on an H100, two per block).
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ def _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    x_ptr, z_ptr, w_ptr, out_ptr, M, D, eps,
+    x_ptr, d_ptr, res_ptr, z_ptr, w_ptr, out_ptr, M, D, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    """HAS_RESIDUAL: the input is x + δ (δ at d_ptr), stored at res_ptr in its dtype and
+    normalised as stored."""
     rows0 = tl.program_id(0) * ROWS
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
@@ -48,6 +56,11 @@ def _norm_fwd_kernel(
         row = (rows0 + i).to(tl.int64)
         mask = cmask & ((cols * 0 + row) < M)
         x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
+        if HAS_RESIDUAL:
+            x = x + tl.load(d_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + row * D + cols, x, mask=mask)
+            x = x.to(tl.float32)
         gate = z * tl.sigmoid(z) if HAS_GATE else 1.0
         u = x if BEFORE_GATE else x * gate
         rstd = tl.rsqrt(tl.sum(u * u, 0) / GS + eps)
@@ -59,10 +72,12 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    x_ptr, z_ptr, w_ptr, do_ptr, dx_ptr, dz_ptr, dw_ptr, M, D, eps,
+    x_ptr, z_ptr, w_ptr, do_ptr, dres_ptr, dx_ptr, dz_ptr, dw_ptr, M, D, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    """HAS_RESIDUAL: x is the stored x + δ, and dres (the gradient the residual stream brings
+    back to it) is added to dx, which is then both inputs' gradient."""
     blk = tl.program_id(0)
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
@@ -94,48 +109,64 @@ def _norm_bwd_kernel(
             dx = du * gate
             if HAS_GATE:
                 tl.store(dz_ptr + row * D + cols, du * x * dgate_dz, mask=mask)
+        if HAS_RESIDUAL:
+            dx += tl.load(dres_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         tl.store(dw_ptr + blk * D + cols, dw, mask=cmask)
 
 
 class FusedNorm(torch.autograd.Function):
+    """out = norm(x) (gated by z, optionally); with δ, (x + δ, norm(x + δ))."""
+
     @staticmethod
-    def forward(ctx, x, z, weight, eps, group_size, before_gate):
+    def forward(ctx, x, delta, z, weight, eps, group_size, before_gate):
         rows = x.numel() // x.shape[-1]
         dim = x.shape[-1]
-        out = torch.empty_like(x)
+        residual = delta is not None
+        if residual:
+            summed = torch.empty(x.shape, device=x.device,
+                                 dtype=torch.promote_types(x.dtype, delta.dtype))  # fmt: skip
+            out = torch.empty_like(summed)
+        else:
+            summed, out = x, torch.empty_like(x)
         grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), dim // group_size)
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
                  "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
         _norm_fwd_kernel[grid](
-            x, pointer_or(z, x), pointer_or(weight, x), out, rows, dim,
-            eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size), **flags,
-            enable_fp_fusion=True,
+            x, delta if residual else x, summed, pointer_or(z, x), pointer_or(weight, x), out,
+            rows, dim, eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size),
+            HAS_RESIDUAL=residual, **flags, enable_fp_fusion=True,
         )  # fmt: skip
-        ctx.save_for_backward(x, z, weight)
+        ctx.save_for_backward(summed, z, weight)
+        ctx.set_materialize_grads(False)
         ctx.eps, ctx.group_size, ctx.flags = eps, group_size, flags
-        return out
+        ctx.input_dtypes = (x.dtype, delta.dtype) if residual else None
+        return (summed, out) if residual else out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, *grads):
         x, z, weight = ctx.saved_tensors
+        dres, dout = grads if ctx.input_dtypes else (None, grads[0])
         rows, dim = x.numel() // x.shape[-1], x.shape[-1]
         blocks = triton.cdiv(rows, ROWS_PER_PROGRAM)
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
         dx = torch.empty_like(x)
         dz = torch.empty(z.shape, device=z.device, dtype=torch.float32) if z is not None else dx
         dw = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
         _norm_bwd_kernel[(blocks, dim // ctx.group_size)](
-            x, pointer_or(z, x), pointer_or(weight, x),
-            dout.contiguous(), dx, dz, dw, rows, dim, ctx.eps, GS=ctx.group_size,
-            BLOCK=triton.next_power_of_2(ctx.group_size), **ctx.flags, enable_fp_fusion=True,
+            x, pointer_or(z, x), pointer_or(weight, x), dout,
+            dres.contiguous() if dres is not None else x, dx, dz, dw, rows, dim, ctx.eps,
+            GS=ctx.group_size, BLOCK=triton.next_power_of_2(ctx.group_size),
+            HAS_RESIDUAL=dres is not None, **ctx.flags, enable_fp_fusion=True,
         )  # fmt: skip
-        return (
-            dx,
-            dz.to(z.dtype) if z is not None else None,
-            dw.sum(0).to(weight.dtype) if weight is not None else None,
-            None, None, None,
-        )  # fmt: skip
+        dw = dw.sum(0).to(weight.dtype) if weight is not None else None
+        dz = dz.to(z.dtype) if z is not None else None
+        if ctx.input_dtypes:
+            dinputs = (dx.to(ctx.input_dtypes[0]), dx.to(ctx.input_dtypes[1]))
+        else:
+            dinputs = (dx, None)
+        return (*dinputs, dz, dw, None, None, None)
 
 
 def takes(x: Tensor) -> bool:
@@ -154,9 +185,17 @@ def fused_gated_rms_norm(
 ) -> Tensor:
     """RMSNorm over groups of the last dim, optionally gated by silu(z) (pre- or post-norm)."""
     return FusedNorm.apply(
-        x.contiguous(), z.contiguous() if z is not None else None, weight, eps, group_size,
-        norm_before_gate,
+        x.contiguous(), None, z.contiguous() if z is not None else None, weight, eps,
+        group_size, norm_before_gate,
     )  # fmt: skip
+
+
+@on_input_device
+def fused_add_rms_norm(
+    x: Tensor, delta: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(x + δ, RMSNorm(x + δ)) over the last dim, both in the promoted dtype of x and δ."""
+    return FusedNorm.apply(x.contiguous(), delta.contiguous(), None, weight, eps, x.shape[-1], True)
 
 
 @triton.jit

@@ -34,6 +34,21 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return out.to(x.dtype)
 
 
+def add_rms_norm(
+    x: Tensor, delta: Tensor | None, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The pre-norm residual step: r = x + δ (x itself when δ is None) and RMSNorm(r), in
+    one fused pass on CUDA. r takes the promoted dtype of x and δ, as `x + δ` would."""
+    if delta is None:
+        return x, rms_norm(x, weight, eps)
+    if _fused_applies(x) and _fused_applies(delta) and x.shape == delta.shape:
+        from hybrid.kernels.fused_norms import fused_add_rms_norm
+
+        return fused_add_rms_norm(x, delta, weight, eps)
+    summed = x + delta
+    return summed, rms_norm(summed, weight, eps)
+
+
 def gated_rms_norm(
     y: Tensor,
     z: Tensor,

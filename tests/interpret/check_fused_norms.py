@@ -13,20 +13,23 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import interpreted_verdict, rel_err
 
-from hybrid.kernels.fused_norms import fused_gated_rms_norm, fused_swiglu
+from hybrid.kernels.fused_norms import fused_add_rms_norm, fused_gated_rms_norm, fused_swiglu
 from hybrid.kernels.norms import gated_rms_norm, rms_norm
 
 TOLERANCE = 1e-5
+FP16_ROUNDING = 2**-10  # float16's relative rounding step
 
 
 def _compare(name: str, fused, reference, *inputs) -> float:
+    """Outputs (one tensor or a tuple) and every input gradient, through random probes."""
     mine = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    out, expected = fused(*mine), reference(*ref)
-    probe = torch.randn_like(expected)
-    (out * probe).sum().backward()
-    (expected * probe).sum().backward()
-    errors = [rel_err(out, expected)]
+    outs, expected = fused(*mine), reference(*ref)
+    outs, expected = (outs, expected) if isinstance(outs, tuple) else ((outs,), (expected,))
+    probes = [torch.randn_like(e, dtype=torch.float32) for e in expected]
+    sum((o.float() * p).sum() for o, p in zip(outs, probes, strict=True)).backward()
+    sum((e.float() * p).sum() for e, p in zip(expected, probes, strict=True)).backward()
+    errors = [max(rel_err(o, e) for o, e in zip(outs, expected, strict=True))]
     errors += [
         rel_err(a.grad, b.grad) for a, b in zip(mine, ref, strict=True) if b.grad is not None
     ]
@@ -54,6 +57,15 @@ def main() -> int:
             lambda x, z, b=before: gated_rms_norm(x, z, None, 1e-5, 16, b),
             x, z,
         ))  # fmt: skip
+    # the pre-norm residual add, float32 and a float16 block output into a float32 stream
+    # (δ's gradient is then rounded to float16 on both sides: judged against that rounding)
+    for dtype, bound in ((torch.float32, TOLERANCE), (torch.float16, FP16_ROUNDING)):
+        delta = torch.randn(37, 48).to(dtype).requires_grad_()
+        error = _compare(
+            f"add + rms_norm, δ {dtype}", lambda x, d, w: fused_add_rms_norm(x, d, w, 1e-5),
+            lambda x, d, w: (x + d, rms_norm(x + d, w, 1e-5)), x, delta, w,
+        )  # fmt: skip
+        worst = max(worst, error * TOLERANCE / bound)
     h = torch.randn(5, 7, 2 * 24, requires_grad=True)
     worst = max(worst, _compare("swiglu", fused_swiglu,
                                 lambda h: F.silu(h[..., :24]) * h[..., 24:], h))  # fmt: skip
