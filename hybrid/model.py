@@ -23,16 +23,13 @@ DECODE_ROOM = 1024  # tokens `prefill` leaves for decoding when max_seqlen is no
 
 
 class Block(nn.Module):
-    """x + layer(RMSNorm(x)); `HybridLM.forward` runs it with the add fused into the next
-    block's norm."""
+    """A pre-norm residual block, x + layer(RMSNorm(x)). Over a sequence `HybridLM.forward`
+    runs its blocks with each add fused into the next block's norm; `step` is one token."""
 
     def __init__(self, layer: Layer, d_model: int, eps: float, *, device=None, dtype=None):
         super().__init__()
         self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
         self.layer = layer
-
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        return x + self.layer(self.norm(x), cache)
 
     def step(self, x: Tensor, cache) -> Tensor:
         return x + self.layer.step(self.norm(x), cache)

@@ -35,8 +35,8 @@ from hybrid.kernels.triton_math import cos_sin_wrapped
 # / 2160 (a sweep of 4-32 tokens × 1-4 warps × 1-4 stages; MIMO at 8 tokens). The MIMO
 # backward's best block holds 1,024 (token, state) elements: 16 tokens at N=64 (49,152
 # tokens, H=16, R=4: 834 µs against 1,144 at 8 tokens); SISO stays at 16 either way. The
-# forward at 16 tokens on 8 warps (R=4 at N=128: 0.59 ms on 4 warps, 0.72 at 32 tokens
-# unpipelined, 0.52 now; SISO at N=64 116 → 106 µs, at N=128 equal to 32 tokens on 2 warps).
+# forward, 16 tokens on 8 warps for every rank: R=4 548 → 522 µs at N=128, SISO 116 → 106
+# at N=64 (against 32 tokens on 2 warps, unpipelined), SISO at N=128 unchanged.
 FORWARD_TILING = (16, 8, 3)
 SISO_BACKWARD_TILING = (16, 2, 3)
 MIMO_BACKWARD_ELEMENTS, MIMO_BACKWARD_WARPS, MIMO_BACKWARD_STAGES = 1024, 2, 3
