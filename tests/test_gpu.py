@@ -257,10 +257,12 @@ def test_graphed_attention_step_is_valid_at_every_position():
         assert graphed.seqlens.tolist() == eager.seqlens.tolist() == [306] * 4
 
 
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 37, 4096])
-def test_fused_residual_add_and_norm_on_cuda(rows):
+def test_fused_residual_add_and_norm_on_cuda(rows, out_dtype):
     """A bf16 block output added into a float32 residual stream and normalised, as a training
-    step under autocast runs it, against `x + δ` and the PyTorch RMSNorm; gradients too."""
+    step under autocast runs it (the norm in bf16, as the next projection takes it), against
+    `x + δ` and the PyTorch RMSNorm; gradients too."""
     from hybrid.kernels.fused_norms import fused_add_rms_norm
 
     dim = 384
@@ -268,16 +270,50 @@ def test_fused_residual_add_and_norm_on_cuda(rows):
     delta = torch.randn(rows, dim, device=CUDA).bfloat16().requires_grad_()
     weight = (1 + 0.2 * torch.randn(dim, device=CUDA)).requires_grad_()
     probes = torch.randn(rows, dim, device=CUDA), torch.randn(rows, dim, device=CUDA)
-    summed, normed = fused_add_rms_norm(x, delta, weight, 1e-5)
+    summed, normed = fused_add_rms_norm(x, delta, weight, 1e-5, out_dtype)
     ((summed * probes[0]).sum() + (normed * probes[1]).sum()).backward()
     mine = [t.grad for t in (x, delta, weight)]
     for t in (x, delta, weight):
         t.grad = None
     ref_sum = x + delta
     ref_norm = ref_sum * torch.rsqrt(ref_sum.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+    ref_norm = ref_norm.to(out_dtype or torch.float32)
     ((ref_sum * probes[0]).sum() + (ref_norm * probes[1]).sum()).backward()
-    assert summed.dtype == normed.dtype == torch.float32 and mine[1].dtype == torch.bfloat16
-    assert rel_err(summed, ref_sum) <= 1e-6 and rel_err(normed, ref_norm) <= 1e-5
+    assert summed.dtype == torch.float32 and mine[1].dtype == torch.bfloat16
+    assert normed.dtype == (out_dtype or torch.float32)
+    norm_tol = 4e-3 if out_dtype else 1e-5  # bf16's rounding step is 2^-8
+    assert rel_err(summed, ref_sum) <= 1e-6 and rel_err(normed, ref_norm) <= norm_tol
     for got, ref, tol in zip(mine, (x.grad, delta.grad, weight.grad), (1e-5, 4e-3, 1e-5),
                              strict=True):  # fmt: skip
         assert rel_err(got.float(), ref.float()) <= tol
+
+
+def test_norms_in_the_autocast_dtype_change_no_bit_of_a_training_step(monkeypatch):
+    """Under autocast the pre-norms write bf16 (what each layer's first projection takes):
+    logits and every gradient equal, bit for bit, those of norms written in float32 and cast
+    by autocast, since the rounding is the same one, merely moved into the norm kernel."""
+    from hybrid import model as model_module
+    from hybrid.train_step import deterministic_algorithms
+
+    config = ModelConfig.from_pattern(
+        "M-*-M-", d_model=128, mamba3={"d_state": 32, "headdim": 32, "mimo_rank": 2},
+        attention={"n_heads": 2},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HybridLM(config, device=CUDA)
+    tokens = torch.randint(0, config.vocab_size, (4, 96), device=CUDA)
+
+    def run() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with deterministic_algorithms(True):  # the embedding's backward adds atomically else
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens)
+            logits.float().square().mean().backward()
+        return [logits.detach(), *(p.grad for p in model.parameters())]
+
+    fused = run()
+    monkeypatch.setattr(model_module, "_matmul_input_dtype", lambda x: None)
+    cast = run()
+    assert fused[0].dtype == cast[0].dtype == torch.bfloat16
+    for a, b in zip(fused, cast, strict=True):
+        assert torch.equal(a, b)

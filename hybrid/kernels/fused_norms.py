@@ -11,7 +11,10 @@ The plain RMSNorm also takes the pre-norm residual add (`fused_add_rms_norm`): x
 stored and normalised in one pass, and the backward adds the residual stream's incoming
 gradient to the norm's, so a block costs no separate add kernel in either direction (in
 PyTorch: a mixed-dtype add forward and a gradient accumulation backward, ~25 µs each at
-16,384 × 384 on an H100, two per block).
+16,384 × 384 on an H100, two per block). Its backward also stores δ's gradient in δ's dtype
+beside the stream's, and the normalised output may take another dtype than the stream (the
+autocast dtype of the matmul it feeds): casts that would otherwise be kernels of their own,
+one per block each way (~13 µs each at 16,384 × 384).
 """
 
 from __future__ import annotations
@@ -72,12 +75,14 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    x_ptr, z_ptr, w_ptr, do_ptr, dres_ptr, dx_ptr, dz_ptr, dw_ptr, M, D, eps,
+    x_ptr, z_ptr, w_ptr, do_ptr, dres_ptr, dx_ptr, dd_ptr, dz_ptr, dw_ptr, M, D, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DELTA_GRAD: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
     """HAS_RESIDUAL: x is the stored x + δ, and dres (the gradient the residual stream brings
-    back to it) is added to dx, which is then both inputs' gradient."""
+    back to it) is added to dx, which is then both inputs' gradient; DELTA_GRAD: δ's copy of
+    it goes to dd_ptr in δ's dtype."""
     blk = tl.program_id(0)
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
@@ -112,24 +117,27 @@ def _norm_bwd_kernel(
         if HAS_RESIDUAL:
             dx += tl.load(dres_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if DELTA_GRAD:
+            tl.store(dd_ptr + row * D + cols, dx.to(dd_ptr.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         tl.store(dw_ptr + blk * D + cols, dw, mask=cmask)
 
 
 class FusedNorm(torch.autograd.Function):
-    """out = norm(x) (gated by z, optionally); with δ, (x + δ, norm(x + δ))."""
+    """out = norm(x) (gated by z, optionally); with δ, (x + δ, norm(x + δ)). out takes
+    out_dtype (None: that of x, or of x + δ)."""
 
     @staticmethod
-    def forward(ctx, x, delta, z, weight, eps, group_size, before_gate):
+    def forward(ctx, x, delta, z, weight, eps, group_size, before_gate, out_dtype):
         rows = x.numel() // x.shape[-1]
         dim = x.shape[-1]
         residual = delta is not None
         if residual:
             summed = torch.empty(x.shape, device=x.device,
                                  dtype=torch.promote_types(x.dtype, delta.dtype))  # fmt: skip
-            out = torch.empty_like(summed)
         else:
-            summed, out = x, torch.empty_like(x)
+            summed = x
+        out = torch.empty_like(summed, dtype=out_dtype or summed.dtype)
         grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), dim // group_size)
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
                  "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
@@ -152,21 +160,23 @@ class FusedNorm(torch.autograd.Function):
         blocks = triton.cdiv(rows, ROWS_PER_PROGRAM)
         dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
         dx = torch.empty_like(x)
+        # x + δ has the promoted dtype, so x's gradient is dx; δ's is stored beside it
+        ddelta = dx
+        if ctx.input_dtypes and ctx.input_dtypes[1] != dx.dtype:
+            ddelta = torch.empty_like(x, dtype=ctx.input_dtypes[1])
         dz = torch.empty(z.shape, device=z.device, dtype=torch.float32) if z is not None else dx
         dw = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
         _norm_bwd_kernel[(blocks, dim // ctx.group_size)](
             x, pointer_or(z, x), pointer_or(weight, x), dout,
-            dres.contiguous() if dres is not None else x, dx, dz, dw, rows, dim, ctx.eps,
+            dres.contiguous() if dres is not None else x, dx, ddelta, dz, dw, rows, dim, ctx.eps,
             GS=ctx.group_size, BLOCK=triton.next_power_of_2(ctx.group_size),
-            HAS_RESIDUAL=dres is not None, **ctx.flags, enable_fp_fusion=True,
+            HAS_RESIDUAL=dres is not None, DELTA_GRAD=ddelta is not dx, **ctx.flags,
+            enable_fp_fusion=True,
         )  # fmt: skip
         dw = dw.sum(0).to(weight.dtype) if weight is not None else None
         dz = dz.to(z.dtype) if z is not None else None
-        if ctx.input_dtypes:
-            dinputs = (dx.to(ctx.input_dtypes[0]), dx.to(ctx.input_dtypes[1]))
-        else:
-            dinputs = (dx, None)
-        return (*dinputs, dz, dw, None, None, None)
+        dinputs = (dx.to(ctx.input_dtypes[0]), ddelta) if ctx.input_dtypes else (dx, None)
+        return (*dinputs, dz, dw, None, None, None, None)
 
 
 def takes(x: Tensor) -> bool:
@@ -182,20 +192,29 @@ def fused_gated_rms_norm(
     eps: float,
     group_size: int,
     norm_before_gate: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """RMSNorm over groups of the last dim, optionally gated by silu(z) (pre- or post-norm)."""
+    """RMSNorm over groups of the last dim, optionally gated by silu(z) (pre- or post-norm),
+    in out_dtype (None: x's)."""
     return FusedNorm.apply(
         x.contiguous(), None, z.contiguous() if z is not None else None, weight, eps,
-        group_size, norm_before_gate,
+        group_size, norm_before_gate, out_dtype,
     )  # fmt: skip
 
 
 @on_input_device
 def fused_add_rms_norm(
-    x: Tensor, delta: Tensor, weight: Tensor | None, eps: float
+    x: Tensor,
+    delta: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(x + δ, RMSNorm(x + δ)) over the last dim, both in the promoted dtype of x and δ."""
-    return FusedNorm.apply(x.contiguous(), delta.contiguous(), None, weight, eps, x.shape[-1], True)
+    """(x + δ, RMSNorm(x + δ)) over the last dim: the sum in the promoted dtype of x and δ,
+    the norm in out_dtype (None: the sum's)."""
+    return FusedNorm.apply(
+        x.contiguous(), delta.contiguous(), None, weight, eps, x.shape[-1], True, out_dtype
+    )
 
 
 @triton.jit

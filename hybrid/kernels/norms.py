@@ -21,32 +21,39 @@ def _fused_applies(x: Tensor) -> bool:
     return takes(x)
 
 
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm over the last dimension, result in x's dtype."""
+def rms_norm(
+    x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """RMSNorm over the last dimension, result in out_dtype (None: x's dtype)."""
     if _fused_applies(x):
         from hybrid.kernels.fused_norms import fused_gated_rms_norm
 
-        return fused_gated_rms_norm(x, None, weight, eps, x.shape[-1])
+        return fused_gated_rms_norm(x, None, weight, eps, x.shape[-1], out_dtype=out_dtype)
     xf = x.to(_compute_dtype(x.dtype))
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         out = out * weight.to(out.dtype)
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def add_rms_norm(
-    x: Tensor, delta: Tensor | None, weight: Tensor | None, eps: float
+    x: Tensor,
+    delta: Tensor | None,
+    weight: Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The pre-norm residual step: r = x + δ (x itself when δ is None) and RMSNorm(r), in
-    one fused pass on CUDA. r takes the promoted dtype of x and δ, as `x + δ` would."""
+    one fused pass on CUDA. r takes the promoted dtype of x and δ, as `x + δ` would; the
+    norm takes out_dtype (None: r's)."""
     if delta is None:
-        return x, rms_norm(x, weight, eps)
+        return x, rms_norm(x, weight, eps, out_dtype)
     if _fused_applies(x) and _fused_applies(delta) and x.shape == delta.shape:
         from hybrid.kernels.fused_norms import fused_add_rms_norm
 
-        return fused_add_rms_norm(x, delta, weight, eps)
+        return fused_add_rms_norm(x, delta, weight, eps, out_dtype)
     summed = x + delta
-    return summed, rms_norm(summed, weight, eps)
+    return summed, rms_norm(summed, weight, eps, out_dtype)
 
 
 def gated_rms_norm(

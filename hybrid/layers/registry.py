@@ -23,7 +23,9 @@ class LayerConfig(Protocol):
 
 
 class Layer(nn.Module):
-    """Interface of every registered layer (input and output are (Bt, L, d_model))."""
+    """Interface of every registered layer (input and output are (Bt, L, d_model)). Under
+    autocast a sequence's input arrives in the autocast dtype (the pre-norm writes it so:
+    every layer's first operation on it is a projection, which autocast would cast anyway)."""
 
     is_mixer: bool = False
 

@@ -57,13 +57,18 @@ def main() -> int:
             lambda x, z, b=before: gated_rms_norm(x, z, None, 1e-5, 16, b),
             x, z,
         ))  # fmt: skip
-    # the pre-norm residual add, float32 and a float16 block output into a float32 stream
-    # (δ's gradient is then rounded to float16 on both sides: judged against that rounding)
-    for dtype, bound in ((torch.float32, TOLERANCE), (torch.float16, FP16_ROUNDING)):
+    # the pre-norm residual add, float32 and a float16 block output into a float32 stream,
+    # and the norm written in float16 as under autocast (its gradient then arrives in float16;
+    # δ's gradient and that output are rounded to float16 on both sides: judged against that)
+    cases = ((torch.float32, None, TOLERANCE), (torch.float16, None, FP16_ROUNDING),
+             (torch.float16, torch.float16, FP16_ROUNDING))  # fmt: skip
+    for dtype, out_dtype, bound in cases:
         delta = torch.randn(37, 48).to(dtype).requires_grad_()
         error = _compare(
-            f"add + rms_norm, δ {dtype}", lambda x, d, w: fused_add_rms_norm(x, d, w, 1e-5),
-            lambda x, d, w: (x + d, rms_norm(x + d, w, 1e-5)), x, delta, w,
+            f"add + rms_norm, δ {dtype}, out {out_dtype}",
+            lambda x, d, w, o=out_dtype: fused_add_rms_norm(x, d, w, 1e-5, o),
+            lambda x, d, w, o=out_dtype: (x + d, rms_norm(x + d, w, 1e-5).to(o or x.dtype)),
+            x, delta, w,
         )  # fmt: skip
         worst = max(worst, error * TOLERANCE / bound)
     h = torch.randn(5, 7, 2 * 24, requires_grad=True)
