@@ -1,5 +1,5 @@
 """Which device work runs on: the default when none is named, pinning a process to one GPU,
-and making a CUDA device current for a block of work."""
+making a CUDA device current for a block of work, and the dtype autocast computes in there."""
 
 from __future__ import annotations
 
@@ -56,3 +56,9 @@ def on_input_device(launch: Callable[..., T]) -> Callable[..., T]:
             return launch(first, *args, **kwargs)
 
     return run
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts matmul operands to on t's device, or None where it is off."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None

@@ -288,11 +288,13 @@ def test_fused_residual_add_and_norm_on_cuda(rows, out_dtype):
         assert rel_err(got.float(), ref.float()) <= tol
 
 
-def test_norms_in_the_autocast_dtype_change_no_bit_of_a_training_step(monkeypatch):
-    """Under autocast the pre-norms write bf16 (what each layer's first projection takes):
-    logits and every gradient equal, bit for bit, those of norms written in float32 and cast
-    by autocast, since the rounding is the same one, merely moved into the norm kernel."""
+def test_casts_moved_into_kernels_change_no_bit_of_a_training_step(monkeypatch):
+    """Under autocast the pre-norms write bf16 (what each layer's first projection takes) and
+    Mamba-3's padded in_proj weight is cast as it is padded: logits and every gradient equal,
+    bit for bit, those of float32 norms and a float32 padded weight that autocast casts, since
+    the roundings are the same ones, merely moved into other kernels."""
     from hybrid import model as model_module
+    from hybrid.layers import mamba3 as mamba3_module
     from hybrid.train_step import deterministic_algorithms
 
     config = ModelConfig.from_pattern(
@@ -312,7 +314,8 @@ def test_norms_in_the_autocast_dtype_change_no_bit_of_a_training_step(monkeypatc
         return [logits.detach(), *(p.grad for p in model.parameters())]
 
     fused = run()
-    monkeypatch.setattr(model_module, "_matmul_input_dtype", lambda x: None)
+    for module in (model_module, mamba3_module):
+        monkeypatch.setattr(module, "autocast_dtype", lambda t: None)
     cast = run()
     assert fused[0].dtype == cast[0].dtype == torch.bfloat16
     for a, b in zip(fused, cast, strict=True):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hybrid.devices import autocast_dtype
 from hybrid.errors import invalid
 from hybrid.kernels import mamba3_scan, mamba3_step
 from hybrid.kernels.mamba3_common import (
@@ -34,6 +35,26 @@ ROPE_FRACTIONS = (0.5, 1.0)
 # often odd) falls back to an sm80 kernel at 40% of their speed (H100, BENCHMARKS.md)
 PROJECTION_ALIGNMENT = 8
 STATE_DTYPES = ("float32", "bfloat16")
+
+
+class PaddedWeight(torch.autograd.Function):
+    """weight with `extra` zero rows appended, in `dtype`, and its gradient back: one
+    cast-copy kernel each way. `F.pad` of the float32 weight followed by autocast's cast took
+    a padded float32 copy, its cast and, backward, a cast and a slice copy (H100, graphed
+    training: BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, extra: int, dtype: torch.dtype) -> Tensor:
+        rows = weight.shape[0]
+        padded = weight.new_empty(rows + extra, *weight.shape[1:], dtype=dtype)
+        padded[rows:].zero_()
+        padded[:rows].copy_(weight)
+        ctx.rows, ctx.weight_dtype = rows, weight.dtype
+        return padded
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad[: ctx.rows].to(ctx.weight_dtype), None, None
 
 
 def _is_positive_int(value: object) -> bool:
@@ -214,7 +235,8 @@ class Mamba3(Layer):
         padding = self._padding if aligned else 0
         weight = self.in_proj.weight
         if padding:
-            weight = nn.functional.pad(weight, (0, 0, 0, padding))
+            dtype = autocast_dtype(weight) or weight.dtype
+            weight = PaddedWeight.apply(weight, padding, dtype)
         projected = nn.functional.linear(x, weight)
         z, xs, b, c, dt, a, trap, angle, _ = projected.split([*self._split, padding], -1)
         heads = (self.n_heads, self.config.headdim)
