@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -54,8 +55,11 @@ def from_leaves(named: dict) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ over the whole tensor."""
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    """‖actual − expected‖ / ‖expected‖ over the whole tensor; infinite where that is not a
+    number (a NaN in `actual`: an unwritten, poisoned element), so that `max` over errors
+    keeps it (max(1e-6, nan) is 1e-6)."""
+    err = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    return err if math.isfinite(err) else math.inf
 
 
 def angle_err(actual: Tensor, expected: Tensor) -> float:
