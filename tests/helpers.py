@@ -13,6 +13,7 @@ from torch import Tensor
 
 from hybrid.config import ModelConfig
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3State, Mamba3Weights
+from hybrid.kernels.projection_grads import ProjectionGrads, split_projection
 
 
 def run_interpreted(script: str) -> str:
@@ -52,6 +53,23 @@ def from_leaves(named: dict) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
         Mamba3Weights(**{f: named.get(f"w.{f}") for f in Mamba3Weights._fields}),
         Mamba3State(**{k[len("state.") :]: v for k, v in named.items() if k.startswith("state.")}),
     )
+
+
+def projection_slices(inputs: Mamba3Inputs) -> tuple[Mamba3Inputs, ProjectionGrads]:
+    """The same values as views into one (Bt, L, width) tensor, like the layer's split
+    in_proj output, and the split's gradient buffer (which the Triton backward writes into);
+    differentiable back to the given tensors."""
+    flat = {name: t.flatten(2) for name, t in zip(Mamba3Inputs._fields, inputs, strict=True)}
+    pieces, grads = split_projection(
+        torch.cat(list(flat.values()), dim=-1), {n: f.shape[-1] for n, f in flat.items()}
+    )
+    views = (pieces[n].unflatten(-1, t.shape[2:]) for n, t in zip(flat, inputs, strict=True))
+    return Mamba3Inputs(*views), grads
+
+
+def poisoned(shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A new tensor of NaN: an output buffer in which an unwritten element shows."""
+    return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:

@@ -288,17 +288,20 @@ def test_fused_residual_add_and_norm_on_cuda(rows, out_dtype):
         assert rel_err(got.float(), ref.float()) <= tol
 
 
-def test_casts_moved_into_kernels_change_no_bit_of_a_training_step(monkeypatch):
-    """Under autocast the pre-norms write bf16 (what each layer's first projection takes) and
-    Mamba-3's padded in_proj weight is cast as it is padded: logits and every gradient equal,
-    bit for bit, those of float32 norms and a float32 padded weight that autocast casts, since
-    the roundings are the same ones, merely moved into other kernels."""
+@pytest.mark.parametrize("rank", [1, 2])
+def test_glue_moved_into_kernels_changes_no_bit_of_a_training_step(monkeypatch, rank):
+    """Under autocast the pre-norms write bf16 (what each layer's first projection takes),
+    Mamba-3's padded in_proj weight is cast as it is padded, and the scan's backward kernels
+    write in_proj's input gradient into one buffer (no `cat`): logits and every gradient
+    equal, bit for bit, those of float32 norms, a float32 padded weight that autocast casts
+    and a plain split, since the roundings are the same ones, merely moved into other
+    kernels."""
     from hybrid import model as model_module
     from hybrid.layers import mamba3 as mamba3_module
     from hybrid.train_step import deterministic_algorithms
 
     config = ModelConfig.from_pattern(
-        "M-*-M-", d_model=128, mamba3={"d_state": 32, "headdim": 32, "mimo_rank": 2},
+        "M-*-M-", d_model=128, mamba3={"d_state": 32, "headdim": 32, "mimo_rank": rank},
         attention={"n_heads": 2},
     )  # fmt: skip
     torch.manual_seed(0)
@@ -316,6 +319,12 @@ def test_casts_moved_into_kernels_change_no_bit_of_a_training_step(monkeypatch):
     fused = run()
     for module in (model_module, mamba3_module):
         monkeypatch.setattr(module, "autocast_dtype", lambda t: None)
+
+    def plain_split(projected, widths):
+        pieces = projected.split(list(widths.values()), dim=-1)
+        return dict(zip(widths, pieces, strict=True)), None
+
+    monkeypatch.setattr(mamba3_module, "split_projection", plain_split)
     cast = run()
     assert fused[0].dtype == cast[0].dtype == torch.bfloat16
     for a, b in zip(fused, cast, strict=True):

@@ -1,6 +1,8 @@
 """The Triton prefill on CUDA (marker `gpu`) against the float64 chunked path (itself equal
 to the oracle to ~1e-15): output, final state and every gradient, in float32 and bf16, with
-kernel outputs poisoned with NaN so an element a kernel forgot to write cannot pass.
+kernel outputs poisoned with NaN so an element a kernel forgot to write cannot pass. The
+scan runs on column slices of one tensor, as the layer's in_proj output, with the inputs'
+gradients written into the split's (poisoned) buffer.
 
 Bounds: float32 runs full-precision products ("ieee"), so 1e-4 leaves two orders for the
 chunked sums. bf16 rounds q, k, v, dy and the chunk states (unit roundoff 2^-9 ≈ 2e-3)
@@ -27,6 +29,8 @@ import torch
 from helpers import (
     from_leaves,
     named_leaves,
+    poisoned,
+    projection_slices,
     random_inputs,
     random_state,
     random_weights,
@@ -34,7 +38,7 @@ from helpers import (
 )
 from triton.runtime.errors import OutOfResources
 
-from hybrid.kernels import mamba3_prefill_core
+from hybrid.kernels import mamba3_prefill_core, projection_grads
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
@@ -56,10 +60,13 @@ def _perturbed(leaves: dict, scale: float = 2.0**-8) -> dict:
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    def poisoned(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-
-    monkeypatch.setattr(mamba3_prefill_core, "_new_output", poisoned)
+    """Kernel outputs and the split projection's gradient buffer: NaN until written."""
+    monkeypatch.setattr(
+        mamba3_prefill_core,
+        "_new_output",
+        lambda shape, like, dtype=None: poisoned(shape, like.device, dtype or like.dtype),
+    )
+    monkeypatch.setattr(projection_grads, "_allocate", poisoned)
 
 
 def _leaves(inputs, weights, state, dtype):
@@ -131,10 +138,12 @@ def _check_against_chunked(rank, headdim, d_state, chunk, length, dtype):
         if dtype != torch.float32
         else {}
     )
-    actual = _run(
-        lambda i, w, s: mamba3_prefill(i, w, options, s, chunk_size=chunk),
-        mine_leaves, probe_out, probe_ssm,
-    )  # fmt: skip
+
+    def triton(i, w, s):  # on in_proj-like slices, as the layer calls it
+        sliced, grads = projection_slices(i)
+        return mamba3_prefill(sliced, w, options, s, chunk_size=chunk, grads=grads)
+
+    actual = _run(triton, mine_leaves, probe_out, probe_ssm)
     out_bound, grad_bound = BOUNDS[dtype]
     assert rel_err(actual[0], expected[0]) <= out_bound
     assert rel_err(actual[1].ssm, expected[1].ssm) <= out_bound

@@ -145,11 +145,11 @@ def test_mamba3_aligned_projection_is_the_plain_one():
     width = layer.in_proj.out_features
     assert layer._padding > 0 and (width + layer._padding) % PROJECTION_ALIGNMENT == 0
     x = torch.randn(2, 40, 64, dtype=torch.float64)
-    probes = [torch.randn_like(t) for t in layer.project(x)]
+    probes = [torch.randn_like(t) for t in layer.project(x)[0]]
     results = []
     for aligned in (False, True):
         layer.zero_grad()
-        inputs = layer.project(x, aligned=aligned)
+        inputs, _ = layer.project(x, aligned=aligned)
         assert inputs.x.stride(1) == width + (layer._padding if aligned else 0)
         sum((t * probe).sum() for t, probe in zip(inputs, probes, strict=True)).backward()
         results.append((inputs, layer.in_proj.weight.grad.clone()))

@@ -20,6 +20,7 @@ from torch import Tensor
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import token_major
+from hybrid.kernels.projection_grads import gradient_output
 from hybrid.kernels.segment_cumsum import segment_cumsum
 from hybrid.kernels.triton_math import PI, a_coefficient, softplus, tanh
 
@@ -83,13 +84,15 @@ def _coef_bwd_kernel(
     dt_ptr, a_ptr, trap_ptr, ang_ptr, bias_ptr, last_ptr,
     dla_ptr, dscale_ptr, dgamma_ptr, dbetaf_ptr, dinc_ptr,
     ddt_ptr, da_ptr, dtrap_ptr, dang_ptr, dbias_ptr,
-    T, H, S, SH, SA, a_floor,
+    T, H, S, SH, SA, SDH, SDA, a_floor,
     BT: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, HEAVY_TAIL: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the raw inputs, stored in their dtype (contiguous), and per-block dt_bias
-    partials."""
+    """Gradients of the raw inputs, stored in their dtype (token strides SDH for ddt, da,
+    dtrap and SDA for dangle: they may be slices of in_proj's gradient), and per-block
+    dt_bias partials."""
     pid = tl.program_id(0)
-    rows, heads, rmask, th, ih, mask, ts, ia, smask = _tile(pid, T, H, S, SH, SA, BT, HP, SP)
+    rows, heads, rmask, th, ih, mask, _, ia, smask = _tile(pid, T, H, S, SH, SA, BT, HP, SP)
+    oh = rows[:, None] * SDH + heads[None, :]
     angles = tl.arange(0, SP)
     bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
     delta, lam, dsoftplus = _delta_lambda(dt_ptr, trap_ptr, ih, mask, bias)
@@ -114,10 +117,11 @@ def _coef_bwd_kernel(
     ddelta += tl.sum(dinc * (tanh_angle * PI)[:, None, :], 2)
     dtheta = tl.sum(dinc * delta[:, :, None], 1)
     ddt = ddelta * dsoftplus
-    tl.store(ddt_ptr + th, ddt, mask=mask)
-    tl.store(da_ptr + th, dla * delta * da_draw, mask=mask)
-    tl.store(dtrap_ptr + th, (dgamma - dbetaf) * delta * lam * (1.0 - lam), mask=mask)
-    tl.store(dang_ptr + ts, dtheta * PI * (1.0 - tanh_angle * tanh_angle), mask=smask)
+    tl.store(ddt_ptr + oh, ddt, mask=mask)
+    tl.store(da_ptr + oh, dla * delta * da_draw, mask=mask)
+    tl.store(dtrap_ptr + oh, (dgamma - dbetaf) * delta * lam * (1.0 - lam), mask=mask)
+    tl.store(dang_ptr + rows[:, None] * SDA + angles[None, :],
+             dtheta * PI * (1.0 - tanh_angle * tanh_angle), mask=smask)  # fmt: skip
     tl.store(dbias_ptr + pid * HP + heads, tl.sum(ddt, 0))
 
 
@@ -130,7 +134,7 @@ class Mamba3Coefficients(torch.autograd.Function):
     """(log α, scale, γ, β', φ) from the raw dt, a, trap, angle inputs; see the module."""
 
     @staticmethod
-    def forward(ctx, dt, a, trap, angle, dt_bias, angle0, table, heavy_tail, floor):
+    def forward(ctx, dt, a, trap, angle, dt_bias, angle0, table, heavy_tail, floor, grads):
         tokens, heads = dt.shape
         n_angles = angle.shape[1]
         bt, hp, sp = _tiling(heads, n_angles)
@@ -146,7 +150,7 @@ class Mamba3Coefficients(torch.autograd.Function):
         )  # fmt: skip
         phi = chunked_cumsum((delta, theta), table, angle0, wrap=True)
         ctx.save_for_backward(dt, a, trap, angle, dt_bias)
-        ctx.table, ctx.heavy_tail, ctx.floor = table, heavy_tail, floor
+        ctx.table, ctx.heavy_tail, ctx.floor, ctx.grads = table, heavy_tail, floor, grads
         ctx.has_angle0 = angle0 is not None
         return log_alpha, scale, gamma, beta_free, phi
 
@@ -164,34 +168,40 @@ class Mamba3Coefficients(torch.autograd.Function):
 
         dinc = given(dphi, tokens, heads, n_angles)
         dinc = segment_cumsum(dinc, seq_starts, reverse=True)
-        ddt, da, dtrap = (torch.empty(tokens, heads, device=t.device, dtype=t.dtype)
-                          for t in (dt, a, trap))  # fmt: skip
-        dangle = torch.empty(tokens, n_angles, device=angle.device, dtype=angle.dtype)
+        # ddt, da and dtrap share a token stride, as dt, a and trap do
+        ddt, da, dtrap, dangle = (
+            gradient_output(ctx.grads, name, t.shape, t)
+            for name, t in (("dt", dt), ("a", a), ("trap", trap), ("angle", angle))
+        )
         dbias = torch.empty(blocks, hp, device=dt.device, dtype=torch.float32)
         _coef_bwd_kernel[(blocks,)](
             dt, a, trap, angle, dt_bias, last,
             given(dla, tokens, heads), given(dscale, tokens, heads),
             given(dgamma, tokens, heads), given(dbetaf, tokens, heads), dinc,
             ddt, da, dtrap, dangle, dbias, tokens, heads, n_angles, dt.stride(0),
-            angle.stride(0), ctx.floor,
+            angle.stride(0), ddt.stride(0), dangle.stride(0), ctx.floor,
             BT=bt, HP=hp, SP=sp, HEAVY_TAIL=ctx.heavy_tail, enable_fp_fusion=True,
         )  # fmt: skip
         dangle0 = dinc[seq_starts[:-1].long()] if ctx.has_angle0 else None
         return (
             ddt, da, dtrap, dangle, dbias.sum(0)[:heads].to(dt_bias.dtype), dangle0,
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 
-def mamba3_coefficients(dt, a, trap, angle, dt_bias, angle0, table: ChunkTable, options):
+def mamba3_coefficients(
+    dt, a, trap, angle, dt_bias, angle0, table: ChunkTable, options, grads=None
+):
     """dt, a, trap (T, H), angle (T, S) raw (any token strides; dt, a, trap share one);
-    dt_bias (H,); angle0 (n_seq, H, S) or None; the batch's layout `table`.
-    Returns float32 log α, scale = γ + β'_next, γ, β' (T, H) and wrapped φ (T, H, S)."""
+    dt_bias (H,); angle0 (n_seq, H, S) or None; the batch's layout `table`; with `grads`
+    (the raw inputs are its pieces "dt", "a", "trap", "angle") their gradients are written
+    into that buffer. Returns float32 log α, scale = γ + β'_next, γ, β' (T, H) and wrapped
+    φ (T, H, S)."""
     dt, a, trap = (token_major(t) for t in (dt, a, trap))
     if not dt.stride(0) == a.stride(0) == trap.stride(0):
         dt, a, trap = (t.contiguous() for t in (dt, a, trap))
     return Mamba3Coefficients.apply(
         dt, a, trap, token_major(angle),
         dt_bias.float().contiguous(), angle0.float().contiguous() if angle0 is not None else None,
-        table, options.a_activation == "heavy_tail", options.a_floor,
+        table, options.a_activation == "heavy_tail", options.a_floor, grads,
     )  # fmt: skip

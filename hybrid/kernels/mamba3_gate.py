@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.kernels.launch_args import pointer_or, token_major
+from hybrid.kernels.projection_grads import ProjectionGrads, gradient_output
 
 BLOCK_TOKENS = 16
 # MIMO backward: a program writes per-rank partial sums of (H, R, P) weights, and each is a
@@ -118,14 +119,15 @@ def _rank_backward(r, dz, dw, z, dout, w, y_ptr, mz_ptr, mo_ptr, dy_ptr, dmz_ptr
 @triton.jit
 def _gate_bwd_kernel(
     y_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr, do_ptr, dy_ptr, dz_ptr, dmz_ptr, dmo_ptr, dw_ptr,
-    T, H, SZ, eps,
+    T, H, SZ, SDZ, eps,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr,
     HAS_MIMO: tl.constexpr, HAS_NORM: tl.constexpr, ROLLED: tl.constexpr,
 ):  # fmt: skip
-    """Partials (one row per token block): dmimo_z, dmimo_o (blocks, H, R, P) and dw (blocks,
-    H, P). ROLLED keeps the rank loop a loop (unrolled, ranks' tiles overlap and
-    spill past R = 2); otherwise `loop_unroll_factor` unrolls it whole (H100: within the
-    ±8% spread of `tl.static_range`, results bit-identical)."""
+    """dz with token stride SDZ (a slice of in_proj's gradient) and partials (one row per
+    token block): dmimo_z, dmimo_o (blocks, H, R, P) and dw (blocks, H, P). ROLLED keeps the
+    rank loop a loop (unrolled, ranks' tiles overlap and spill past R = 2); otherwise
+    `loop_unroll_factor` unrolls it whole (H100: within the ±8% spread of `tl.static_range`,
+    results bit-identical)."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
     rows = (blk * BT + tl.arange(0, BT)).to(tl.int64)
@@ -141,7 +143,8 @@ def _gate_bwd_kernel(
         dz, dw = _rank_backward(r, dz, dw, z, dout, w, y_ptr, mz_ptr, mo_ptr, dy_ptr, dmz_ptr,
                                 dmo_ptr, rows, tmask, blk, h, H, offs, eps, R, P, BT, HAS_MIMO,
                                 HAS_NORM)  # fmt: skip
-    tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.store(dz_ptr + (rows * SDZ + h * P)[:, None] + offs[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=tmask[:, None])  # fmt: skip
     if HAS_NORM:
         tl.store(dw_ptr + (blk * H + h) * P + offs, dw)
 
@@ -157,7 +160,7 @@ class Mamba3Gate(torch.autograd.Function):
     """o (T, H, P) from y (T, R, H, P), z (T, H, P) and the layer's output weights."""
 
     @staticmethod
-    def forward(ctx, y, z, mimo_z, mimo_o, norm_w, eps):
+    def forward(ctx, y, z, mimo_z, mimo_o, norm_w, eps, grads):
         tokens, rank, heads, p = y.shape
         out = torch.empty(tokens, heads, p, device=y.device, dtype=z.dtype)
         grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
@@ -167,7 +170,7 @@ class Mamba3Gate(torch.autograd.Function):
             HAS_NORM=norm_w is not None, enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(y, z, mimo_z, mimo_o, norm_w)
-        ctx.eps = eps
+        ctx.eps, ctx.grads = eps, grads
         return out
 
     @staticmethod
@@ -179,17 +182,17 @@ class Mamba3Gate(torch.autograd.Function):
         blocks = triton.cdiv(tokens, bt)
         f32 = {"device": y.device, "dtype": torch.float32}
         dy = torch.empty_like(y)
-        dz = torch.empty(tokens, heads, p, device=y.device, dtype=z.dtype)
+        dz = gradient_output(ctx.grads, "z", (tokens, heads, p), z)
         per_rank = [torch.empty(blocks, heads, rank, p, **f32) if mimo else dz for _ in range(2)]
         dw = torch.empty(blocks, heads, p, **f32) if norm else dz
         _gate_bwd_kernel[(blocks, heads)](
             y, z, *(pointer_or(w, y) for w in (mimo_z, mimo_o, norm_w)), dout.contiguous(), dy,
-            dz, *per_rank, dw, tokens, heads, z.stride(0), ctx.eps,
+            dz, *per_rank, dw, tokens, heads, z.stride(0), dz.stride(0), ctx.eps,
             R=rank, P=p, BT=bt, HAS_MIMO=mimo, HAS_NORM=norm, ROLLED=rank > MAX_UNROLLED_RANK,
             num_warps=warps, enable_fp_fusion=True,
         )  # fmt: skip
         dmz, dmo = (t.sum(0) if mimo else None for t in per_rank)
-        return dy, dz, dmz, dmo, dw.sum(0) if norm else None, None
+        return dy, dz, dmz, dmo, dw.sum(0) if norm else None, None, None
 
 
 def mamba3_gate(
@@ -199,14 +202,22 @@ def mamba3_gate(
     mimo_o: Tensor | None,
     norm_w: Tensor | None,
     eps: float,
+    grads: ProjectionGrads | None = None,
 ) -> Tensor:
     """Differentiable; y (T, R, H, P) (the scan's output, D skip included), z (T, H, P) (any
-    token stride), mimo_z, mimo_o (H, R, P) (both or neither), norm_w (H, P) or None.
-    Returns o (T, H, P) in z's dtype."""
+    token stride), mimo_z, mimo_o (H, R, P) (both or neither), norm_w (H, P) or None; with
+    `grads` (z is its piece "z") dz is written into that buffer. Returns o (T, H, P) in z's
+    dtype."""
 
     def prepared(t: Tensor | None) -> Tensor | None:
         return t.float().contiguous() if t is not None else None
 
     return Mamba3Gate.apply(
-        y.contiguous(), token_major(z), prepared(mimo_z), prepared(mimo_o), prepared(norm_w), eps
+        y.contiguous(),
+        token_major(z),
+        prepared(mimo_z),
+        prepared(mimo_o),
+        prepared(norm_w),
+        eps,
+        grads,
     )

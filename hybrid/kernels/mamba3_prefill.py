@@ -25,6 +25,7 @@ from hybrid.kernels.mamba3_common import (
     compute_dtype,
     is_power_of_two,
 )
+from hybrid.kernels.projection_grads import ProjectionGrads
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -72,12 +73,15 @@ def mamba3_prefill(
     chunk_size: int = 64,
     cu_seqlens: Tensor | Sequence[int] | None = None,
     final_state: bool = True,
+    grads: ProjectionGrads | None = None,
 ) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state (one entry per sequence) from `state` (None: empty).
 
     chunk_size counts tokens; a chunk holds chunk_size·R score rows (MIMO folds its ranks
     into the rows), which must be a power of two >= 16. final_state=False (training) skips
-    gathering the state and returns None for it.
+    gathering the state and returns None for it. With `grads` (the inputs are the pieces
+    of one split projection, named as the `Mamba3Inputs` fields) the backward kernels write
+    the inputs' gradients into its buffer.
     """
     from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
@@ -99,11 +103,11 @@ def mamba3_prefill(
     x, z, b, c, dt, a_raw, trap, angle = (tokens(t) for t in inputs)
     log_alpha, scale, gamma, beta_free, phi = mamba3_coefficients(
         dt, a_raw, trap, angle, weights.dt_bias, state.angle if state is not None else None,
-        table, options,
+        table, options, grads,
     )  # fmt: skip
     k, q = rotated_bc(
         b, c, weights.b_norm, weights.c_norm, weights.b_bias, weights.c_bias, phi,
-        options.bc_norm_eps, options.rotation, kdt,
+        options.bc_norm_eps, options.rotation, kdt, grads,
     )  # fmt: skip
     values = x.unsqueeze(1) if weights.mimo_x is None else x  # MIMO: x̃ formed in the scan
     init = None
@@ -113,10 +117,10 @@ def mamba3_prefill(
         init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(
-        q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d
+        q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d, grads
     )
     out = mamba3_gate(
-        y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps
+        y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps, grads
     ).reshape(batch, length, heads, headdim)
     if not final_state:
         return out, None

@@ -40,6 +40,7 @@ from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
+from hybrid.kernels.projection_grads import gradient_output
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
@@ -303,6 +304,7 @@ def _chunk_grad_kernel(
     ntok_ptr,
     H,
     SV,
+    SDV,
     N: tl.constexpr,
     P: tl.constexpr,
     R: tl.constexpr,
@@ -312,7 +314,8 @@ def _chunk_grad_kernel(
     PRECISION: tl.constexpr,
 ):
     """Gradients of one chunk, given its start state and the gradient of its end state; with
-    HAS_D, this chunk's part of dD (dd, (n_chunks, H))."""
+    HAS_D, this chunk's part of dD (dd, (n_chunks, H)). dv's rows have stride SDV (SISO: a
+    slice of in_proj's gradient)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     rows, tokens, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
@@ -345,7 +348,8 @@ def _chunk_grad_kernel(
     if HAS_D:  # Σ_i dy_i·v_i: the diagonal of dmix
         diagonal = tl.where(_diagonal(BT), dmix, 0.0)
         tl.store(dd_ptr + c * H + h, tl.sum(tl.sum(diagonal, 1), 0))
-    tl.store(dv_ptr + pv_offs, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
+    tl.store(dv_ptr + (rows * SDV + h * P)[:, None] + op[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])  # fmt: skip
 
     weighted = dmix * scores
     ds = tl.sum(tl.where(below, decay * weighted, 0.0), 0) + coef_end * tl.sum(
@@ -431,27 +435,31 @@ def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable):
     return y, final, states
 
 
-def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable):
+def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable, grads=None):
     """Gradients of the core from the forward's chunk states: dq, dk, dv (input dtypes; with
-    mx, dx (T, H, P)), d mimo_x (fp32, or None), per-row dA, ds, dγ (fp32), dD (fp32, or
-    None) and dinit."""
+    mx, dx (T, H, P); with `grads`, v's gradient is written into its piece "x"), d mimo_x
+    (fp32, or None), per-row dA, ds, dγ (fp32), dD (fp32, or None) and dinit."""
     rank, heads, d_state, headdim = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     chunk_rows = table.chunk_tokens * rank
     dstates, dinit = _state_pass(dy, None, q, a, s, dfinal, table, rank, chunk_rows, True)
     rows = v if mx is None else mimo_values(v, mx)  # (T, R, H, P), any token stride
-    dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, rows))  # contiguous
+    dq, dk = (_new_output(t.shape, t) for t in (q, k))  # contiguous
+    # SISO's dv is dx (into in_proj's gradient with `grads`); MIMO's is reduced to it below
+    dv = gradient_output(grads, "x", v.shape, v) if mx is None else _new_output(rows.shape, rows)
     per_row = _new_output((3, *q.shape[:3]), q, torch.float32)
     dd = _new_output((table.n_chunks, heads), q, torch.float32) if d is not None else None
     _chunk_grad_kernel[(table.n_chunks, heads)](
         q, k, rows, dy, a, s, g, pointer_or(d, a), states, dstates, dq, dk, dv, per_row[0],
         per_row[1], per_row[2], pointer_or(dd, a), table.tok0, table.ntok, heads,
-        rows.stride(0), N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=min(d_state, 64),
-        HAS_D=d is not None, PRECISION=_precision(q.dtype), enable_fp_fusion=True,
+        rows.stride(0), dv.stride(0) // rank, N=d_state, P=headdim, R=rank, BT=chunk_rows,
+        BN=min(d_state, 64), HAS_D=d is not None, PRECISION=_precision(q.dtype),
+        enable_fp_fusion=True,
     )  # fmt: skip
     dd = dd.sum(0) if dd is not None else None
     if mx is None:
         return dq, dk, dv, None, per_row, dd, dinit
-    dx, dmx = mimo_values_grad(v, mx, dv)
+    dx = gradient_output(grads, "x", v.shape, v)
+    dmx = mimo_values_grad(v, mx, dv, dx)
     return dq, dk, dx, dmx, per_row, dd, dinit
 
 
@@ -462,11 +470,11 @@ class Mamba3CoreFunction(torch.autograd.Function):
     rather than recomputed: one state pass fewer per training step."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mx, a, s, g, d, init, table):
+    def forward(ctx, q, k, v, mx, a, s, g, d, init, table, grads):
         ctx.set_materialize_grads(False)  # training leaves G_T unused: no zeros, no work
         y, final, states = scan_forward(q, k, v, mx, a, s, g, d, init, table)
         ctx.save_for_backward(q, k, v, mx, a, s, g, d, init, states, final)
-        ctx.table = table
+        ctx.table, ctx.grads = table, grads
         return y, final
 
     @staticmethod
@@ -480,7 +488,7 @@ class Mamba3CoreFunction(torch.autograd.Function):
         )
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dq, dk, dv, dmx, per_row, dd, dinit = scan_backward(
-            q, k, v, mx, a, s, g, d, states, dy, dfinal, table
+            q, k, v, mx, a, s, g, d, states, dy, dfinal, table, ctx.grads
         )
         # (T, H) each: the ranks of a token summed
         da_rows, ds, dg = per_row[:, :, 0] if per_row.shape[2] == 1 else per_row.sum(dim=2)
@@ -489,18 +497,19 @@ class Mamba3CoreFunction(torch.autograd.Function):
         # (T, H): 8-14 us chunk-parallel, against 10-66 us for a serial walk (H100, H=32)
         da = chunked_cumsum(da_rows, table, reverse=True)
         dinit = dinit if init is not None else None
-        return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None
+        return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None, None
 
 
-def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None):
+def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None, grads=None):
     """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P), or with `mimo_x` (H, R, P)
     the MIMO x (T, H, P) whose rows x̃_r = mimo_x[:, r] ⊙ x the kernels form (any token
     stride); a, s, g: (T, H) fp32; init: (n_seq, H, P, N) fp32 or None; d: the D skip (H,)
-    or None; `table` cuts the tokens into the scan's chunks. Returns y (T, R, H, P) (with
-    D·x̃_r) and G_T (n_seq, H, P, N)."""
+    or None; `table` cuts the tokens into the scan's chunks; with `grads` (v is its piece
+    "x") v's gradient is written into that buffer. Returns y (T, R, H, P) (with D·x̃_r) and
+    G_T (n_seq, H, P, N)."""
     mx = mimo_x.float().contiguous() if mimo_x is not None else None
     return Mamba3CoreFunction.apply(
         q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
         g.contiguous(), d.float().contiguous() if d is not None else None,
-        init.contiguous() if init is not None else None, table,
+        init.contiguous() if init is not None else None, table, grads,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from hybrid.devices import on_device
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
 from hybrid.kernels.mamba3_prefill import mamba3_prefill, sequence_bounds, unsupported_reason
+from hybrid.kernels.projection_grads import ProjectionGrads
 
 SCAN_BACKENDS = ("auto", "chunked", "triton")
 
@@ -76,19 +77,21 @@ def mamba3_scan(
     backend: str = "auto",
     cu_seqlens: Tensor | Sequence[int] | None = None,
     final_state: bool = True,
+    grads: ProjectionGrads | None = None,
 ) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state, starting from `state` (None: empty prefix).
 
     chunk_size counts tokens. With `cu_seqlens` (offsets of packed sequences, Bt = 1) every
     sequence starts from its own state row and gets its own final state. final_state=False
     (training without a cache) returns None for the state and spares the Triton path its
-    gathering.
+    gathering. `grads`, where the inputs are the pieces of one split projection, is its
+    gradient buffer: the Triton backward writes the inputs' gradients into it.
     """
     chosen = scan_backend(inputs, chunk_size, backend)
     if chosen == "triton":
         with on_device(inputs.x.device):
             return mamba3_prefill(
-                inputs, weights, options, state, chunk_size, cu_seqlens, final_state
+                inputs, weights, options, state, chunk_size, cu_seqlens, final_state, grads
             )
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.kernels.launch_args import token_major
+from hybrid.kernels.projection_grads import ProjectionGrads
 from hybrid.kernels.triton_math import cos_sin_wrapped
 
 # programs (tokens, warps, pipeline stages of the head loop). Both head loops are pipelined
@@ -156,15 +157,16 @@ def _norm_backward(n, w, rstd, dua, dub, dsrc_ptr, dw_ptr, wpart, dst, tmask,
 def _rotated_bc_bwd_kernel(
     b_ptr, c_ptr, bw_ptr, cw_ptr, bb_ptr, cb_ptr, phi_ptr, dk_ptr, dq_ptr,
     db_ptr, dc_ptr, dbw_ptr, dcw_ptr, dbb_ptr, dcb_ptr, dphi_ptr,
-    T, H, G, S, SB, SC, eps,
+    T, H, G, S, SB, SC, SD, eps,
     N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HB: tl.constexpr,
     PAIRWISE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program (token block, HB heads of one group), every rank.
 
-    Writes its heads' part of d(raw B|C) (one slice per head block of the group), partial
-    sums over its tokens of the norm-weight and bias gradients, and dφ per (token, head),
-    summed over q, k and the ranks.
+    Writes its heads' part of d(raw B|C) (one slice per head block of the group; token
+    stride SD, so with one slice it may be in_proj's gradient), partial sums over its tokens
+    of the norm-weight and bias gradients, and dφ per (token, head), summed over q, k and
+    the ranks.
     """
     blk = tl.program_id(0)
     hblk = tl.program_id(1)
@@ -202,9 +204,9 @@ def _rotated_bc_bwd_kernel(
             dphi_offs = (tokens[:, None] * H + h) * S + j[None, :]
             earlier = tl.load(dphi_ptr + dphi_offs, mask=dphi_mask & (r > 0), other=0.0)
             tl.store(dphi_ptr + dphi_offs, earlier + dphi_k + dphi_q, mask=dphi_mask)
-        # d raw is (head blocks per group, T·R, G, N): slice hblk % (head blocks per group)
+        # d raw is (head blocks per group, T, R·G·N): slice hblk % (head blocks per group)
         split = hblk % (n_hblk // G)
-        dst = ((split * T * R + rows[:, None]) * G + g) * N + cols[None, :]
+        dst = ((split * T + tokens) * SD + (r * G + g) * N)[:, None] + cols[None, :]
         wpart = ((blk * n_hblk + hblk) * R + r) * N
         _norm_backward(kn, kw, krstd, dku_a, dku_b, db_ptr, dbw_ptr, wpart, dst, tmask,
                        BT, N, PAIRWISE)  # fmt: skip
@@ -237,7 +239,7 @@ class RotatedBC(torch.autograd.Function):
     """(k, q) per head from per-group B and C; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype):
+    def forward(ctx, b, c, b_w, c_w, b_bias, c_bias, phi, eps, pairwise, out_dtype, grads):
         tokens, rank, groups, n = b.shape
         heads, n_angles = phi.shape[1], phi.shape[2]
         bt, warps, stages = FORWARD_TILING
@@ -252,7 +254,7 @@ class RotatedBC(torch.autograd.Function):
             enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(b, c, b_w, c_w, b_bias, c_bias, phi)
-        ctx.eps, ctx.pairwise = eps, pairwise
+        ctx.eps, ctx.pairwise, ctx.grads = eps, pairwise, grads
         return k, q
 
     @staticmethod
@@ -269,26 +271,34 @@ class RotatedBC(torch.autograd.Function):
         dq = dq.contiguous() if dq is not None else torch.zeros(shape, device=b.device)
         f32 = {"device": b.device, "dtype": torch.float32}
         # B's and C's parts share one buffer, so one reduction (and cast) serves both; with
-        # one split the kernel stores them in their own dtype
+        # one split the kernel stores them in their own dtype, into in_proj's gradient
+        # where they are its pieces
         raw_dtype = b.dtype if b.dtype == c.dtype else torch.float32
-        draw = torch.empty(2, splits, tokens, rank, groups, n, device=b.device,
-                           dtype=raw_dtype if splits == 1 else torch.float32)  # fmt: skip
+        direct = ctx.grads is not None and splits == 1 and b.dtype == c.dtype
+        if direct:
+            db, dc = (ctx.grads.output(name, b.shape) for name in ("b", "c"))
+        else:
+            draw = torch.empty(2, splits, tokens, rank, groups, n, device=b.device,
+                               dtype=raw_dtype if splits == 1 else torch.float32)  # fmt: skip
+            db, dc = draw[0], draw[1]
         dw = torch.empty(2, blocks, heads // hb, rank, n, **f32)
         dbias = torch.empty(2, blocks, heads, rank, n, **f32)
         dphi = torch.empty(tokens, heads, n_angles, **f32)
         _rotated_bc_bwd_kernel[(blocks, heads // hb)](
-            b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, draw[0], draw[1], dw[0], dw[1],
+            b, c, b_w, c_w, b_bias, c_bias, phi, dk, dq, db, dc, dw[0], dw[1],
             dbias[0], dbias[1], dphi, tokens, heads, groups, n_angles, b.stride(0),
-            c.stride(0), ctx.eps, N=n, R=rank, BT=bt, HB=hb, PAIRWISE=ctx.pairwise,
+            c.stride(0), db.stride(-4), ctx.eps, N=n, R=rank, BT=bt, HB=hb, PAIRWISE=ctx.pairwise,
             STAGES=stages, num_warps=warps, enable_fp_fusion=True,
         )  # fmt: skip
-        draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
+        if not direct:
+            draw = draw[:, 0] if splits == 1 else draw.sum(1).to(raw_dtype)
+            db, dc = draw[0].to(b.dtype), draw[1].to(c.dtype)
         dw = dw.sum((1, 2, 3))
         dbias = dbias.sum(1)
         return (
-            draw[0].to(b.dtype), draw[1].to(c.dtype), dw[0].to(b_w.dtype), dw[1].to(c_w.dtype),
+            db, dc, dw[0].to(b_w.dtype), dw[1].to(c_w.dtype),
             dbias[0].to(b_bias.dtype), dbias[1].to(c_bias.dtype),
-            dphi.to(phi.dtype), None, None, None,
+            dphi.to(phi.dtype), None, None, None, None,
         )  # fmt: skip
 
 
@@ -303,12 +313,14 @@ def rotated_bc(
     eps: float,
     rotation: str,
     out_dtype: torch.dtype,
+    grads: ProjectionGrads | None = None,
 ) -> tuple[Tensor, Tensor]:
     """k, q (T, R, H, N) in out_dtype from b, c (T, R, G, N) (any token stride), norm
     weights (N,), biases (H, R, N) and angles φ (T, H, S) (fp32, in [0, 2π) as
-    `mamba3_coefficients` gives them); differentiable in every tensor."""
+    `mamba3_coefficients` gives them); differentiable in every tensor. With `grads` (b and c
+    are its pieces "b" and "c") their gradients are written into that buffer."""
     return RotatedBC.apply(
         token_major(b), token_major(c), b_norm.contiguous(), c_norm.contiguous(),
         b_bias.float().contiguous(), c_bias.float().contiguous(), phi.float().contiguous(),
-        eps, rotation == "pairwise", out_dtype,
+        eps, rotation == "pairwise", out_dtype, grads,
     )  # fmt: skip

@@ -26,6 +26,7 @@ from hybrid.kernels.mamba3_common import (
 )
 from hybrid.kernels.mamba3_decode import DECODE_BACKENDS
 from hybrid.kernels.mamba3_scan import SCAN_BACKENDS
+from hybrid.kernels.projection_grads import ProjectionGrads, split_projection
 from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
 
@@ -161,9 +162,12 @@ class Mamba3(Layer):
         self.rank = config.mimo_rank
         self.n_angles = n_rope_angles(config.d_state, config.rope_fraction)
         bc = self.rank * config.ngroups * config.d_state
-        self._split = [self.d_inner, self.d_inner, bc, bc] + [self.n_heads] * 3 + [self.n_angles]
-        self.in_proj = nn.Linear(d_model, sum(self._split), bias=False, **factory)
-        self._padding = -sum(self._split) % PROJECTION_ALIGNMENT
+        h = self.n_heads
+        # in_proj's pieces in mamba_ssm's order, named as the Mamba3Inputs fields
+        self._split = {"z": self.d_inner, "x": self.d_inner, "b": bc, "c": bc, "dt": h, "a": h,
+                       "trap": h, "angle": self.n_angles}  # fmt: skip
+        self.in_proj = nn.Linear(d_model, sum(self._split.values()), bias=False, **factory)
+        self._padding = -sum(self._split.values()) % PROJECTION_ALIGNMENT
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
         self.out_proj.is_residual_out = True
 
@@ -226,31 +230,33 @@ class Mamba3(Layer):
             out_norm=self.norm.weight.view(self.n_heads, -1) if self.norm is not None else None,
         )
 
-    def project(self, x: Tensor, aligned: bool = False) -> Mamba3Inputs:
+    def project(
+        self, x: Tensor, aligned: bool = False
+    ) -> tuple[Mamba3Inputs, ProjectionGrads | None]:
         """in_proj and split; works with or without a token axis before d_model. aligned
         (sequences, not decode steps, whose matmul is a matrix-vector product that a copy
         of the weight would only slow down) pads the weight with zero rows for the matmul
         (`PROJECTION_ALIGNMENT`): the parameter keeps mamba_ssm's shape, and the split's
-        views skip the padding columns."""
+        views skip the padding columns. Also returns the split's gradient buffer, which
+        the Triton backward kernels write into (`split_projection`; None without autograd)."""
         padding = self._padding if aligned else 0
         weight = self.in_proj.weight
         if padding:
             dtype = autocast_dtype(weight) or weight.dtype
             weight = PaddedWeight.apply(weight, padding, dtype)
         projected = nn.functional.linear(x, weight)
-        z, xs, b, c, dt, a, trap, angle, _ = projected.split([*self._split, padding], -1)
+        pieces, grads = split_projection(projected, {**self._split, "padding": padding})
         heads = (self.n_heads, self.config.headdim)
         bc = (self.rank, self.config.ngroups, self.config.d_state)
-        return Mamba3Inputs(
-            x=xs.unflatten(-1, heads),
-            z=z.unflatten(-1, heads),
-            b=b.unflatten(-1, bc),
-            c=c.unflatten(-1, bc),
-            dt=dt,
-            a=a,
-            trap=trap,
-            angle=angle,
+        shapes = {"z": heads, "x": heads, "b": bc, "c": bc}
+        inputs = Mamba3Inputs(
+            **{
+                name: piece.unflatten(-1, shapes[name]) if name in shapes else piece
+                for name, piece in pieces.items()
+                if name != "padding"
+            }
         )
+        return inputs, grads
 
     def allocate_cache(self, batch, max_seqlen, *, device, dtype) -> Mamba3State:
         return Mamba3State.zeros(
@@ -266,23 +272,24 @@ class Mamba3(Layer):
         )
 
     def forward(self, x: Tensor, cache: Mamba3State | None = None) -> Tensor:
+        inputs, grads = self.project(x, aligned=True)
         out, final = mamba3_scan(
-            self.project(x, aligned=True),
+            inputs,
             self.weights(),
             self.options,
             state=cache,
             chunk_size=self.config.chunk_tokens,
             backend=self.config.backend,
             final_state=cache is not None,
+            grads=grads,
         )
         if cache is not None:
             cache.copy_(final)
         return self.out_proj(out.flatten(-2))
 
     def step(self, x: Tensor, cache: Mamba3State) -> Tensor:
-        out = mamba3_step(
-            self.project(x), self.weights(), self.options, cache, self.config.decode_backend
-        )
+        inputs, _ = self.project(x)
+        out = mamba3_step(inputs, self.weights(), self.options, cache, self.config.decode_backend)
         return self.out_proj(out.flatten(-2))
 
     def flops_per_token(self, seq_len: int) -> int:

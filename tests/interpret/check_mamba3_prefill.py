@@ -4,7 +4,8 @@ state entry — in float32 with fresh random inputs, for SISO and MIMO, with an 
 partial last chunks, a variable-length batch and both A activations; every other case splits
 a group's heads over programs (one head each), so the B/C backward adds per-program parts,
 and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
-its in_proj output (the kernels read them through their token strides); and the scan core
+its in_proj output (the kernels read them through their token strides and write their
+gradients into the split's NaN-poisoned buffer); and the scan core
 without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
@@ -22,16 +23,18 @@ from helpers import (
     from_leaves,
     interpreted_verdict,
     named_leaves,
+    poisoned,
+    projection_slices,
     random_inputs,
     random_state,
     random_weights,
     rel_err,
 )
 
-from hybrid.kernels import rotated_bc
+from hybrid.kernels import projection_grads, rotated_bc
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
-from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Inputs, Mamba3Options
+from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_prefill_core import mamba3_core
 from hybrid.kernels.mamba3_scan import run_per_sequence
@@ -65,15 +68,6 @@ def _oracle(named, options, lengths):
         lambda piece, row: mamba3_reference(piece, ws, options, row),
         ins, st, [0, *itertools.accumulate(lengths)],
     )  # fmt: skip
-
-
-def as_projection_slices(inputs: Mamba3Inputs) -> Mamba3Inputs:
-    """The same values as views into one (Bt, L, width) tensor, like a split in_proj output;
-    differentiable back to the given tensors."""
-    flat = [t.flatten(2) for t in inputs]
-    pieces = torch.cat(flat, dim=-1).split([f.shape[-1] for f in flat], dim=-1)
-    views = (p.unflatten(-1, t.shape[2:]) for p, t in zip(pieces, inputs, strict=True))
-    return Mamba3Inputs(*views)
 
 
 def check_segment_cumsum() -> float:
@@ -145,6 +139,7 @@ def check_core_without_d() -> float:
 
 
 def main() -> int:
+    projection_grads._allocate = poisoned  # the split's gradient buffer: NaN until written
     worst = max(check_segment_cumsum(), check_chunked_cumsum(), check_core_without_d())
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
@@ -163,11 +158,12 @@ def main() -> int:
 
         ref_out, ref_final = _oracle(ref_leaves, options, lengths)
         ins, ws, st = from_leaves(mine_leaves)
+        grads = None
         if case % 2 == 0:
-            ins = as_projection_slices(ins)
+            ins, grads = projection_slices(ins)
         out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk,
                                     cu_seqlens=[0, *torch.tensor(lengths).cumsum(0).tolist()]
-                                    if lengths else None)  # fmt: skip
+                                    if lengths else None, grads=grads)  # fmt: skip
         if case == 0:  # training's call: the same output, no final state gathered
             again, none = mamba3_prefill(ins, ws, options, st, chunk_size=chunk, final_state=False)
             same = none is None and torch.equal(again, out)
