@@ -52,6 +52,11 @@ CANDIDATE_CONFIGS = tuple(
     triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)
 )
 UNTUNED_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
+# state columns per step of the chunk-gradient kernel's loops. With 64, and the end-state
+# product in the first loop, its tiles spilled 2 KB a thread; 32 and that product moved into
+# the second loop took it from 263 to 223 us for a 21M hybrid's layer and from 723 to 611 us
+# at 8 x 2048 tokens, 32 heads (H100, bf16, N=128; R=4 2.29 -> 2.24 ms; BENCHMARKS.md)
+GRAD_BLOCK_N = 32
 
 
 def _configs() -> list[triton.Config]:
@@ -326,37 +331,31 @@ def _chunk_grad_kernel(
     dy = tl.load(dy_ptr + pv_offs, mask=valid[:, None], other=0.0)
     state_base = (c.to(tl.int64) * H + h) * (P * N)
 
+    # the intra-chunk terms first, so that few (BT, BT) tiles are live at once
     scores = tl.zeros([BT, BT], dtype=tl.float32)
-    to_end = tl.zeros([BT, P], dtype=tl.float32)  # k_j · dG_end (per p)
     for n0 in range(0, N, BN):
         on = n0 + tl.arange(0, BN)
         qk_offs = rows[:, None] * (H * N) + h * N + on[None, :]
         q = tl.load(q_ptr + qk_offs, mask=valid[:, None], other=0.0)
         k = tl.load(k_ptr + qk_offs, mask=valid[:, None], other=0.0)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        dse = tl.load(dstates_ptr + state_base + op[:, None] * N + on[None, :]).to(k.dtype)
-        to_end += tl.dot(k, tl.trans(dse), input_precision=PRECISION)
-
     w, below, same, decay = _token_weights(cum, s, g, tok, valid)
     dmix = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # dy_i · v_j
-    d_scores = dmix * w
-    coef_end = tl.where(valid, tl.exp(total - cum), 0.0)
-    coef = coef_end * s
-    mix = _with_skip(scores * w, d_ptr, h, BT, HAS_D)
-    dv = tl.dot(tl.trans(mix.to(dy.dtype)), dy, input_precision=PRECISION)
-    dv += coef[:, None] * to_end
     if HAS_D:  # Σ_i dy_i·v_i: the diagonal of dmix
         diagonal = tl.where(_diagonal(BT), dmix, 0.0)
         tl.store(dd_ptr + c * H + h, tl.sum(tl.sum(diagonal, 1), 0))
-    tl.store(dv_ptr + (rows * SDV + h * P)[:, None] + op[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])  # fmt: skip
-
+    mix = _with_skip(scores * w, d_ptr, h, BT, HAS_D)
+    dv = tl.dot(tl.trans(mix.to(dy.dtype)), dy, input_precision=PRECISION)
     weighted = dmix * scores
-    ds = tl.sum(tl.where(below, decay * weighted, 0.0), 0) + coef_end * tl.sum(
-        v.to(tl.float32) * to_end, 1
-    )
+    ds = tl.sum(tl.where(below, decay * weighted, 0.0), 0)
     dg = tl.sum(tl.where(same, weighted, 0.0), 0)
+    d_scores = (dmix * w).to(dy.dtype)  # the products below take it in the input dtype
+
+    # dq, dk and the end state's term k_j · dG_end (for dv and ds) over the state's columns
+    coef_end = tl.where(valid, tl.exp(total - cum), 0.0)
+    coef = coef_end * s
     e_start = tl.exp(cum)
+    to_end = tl.zeros([BT, P], dtype=tl.float32)
     da = tl.zeros([BT], dtype=tl.float32)
     for n0 in range(0, N, BN):
         on = n0 + tl.arange(0, BN)
@@ -365,13 +364,18 @@ def _chunk_grad_kernel(
         k = tl.load(k_ptr + qk_offs, mask=valid[:, None], other=0.0)
         st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
         dse = tl.load(dstates_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
-        dq = tl.dot(d_scores.to(k.dtype), k, input_precision=PRECISION)
+        to_end += tl.dot(k, tl.trans(dse), input_precision=PRECISION)
+        dq = tl.dot(d_scores, k, input_precision=PRECISION)
         dq += e_start[:, None] * tl.dot(dy, st, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PRECISION)
-        dk += coef[:, None] * tl.dot(v, dse, input_precision=PRECISION)
-        da += tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
         tl.store(dq_ptr + qk_offs, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+        dk = tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
+        dk += coef[:, None] * tl.dot(v, dse, input_precision=PRECISION)
         tl.store(dk_ptr + qk_offs, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
+        da += tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
+    dv += coef[:, None] * to_end
+    tl.store(dv_ptr + (rows * SDV + h * P)[:, None] + op[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])  # fmt: skip
+    ds += coef_end * tl.sum(v.to(tl.float32) * to_end, 1)
     row_offs = rows * H + h
     tl.store(da_ptr + row_offs, da, mask=valid)
     tl.store(ds_ptr + row_offs, ds, mask=valid)
@@ -452,7 +456,7 @@ def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable
         q, k, rows, dy, a, s, g, pointer_or(d, a), states, dstates, dq, dk, dv, per_row[0],
         per_row[1], per_row[2], pointer_or(dd, a), table.tok0, table.ntok, heads,
         rows.stride(0), dv.stride(0) // rank, N=d_state, P=headdim, R=rank, BT=chunk_rows,
-        BN=min(d_state, 64), HAS_D=d is not None, PRECISION=_precision(q.dtype),
+        BN=min(d_state, GRAD_BLOCK_N), HAS_D=d is not None, PRECISION=_precision(q.dtype),
         enable_fp_fusion=True,
     )  # fmt: skip
     dd = dd.sum(0) if dd is not None else None
