@@ -1,6 +1,6 @@
 """The attention, generation and prefill benchmarks run end to end in their --quick mode on
 the CPU (rows that need CUDA or flash-attn-4 say so instead of failing) and write their
-JSON."""
+JSON; the kernel-resource report compiles offline."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def test_prefill_bench_quick_on_cpu(tmp_path):
     for name in ("chunked PyTorch SISO", "torch SDPA causal"):
         assert rows[name]["fwd_ms"] > 0 and rows[name]["fwd_bwd_ms"] > 0, rows[name]
     assert rows["ours SISO (op)"]["note"] == "needs CUDA"
+
+
+def test_kernel_resources_compile_every_training_kernel_offline(tmp_path):
+    """No GPU: each scan kernel compiles for sm_90 and its cubin reports registers within the
+    architecture's 255, shared memory within an H100's, and at least one CTA per SM."""
+    _bench("kernel_resources").main(["--ranks", "1", "--out", str(tmp_path / "k.json")])
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} >= {"chunk gradient", "state pass", "B/C rotation"}
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["shared_kb"] <= 227 and r["ctas_per_sm"] >= 1, r
 
 
 def test_generate_bench_names_a_bad_model():

@@ -125,7 +125,10 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
 ]  # fmt: skip
 
 
-def _signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
+def kernel_signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
+    """Triton's signature of `fn`: constexprs as given, pointers float32 unless named in
+    `bf16` (or int), other arguments i32 or fp32 (also used by
+    experiments/bench/kernel_resources.py)."""
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
@@ -147,7 +150,8 @@ def _signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
 )
 def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    source = ASTSource(fn=fn, signature=_signature(fn, constexprs, bf16), constexprs=constexprs)
+    signature = kernel_signature(fn, constexprs, bf16)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
 
@@ -175,7 +179,7 @@ def test_largest_supported_shape_fits_h100_shared_memory(kernel, constexprs, num
     kernel needs ~120 KB (it holds (64, P) tiles of v, dy and the end-state product), within
     an H100's 227 KiB; GPUs with ~100 KB per block cannot run headdim 256."""
     fn = kernel.fn
-    source = ASTSource(fn=fn, signature=_signature(fn, constexprs, BF16_POINTERS),
+    source = ASTSource(fn=fn, signature=kernel_signature(fn, constexprs, BF16_POINTERS),
                        constexprs=constexprs)  # fmt: skip
     compiled = triton.compile(
         source,
