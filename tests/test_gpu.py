@@ -297,6 +297,7 @@ def test_glue_moved_into_kernels_changes_no_bit_of_a_training_step(monkeypatch, 
     and a plain split, since the roundings are the same ones, merely moved into other
     kernels."""
     from hybrid import model as model_module
+    from hybrid.kernels.projection_grads import plain_split
     from hybrid.layers import mamba3 as mamba3_module
     from hybrid.train_step import deterministic_algorithms
 
@@ -319,11 +320,6 @@ def test_glue_moved_into_kernels_changes_no_bit_of_a_training_step(monkeypatch, 
     fused = run()
     for module in (model_module, mamba3_module):
         monkeypatch.setattr(module, "autocast_dtype", lambda t: None)
-
-    def plain_split(projected, widths):
-        pieces = projected.split(list(widths.values()), dim=-1)
-        return dict(zip(widths, pieces, strict=True)), None
-
     monkeypatch.setattr(mamba3_module, "split_projection", plain_split)
     cast = run()
     assert fused[0].dtype == cast[0].dtype == torch.bfloat16

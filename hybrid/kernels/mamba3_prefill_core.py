@@ -53,8 +53,9 @@ CANDIDATE_CONFIGS = tuple(
 )
 UNTUNED_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
 # state columns per step of the chunk-gradient kernel's loops. With 64, and the end-state
-# product in the first loop, its tiles spilled 2 KB a thread; 32 and that product moved into
-# the second loop took it from 263 to 223 us for a 21M hybrid's layer and from 723 to 611 us
+# product in the first loop, it ran at 255 registers and spilled (260 B a thread with Triton
+# 3.6, `experiments/bench/kernel_resources.py`); 32 and that product moved into the second
+# loop (no spill) took it from 263 to 223 us for a 21M hybrid's layer and from 723 to 611 us
 # at 8 x 2048 tokens, 32 heads (H100, bf16, N=128; R=4 2.29 -> 2.24 ms; BENCHMARKS.md)
 GRAD_BLOCK_N = 32
 

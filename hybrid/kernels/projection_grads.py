@@ -96,6 +96,13 @@ class _SplitProjection(torch.autograd.Function):
         return buffer, None
 
 
+def plain_split(projected: Tensor, widths: dict[str, int]) -> tuple[dict[str, Tensor], None]:
+    """`split_projection` without a buffer: `torch.split`, whose backward joins the pieces'
+    gradients with a `cat` (where no gradient flows, and the GPU test's baseline)."""
+    pieces = projected.split(list(widths.values()), dim=-1)
+    return dict(zip(widths, pieces, strict=True)), None
+
+
 def split_projection(
     projected: Tensor, widths: dict[str, int]
 ) -> tuple[dict[str, Tensor], ProjectionGrads | None]:
@@ -103,8 +110,7 @@ def split_projection(
     gradient will flow, the `ProjectionGrads` their consumers may write into (None: a plain
     split, nothing to write)."""
     if not (torch.is_grad_enabled() and projected.requires_grad):
-        pieces = projected.split(list(widths.values()), dim=-1)
-        return dict(zip(widths, pieces, strict=True)), None
+        return plain_split(projected, widths)
     grads = ProjectionGrads(projected, widths)
     pieces = _SplitProjection.apply(projected, grads)
     return dict(zip(widths, pieces, strict=True)), grads

@@ -272,9 +272,9 @@ class RotatedBC(torch.autograd.Function):
         f32 = {"device": b.device, "dtype": torch.float32}
         # B's and C's parts share one buffer, so one reduction (and cast) serves both; with
         # one split the kernel stores them in their own dtype, into in_proj's gradient
-        # where they are its pieces
+        # where they are its pieces (of one tensor, so of one dtype)
         raw_dtype = b.dtype if b.dtype == c.dtype else torch.float32
-        direct = ctx.grads is not None and splits == 1 and b.dtype == c.dtype
+        direct = ctx.grads is not None and splits == 1
         if direct:
             db, dc = (ctx.grads.output(name, b.shape) for name in ("b", "c"))
         else:

@@ -40,9 +40,9 @@ STATE_DTYPES = ("float32", "bfloat16")
 
 class PaddedWeight(torch.autograd.Function):
     """weight with `extra` zero rows appended, in `dtype`, and its gradient back: one
-    cast-copy kernel each way. `F.pad` of the float32 weight followed by autocast's cast took
-    a padded float32 copy, its cast and, backward, a cast and a slice copy (H100, graphed
-    training: BENCHMARKS.md)."""
+    cast-copy kernel each way (and a fill of the few padding rows). `F.pad` of the float32
+    weight followed by autocast's cast took a padded float32 copy, its cast and, backward, a
+    cast and a slice copy (H100, graphed training: BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, extra: int, dtype: torch.dtype) -> Tensor:
