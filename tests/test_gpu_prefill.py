@@ -93,6 +93,16 @@ def test_triton_prefill_matches_the_chunked_path(rank, headdim, d_state, chunk, 
     _check_against_chunked(rank, headdim, d_state, chunk, length, dtype)
 
 
+@pytest.mark.parametrize(
+    ("rank", "chunk", "dtype"), [(1, 64, torch.bfloat16), (4, 16, torch.float32)]
+)
+def test_state_pass_carrying_whole_rows_matches_the_chunked_path(rank, chunk, dtype, monkeypatch):
+    """Large batches carry whole state rows in one state-pass program (`state_pass_columns`);
+    these shapes have too few (sequence, head) pairs to choose that, so it is forced."""
+    monkeypatch.setattr(mamba3_prefill_core, "state_pass_columns", lambda pairs: 128)
+    _check_against_chunked(rank, 64, 128, chunk, 300, dtype)
+
+
 SCAN_KERNELS = ("_state_pass_kernel", "_chunk_output_kernel", "_chunk_grad_kernel")
 
 

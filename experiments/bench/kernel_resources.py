@@ -37,6 +37,7 @@ ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", 
                "z_ptr", "dz_ptr", "out_ptr", "do_ptr", "dxr_ptr", "dx_ptr"}  # fmt: skip
 REGISTERS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM, MAX_WARPS_PER_SM = 65536, 233472, 32, 64
 N, P, CHUNK_ROWS, HEADS = 128, 64, 64, 12  # the paper's state, a 21M hybrid's 12 heads
+SEQUENCES = 32  # the 21M hybrid's training batch: its (sequence, head) pairs set the state tiles
 
 
 def _cases(rank: int) -> list[tuple[str, object, dict, list[tuple[int, int]]]]:
@@ -44,7 +45,8 @@ def _cases(rank: int) -> list[tuple[str, object, dict, list[tuple[int, int]]]]:
     core = mamba3_prefill_core
     tuned = [(c.num_warps, c.num_stages) for c in core.CANDIDATE_CONFIGS]
     scan = {"N": N, "P": P, "R": rank, "BT": CHUNK_ROWS, "PRECISION": "tf32"}
-    state = {"DX": P, "DY": N, "R": rank, "BT": CHUNK_ROWS, "BX": 64, "BY": 64,
+    columns = min(N, core.state_pass_columns(SEQUENCES * HEADS))
+    state = {"DX": P, "DY": N, "R": rank, "BT": CHUNK_ROWS, "BX": 64, "BY": columns,
              "HAS_INIT": False, "PRECISION": "tf32"}  # fmt: skip
     rb_bt, rb_warps, rb_stages = rotated_bc.backward_tiling(rank, N)
     rf_bt, rf_warps, rf_stages = rotated_bc.FORWARD_TILING
