@@ -30,8 +30,8 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}  # as every launch in hybrid/kernels
 INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
-INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "pos_ptr",
-                "chunk_seq_ptr"}  # fmt: skip
+INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
+                "pos_ptr", "chunk_seq_ptr"}  # fmt: skip
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)

@@ -75,10 +75,9 @@ def _autotune(key: list[str]):
 
 
 @triton.jit
-def _row_layout(tok0_ptr, ntok_ptr, c, R: tl.constexpr, BT: tl.constexpr):
-    """Rows of chunk c: their flat row index (token·R + rank), token, and validity."""
-    tok0 = tl.load(tok0_ptr + c).to(tl.int64)
-    ntok = tl.load(ntok_ptr + c)
+def _row_layout(tok0, ntok, R: tl.constexpr, BT: tl.constexpr):
+    """Rows of the chunk whose first token is tok0 (int64) and which has ntok tokens: their
+    flat row index (token·R + rank), token, and validity."""
     i = tl.arange(0, BT)
     tok = i // R
     valid = tok < ntok
@@ -93,10 +92,10 @@ def _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first_rank):
 
 
 @triton.jit
-def _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr, g_ptr, c, h, H, R: tl.constexpr,
-                 BT: tl.constexpr):  # fmt: skip
-    """Chunk c, head h: row layout, cumulative log α, its chunk total, and per-row s and γ."""
-    rows, tokens, tok, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+def _chunk_setup(tok0, ntok, a_ptr, s_ptr, g_ptr, h, H, R: tl.constexpr, BT: tl.constexpr):
+    """The chunk at tok0 (ntok tokens), head h: row layout, cumulative log α, its chunk
+    total, and per-row s and γ."""
+    rows, tokens, tok, valid, first = _row_layout(tok0, ntok, R, BT)
     cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
     s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
     g = tl.load(g_ptr + tokens * H + h, mask=valid, other=0.0)
@@ -140,18 +139,18 @@ def _stored_values(v_ptr, rows, tokens, SV, h, H, cols, valid, R: tl.constexpr,
 
 
 @triton.jit
-def _values(v_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SV, h, H, cols, valid,
+def _values(v_ptr, mx_ptr, tok0, ntok, rows, tokens, SV, h, H, cols, valid,
             R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, C: tl.constexpr,
             HAS_MX: tl.constexpr):  # fmt: skip
-    """Value rows of chunk c, head h at columns `cols` (C of them). HAS_MX forms the MIMO
-    rows x̃_(τ,r) = mimo_x[h, r] ⊙ x_τ from x (T, H, P) with token stride SV and mimo_x
-    (H, R, P) fp32: x is read once per token, not per rank, and the rows are rounded to x's
-    dtype as a stored x̃ would be. Otherwise v holds the rows (`_stored_values`)."""
+    """Value rows of the chunk at tok0 (ntok tokens), head h, at columns `cols` (C of them).
+    HAS_MX forms the MIMO rows x̃_(τ,r) = mimo_x[h, r] ⊙ x_τ from x (T, H, P) with token
+    stride SV and mimo_x (H, R, P) fp32: x is read once per token, not per rank, and the rows
+    are rounded to x's dtype as a stored x̃ would be. Otherwise v holds the rows
+    (`_stored_values`)."""
     if HAS_MX:
         t = tl.arange(0, BT // R)
-        ok = t < tl.load(ntok_ptr + c)
-        first = tl.load(tok0_ptr + c).to(tl.int64)
-        x = tl.load(v_ptr + ((first + t) * SV + h * P)[:, None] + cols[None, :],
+        ok = t < ntok
+        x = tl.load(v_ptr + ((tok0 + t) * SV + h * P)[:, None] + cols[None, :],
                     mask=ok[:, None], other=0.0)  # fmt: skip
         m = tl.load(mx_ptr + ((h * R + tl.arange(0, R)) * P)[:, None] + cols[None, :])
         v = tl.reshape((x.to(tl.float32)[:, None, :] * m[None, :, :]).to(x.dtype), [BT, C])
@@ -171,8 +170,7 @@ def _state_pass_kernel(
     states_ptr,
     init_ptr,
     final_ptr,
-    tok0_ptr,
-    ntok_ptr,
+    seq_starts_ptr,
     seq_chunk0_ptr,
     H,
     SX,
@@ -205,18 +203,26 @@ def _state_pass_kernel(
     edge = (seq.to(tl.int64) * H + h) * (DX * DY)
     carry = tl.load(init_ptr + edge + tile) if HAS_INIT else tl.zeros([BX, BY], tl.float32)
     c0 = tl.load(seq_chunk0_ptr + seq)
-    c1 = tl.load(seq_chunk0_ptr + seq + 1)
-    for step in range(0, c1 - c0):
-        c = c1 - 1 - step if REVERSE else c0 + step
-        rows, tokens, _, valid, first = _row_layout(tok0_ptr, ntok_ptr, c, R, BT)
+    n_chunks = tl.load(seq_chunk0_ptr + seq + 1) - c0
+    # a sequence's chunks are consecutive blocks of BT // R tokens from its first token: an
+    # arithmetic layout (no per-chunk table load), so the loop's loads depend on no other
+    # load and Triton's pipeliner can issue them further ahead
+    first_token = tl.load(seq_starts_ptr + seq).to(tl.int64)
+    end_token = tl.load(seq_starts_ptr + seq + 1)
+    for step in range(0, n_chunks):
+        i = n_chunks - 1 - step if REVERSE else step
+        c = c0 + i
+        tok0 = first_token + i * (BT // R)
+        ntok = tl.minimum(end_token - tok0, BT // R)
+        rows, tokens, _, valid, first = _row_layout(tok0, ntok, R, BT)
         cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
         if REVERSE:
             coef = tl.where(valid, tl.exp(cum), 0.0)
         else:
             s = tl.load(s_ptr + tokens * H + h, mask=valid, other=0.0)
             coef = tl.exp(total - cum) * s
-        xs = _values(x_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SX, h, H, ox, valid,
-                     R, DX, BT, BX, HAS_MX)  # fmt: skip
+        xs = _values(x_ptr, mx_ptr, tok0, ntok, rows, tokens, SX, h, H, ox, valid, R, DX, BT,
+                     BX, HAS_MX)  # fmt: skip
         ys = tl.load(
             y_ptr + rows[:, None] * (H * DY) + h * DY + oy[None, :],
             mask=valid[:, None],
@@ -259,8 +265,9 @@ def _chunk_output_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     op = tl.program_id(2) * BP + tl.arange(0, BP)
-    rows, tokens, tok, valid, cum, _, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
-                                                          g_ptr, c, h, H, R, BT)  # fmt: skip
+    tok0, ntok = tl.load(tok0_ptr + c).to(tl.int64), tl.load(ntok_ptr + c)
+    rows, tokens, tok, valid, cum, _, s, g = _chunk_setup(tok0, ntok, a_ptr, s_ptr, g_ptr, h,
+                                                          H, R, BT)  # fmt: skip
     state_base = (c.to(tl.int64) * H + h) * (P * N)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     readout = tl.zeros([BT, BP], dtype=tl.float32)
@@ -273,8 +280,8 @@ def _chunk_output_kernel(
         st = tl.load(states_ptr + state_base + op[:, None] * N + on[None, :]).to(q.dtype)
         readout += tl.dot(q, tl.trans(st), input_precision=PRECISION)
     w, _, _, _ = _token_weights(cum, s, g, tok, valid)
-    v = _values(v_ptr, mx_ptr, tok0_ptr, ntok_ptr, c, rows, tokens, SV, h, H, op, valid, R, P,
-                BT, BP, HAS_MX)  # fmt: skip
+    v = _values(v_ptr, mx_ptr, tok0, ntok, rows, tokens, SV, h, H, op, valid, R, P, BT, BP,
+                HAS_MX)  # fmt: skip
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
     if HAS_D:  # after the product: on its diagonal, MIMO's forward was 12% slower (H100)
@@ -324,8 +331,9 @@ def _chunk_grad_kernel(
     slice of in_proj's gradient)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
-    rows, tokens, tok, valid, cum, total, s, g = _chunk_setup(tok0_ptr, ntok_ptr, a_ptr, s_ptr,
-                                                              g_ptr, c, h, H, R, BT)  # fmt: skip
+    tok0, ntok = tl.load(tok0_ptr + c).to(tl.int64), tl.load(ntok_ptr + c)
+    rows, tokens, tok, valid, cum, total, s, g = _chunk_setup(tok0, ntok, a_ptr, s_ptr, g_ptr,
+                                                              h, H, R, BT)  # fmt: skip
     op = tl.arange(0, P)
     pv_offs = rows[:, None] * (H * P) + h * P + op[None, :]
     v = _stored_values(v_ptr, rows, tokens, SV, h, H, op, valid, R, P)
@@ -418,7 +426,7 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     grid = (table.n_seq, heads, (dx // bx) * (dy // by))
     _state_pass_kernel[grid](
         x, pointer_or(mx, s), y, a, s, states, pointer_or(init, final), final,
-        table.tok0, table.ntok, table.seq_chunk0, heads, x.stride(0),
+        table.seq_starts, table.seq_chunk0, heads, x.stride(0),
         DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
         REVERSE=reverse, HAS_MX=mx is not None, PRECISION=_precision(x.dtype),
         enable_fp_fusion=True,
