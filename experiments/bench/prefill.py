@@ -331,6 +331,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  B={shape[0]} L={shape[1]}: fwd {r['fwd_ms'] / fwd:.2f}x, "
               f"fwd+bwd {r['fwd_bwd_ms'] / both:.2f}x"
               + (f" (from a CUDA graph {graph / both:.2f}x)" if graph else ""))  # fmt: skip
+    siso_graph = {shape: r.get("fwd_bwd_graph_ms") for shape, r in ours.items()}
+    mimo = [
+        r
+        for r in rows
+        if r["kernel"].startswith("ours MIMO") and r["kernel"].endswith("(op)")
+        and r.get("fwd_bwd_graph_ms") and siso_graph.get((r["batch"], r["seq_len"]))
+    ]  # fmt: skip
+    if mimo:
+        print("\nMIMO op / ours SISO (op), forward+backward from CUDA graphs (R=4 target 1.6x):")
+    for r in mimo:
+        ratio = r["fwd_bwd_graph_ms"] / siso_graph[(r["batch"], r["seq_len"])]
+        print(f"  {r['kernel']:<26} B={r['batch']} L={r['seq_len']}: {ratio:.2f}x")
     if args.out:
         meta = {"device": describe_device(device), "ceilings": str(ceilings)}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
