@@ -103,6 +103,17 @@ def test_state_pass_carrying_whole_rows_matches_the_chunked_path(rank, chunk, dt
     _check_against_chunked(rank, 64, 128, chunk, 300, dtype)
 
 
+@pytest.mark.parametrize(
+    ("rank", "chunk", "dtype"), [(1, 16, torch.bfloat16), (4, 4, torch.float32)]
+)
+def test_segmented_state_pass_matches_the_chunked_path(rank, chunk, dtype, monkeypatch):
+    """Few (sequence, head) pairs cut each state pass into segments joined by a fix-up pass
+    (`state_pass_segments`); forced here to 4 (19 or 75 chunks a sequence: the last segment
+    shorter), with an initial state entering the first."""
+    monkeypatch.setattr(mamba3_prefill_core, "state_pass_segments", lambda *_: 4)
+    _check_against_chunked(rank, 64, 128, chunk, 300, dtype)
+
+
 SCAN_KERNELS = ("_state_pass_kernel", "_chunk_output_kernel", "_chunk_grad_kernel")
 
 

@@ -12,6 +12,7 @@ import torch
 from helpers import random_inputs, random_state, random_weights, rel_err, run_interpreted
 
 from hybrid.kernels.mamba3_common import Mamba3Options
+from hybrid.kernels.mamba3_prefill_core import MIN_SEGMENT_CHUNKS, state_pass_segments
 from hybrid.kernels.mamba3_scan import mamba3_scan, scan_backend
 from hybrid.kernels.reference import mamba3_reference
 
@@ -108,3 +109,13 @@ def test_cached_device_tensors_built_under_inference_mode_serve_training():
     for cached in (table.seq_starts, freqs):
         SavesIt.apply(x, cached).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 4.0))
+
+
+def test_state_pass_is_cut_into_segments_only_where_its_programs_leave_sms_idle():
+    """Segments cost a fix-up pass over the stored states: worth it only when the walks are
+    too few to fill half the GPU (132 SMs: an H100; 128 programs ran slower segmented), and
+    never shorter than MIN_SEGMENT_CHUNKS."""
+    assert state_pass_segments(programs=128, chunks=1024, sms=132) == 1
+    segments = state_pass_segments(programs=48, chunks=32, sms=132)  # batch-1, 12 heads
+    assert segments > 1 and 32 // segments >= MIN_SEGMENT_CHUNKS
+    assert state_pass_segments(programs=48, chunks=MIN_SEGMENT_CHUNKS + 1, sms=132) == 1

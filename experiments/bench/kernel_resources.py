@@ -47,7 +47,7 @@ def _cases(rank: int) -> list[tuple[str, object, dict, list[tuple[int, int]]]]:
     scan = {"N": N, "P": P, "R": rank, "BT": CHUNK_ROWS, "PRECISION": "tf32"}
     columns = min(N, core.state_pass_columns(SEQUENCES * HEADS))
     state = {"DX": P, "DY": N, "R": rank, "BT": CHUNK_ROWS, "BX": 64, "BY": columns,
-             "HAS_INIT": False, "PRECISION": "tf32"}  # fmt: skip
+             "HAS_INIT": False, "SEGMENTED": False, "PRECISION": "tf32"}  # fmt: skip
     rb_bt, rb_warps, rb_stages = rotated_bc.backward_tiling(rank, N)
     rf_bt, rf_warps, rf_stages = rotated_bc.FORWARD_TILING
     gate_bt, gate_warps = mamba3_gate.backward_tiling(rank)

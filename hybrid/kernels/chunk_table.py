@@ -26,6 +26,7 @@ class ChunkTable:
     seq_ends: Tensor  # (n_seq,) int64, last token of each sequence
     seq_starts: Tensor  # (n_seq + 1,) int32 token offsets (cu_seqlens)
     last_token: Tensor  # (T,) bool, True at each sequence's last token
+    longest: int  # chunks in the longest sequence
 
     @property
     def n_chunks(self) -> int:
@@ -55,8 +56,9 @@ class ChunkTable:
         last = torch.zeros(seq_starts[-1], dtype=torch.bool, device=device).index_fill_(
             0, ends, True
         )
+        longest = max(b - a for a, b in itertools.pairwise(seq_chunk0))
         return cls(chunk_tokens, as_tensor(tok0), as_tensor(ntok), as_tensor(chunk_seq),
-                   as_tensor(seq_chunk0), ends, as_tensor(seq_starts), last)  # fmt: skip
+                   as_tensor(seq_chunk0), ends, as_tensor(seq_starts), last, longest)  # fmt: skip
 
 
 @tensor_cache(maxsize=64)

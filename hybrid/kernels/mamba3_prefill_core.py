@@ -58,6 +58,10 @@ UNTUNED_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
 # loop (no spill) took it from 263 to 223 us for a 21M hybrid's layer and from 723 to 611 us
 # at 8 x 2048 tokens, 32 heads (H100, bf16, N=128; R=4 2.29 -> 2.24 ms; BENCHMARKS.md)
 GRAD_BLOCK_N = 32
+# a segmented state pass (`state_pass_segments`): programs it aims for per SM, and the
+# fewest chunks a segment walks
+SEGMENT_PROGRAMS_PER_SM = 4
+MIN_SEGMENT_CHUNKS = 8
 
 
 def _configs() -> list[triton.Config]:
@@ -159,6 +163,38 @@ def _values(v_ptr, mx_ptr, tok0, ntok, rows, tokens, SV, h, H, cols, valid,
     return v
 
 
+@triton.jit
+def _pass_program(NSEG, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr):
+    """A state-pass program's sequence, segment, head and DX×DY tile (offsets, row, column)."""
+    n_y_tiles: tl.constexpr = DY // BY
+    ox = (tl.program_id(2) // n_y_tiles) * BX + tl.arange(0, BX)
+    oy = (tl.program_id(2) % n_y_tiles) * BY + tl.arange(0, BY)
+    tile = ox[:, None] * DY + oy[None, :]
+    return tl.program_id(0) // NSEG, tl.program_id(0) % NSEG, tl.program_id(1), tile, ox, oy
+
+
+@triton.jit
+def _sequence_chunks(seq_starts_ptr, seq_chunk0_ptr, seq):
+    """The sequence's first chunk, chunk count, first token and end token. Its chunks are
+    consecutive blocks of BT // R tokens from its first token: an arithmetic layout (no
+    per-chunk table load), so a walk's loads depend on no other load and Triton's pipeliner
+    can issue them further ahead."""
+    c0 = tl.load(seq_chunk0_ptr + seq)
+    n_chunks = tl.load(seq_chunk0_ptr + seq + 1) - c0
+    first_token = tl.load(seq_starts_ptr + seq).to(tl.int64)
+    return c0, n_chunks, first_token, tl.load(seq_starts_ptr + seq + 1)
+
+
+@triton.jit
+def _walk_step(step, n_chunks, first_token, end_token, R: tl.constexpr, BT: tl.constexpr,
+               REVERSE: tl.constexpr):  # fmt: skip
+    """Step `step` of a walk over a sequence's chunks (last to first with REVERSE): the chunk
+    index within the sequence, its first token and its token count."""
+    i = n_chunks - 1 - step if REVERSE else step
+    tok0 = first_token + i * (BT // R)
+    return i, tok0, tl.minimum(end_token - tok0, BT // R)
+
+
 @_autotune(["DX", "DY", "R", "BT", "BX", "BY", "REVERSE", "HAS_MX"])
 @triton.jit
 def _state_pass_kernel(
@@ -170,10 +206,14 @@ def _state_pass_kernel(
     states_ptr,
     init_ptr,
     final_ptr,
+    seg_carry_ptr,
+    seg_decay_ptr,
     seq_starts_ptr,
     seq_chunk0_ptr,
     H,
     SX,
+    NSEG,
+    SEG,
     DX: tl.constexpr,
     DY: tl.constexpr,
     R: tl.constexpr,
@@ -183,39 +223,38 @@ def _state_pass_kernel(
     HAS_INIT: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_MX: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (sequence, head, DX×DY tile): carry S across the sequence's chunks, storing the S
-    that enters each chunk, then S ← e^{A_end}·S + Σ_i coef_i x_iᵀ y_i (the chunk's term).
+    """One (sequence, segment, head, DX×DY tile): carry S across the segment's chunks,
+    storing the S that enters each chunk, then S ← e^{A_end}·S + Σ_i coef_i x_iᵀ y_i (the
+    chunk's term).
 
     Forward: x = v, y = k, coef = e^{A_end − A_i} s_i; states[c] is chunk c's start state.
     REVERSE (chunks last to first): x = dy, y = q, coef = e^{A_i}; states[c] is the gradient
     of chunk c's end state, and the final carry is the initial state's gradient. SX is x's
     token stride (v may be a slice of in_proj; with HAS_MX, x is the MIMO x, `_values`); y is
     contiguous.
+
+    A segment is SEG consecutive chunks in walk order (NSEG segments a sequence). Without
+    SEGMENTED there is one, and the last carry is stored in `final`. With it, every segment
+    but the first starts from zero: its carry and its summed log-decay go to seg_carry and
+    seg_decay, and `_state_fixup_kernel` adds the carry entering the segment to its states.
     """
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    n_y_tiles: tl.constexpr = DY // BY
-    ox = (tl.program_id(2) // n_y_tiles) * BX + tl.arange(0, BX)
-    oy = (tl.program_id(2) % n_y_tiles) * BY + tl.arange(0, BY)
-    tile = ox[:, None] * DY + oy[None, :]
+    seq, seg, h, tile, ox, oy = _pass_program(NSEG, DX, DY, BX, BY)
     edge = (seq.to(tl.int64) * H + h) * (DX * DY)
-    carry = tl.load(init_ptr + edge + tile) if HAS_INIT else tl.zeros([BX, BY], tl.float32)
-    c0 = tl.load(seq_chunk0_ptr + seq)
-    n_chunks = tl.load(seq_chunk0_ptr + seq + 1) - c0
-    # a sequence's chunks are consecutive blocks of BT // R tokens from its first token: an
-    # arithmetic layout (no per-chunk table load), so the loop's loads depend on no other
-    # load and Triton's pipeliner can issue them further ahead
-    first_token = tl.load(seq_starts_ptr + seq).to(tl.int64)
-    end_token = tl.load(seq_starts_ptr + seq + 1)
-    for step in range(0, n_chunks):
-        i = n_chunks - 1 - step if REVERSE else step
+    carry = tl.zeros([BX, BY], tl.float32)
+    if HAS_INIT:
+        first_segment = tile < tl.where(seg == 0, DX * DY, 0)
+        carry += tl.load(init_ptr + edge + tile, mask=first_segment, other=0.0)
+    c0, n_chunks, first_token, end_token = _sequence_chunks(seq_starts_ptr, seq_chunk0_ptr, seq)
+    log_decay = 0.0
+    for step in range(seg * SEG, tl.minimum(seg * SEG + SEG, n_chunks)):
+        i, tok0, ntok = _walk_step(step, n_chunks, first_token, end_token, R, BT, REVERSE)
         c = c0 + i
-        tok0 = first_token + i * (BT // R)
-        ntok = tl.minimum(end_token - tok0, BT // R)
         rows, tokens, _, valid, first = _row_layout(tok0, ntok, R, BT)
         cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+        log_decay += total
         if REVERSE:
             coef = tl.where(valid, tl.exp(cum), 0.0)
         else:
@@ -232,7 +271,68 @@ def _state_pass_kernel(
         tl.store(chunk_tile, carry.to(states_ptr.dtype.element_ty))
         xs = (xs * coef[:, None]).to(ys.dtype)
         carry = tl.exp(total) * carry + tl.dot(tl.trans(xs), ys, input_precision=PRECISION)
-    tl.store(final_ptr + edge + tile, carry)
+    if SEGMENTED:
+        at = (seq * NSEG + seg).to(tl.int64) * H + h
+        here = tl.where(seg * SEG < n_chunks, DX * DY, 0)  # a shorter sequence has fewer
+        tl.store(seg_carry_ptr + at * (DX * DY) + tile, carry, mask=tile < here)
+        one = tl.arange(0, 1)
+        tl.store(seg_decay_ptr + at + one, log_decay + tl.zeros([1], tl.float32),
+                 mask=one < tl.where(tl.program_id(2) == 0, here, 0))  # fmt: skip
+    else:
+        tl.store(final_ptr + edge + tile, carry)
+
+
+@triton.jit
+def _state_fixup_kernel(
+    states_ptr,
+    final_ptr,
+    seg_carry_ptr,
+    seg_decay_ptr,
+    a_ptr,
+    seq_starts_ptr,
+    seq_chunk0_ptr,
+    H,
+    NSEG,
+    SEG,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    R: tl.constexpr,
+    BT: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """One (sequence, segment, head, tile) of a segmented state pass: the carry entering the
+    segment, C = e^{decay of segment s}·C + carry of s over the segments before it, added to
+    each state the segment stored, scaled by the decay from the segment's start to it
+    (states[j] += e^{Σ_{start ≤ i < j} A_i}·C, walk order); the sequence's last segment
+    stores its final carry, e^{its decay}·C + its own carry. No chunk term is recomputed: the
+    walk is loads, an FMA and a store per chunk, so it runs at memory speed, not at the
+    chunk-by-chunk latency of the pass."""
+    seq, seg, h, tile, _ox, _oy = _pass_program(NSEG, DX, DY, BX, BY)
+    c0, n_chunks, first_token, end_token = _sequence_chunks(seq_starts_ptr, seq_chunk0_ptr, seq)
+    seq_segs = (seq * NSEG).to(tl.int64)
+    entering = tl.zeros([BX, BY], tl.float32)
+    for before in range(0, tl.minimum(seg, tl.cdiv(n_chunks, SEG))):
+        at = (seq_segs + before) * H + h
+        carried = tl.load(seg_carry_ptr + at * (DX * DY) + tile)
+        entering = tl.exp(tl.load(seg_decay_ptr + at)) * entering + carried
+    log_decay = 0.0
+    start = seg * SEG
+    stop = tl.where(seg == 0, start, tl.minimum(start + SEG, n_chunks))  # the first is exact
+    for step in range(start, stop):
+        i, tok0, ntok = _walk_step(step, n_chunks, first_token, end_token, R, BT, REVERSE)
+        _rows, tokens, _tok, valid, first = _row_layout(tok0, ntok, R, BT)
+        _cum, total = _cumulative_log_alpha(a_ptr, tokens, h, H, valid, first)
+        state = states_ptr + ((c0 + i).to(tl.int64) * H + h) * (DX * DY) + tile
+        local = tl.load(state).to(tl.float32)
+        tl.store(state, (local + tl.exp(log_decay) * entering).to(states_ptr.dtype.element_ty))
+        log_decay += total
+    last = tile < tl.where(start < n_chunks, tl.where(start + SEG >= n_chunks, DX * DY, 0), 0)
+    at = (seq_segs + seg) * H + h
+    own = tl.load(seg_carry_ptr + at * (DX * DY) + tile, mask=last, other=0.0)
+    edge = (seq.to(tl.int64) * H + h) * (DX * DY)
+    tl.store(final_ptr + edge + tile, tl.exp(log_decay) * entering + own, mask=last)
 
 
 @_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX", "HAS_D"])
@@ -411,26 +511,65 @@ def state_pass_columns(pairs: int) -> int:
     return 128 if pairs >= 256 else 64 if pairs >= 128 else 32
 
 
+def state_pass_segments(programs: int, chunks: int, sms: int) -> int:
+    """Segments a sequence's state pass is cut into. One program walks its chunks one after
+    another, each step waiting on the last, so with few programs (batch-1 prefill) the pass
+    takes that chain's length: a 21M hybrid's batch-1 prefill (12 heads: 48 programs) spent
+    31% of its kernel time there at 2,048 tokens, 42% at 8,192. Segments walked in parallel
+    (each at least MIN_SEGMENT_CHUNKS long) and a fix-up pass over the stored states took
+    those passes from 416 to 221 us and from 1,806 to 777 us, the whole prefill's kernels
+    from 1,327 to 1,133 and from 4,279 to 3,291 us (H100). With more programs the fix-up's
+    traffic outweighs the shorter walks: 128 programs (1 x 16384, 32 heads) were 11% slower
+    segmented (R=4: 19%), so only up to half as many programs as SMs are cut."""
+    if programs > sms // 2:
+        return 1
+    return max(1, min(triton.cdiv(SEGMENT_PROGRAMS_PER_SM * sms, programs),
+                      chunks // MIN_SEGMENT_CHUNKS))  # fmt: skip
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter: one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
     """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32).
     x is (T, R, H, DX), or with mx (MIMO weights (H, R, DX)) the (T, H, DX) x they scale.
 
     The carries are stored in y's dtype: the kernels that read them round them to it before
     their tensor-core products anyway, so bf16 storage halves the traffic and changes no
-    result. The carry itself accumulates in float32 registers."""
+    result. The carry itself accumulates in float32 registers (a segmented pass adds the
+    carry entering a segment to its stored states, rounding them once more)."""
     heads, dx, dy = x.shape[-2], x.shape[-1], y.shape[-1]
     states = torch.empty(table.n_chunks, heads, dx, dy, device=x.device, dtype=y.dtype)
     final = torch.empty(table.n_seq, heads, dx, dy, device=x.device, dtype=torch.float32)
     by = min(dy, state_pass_columns(table.n_seq * heads))
     bx = min(dx, 64)
-    grid = (table.n_seq, heads, (dx // bx) * (dy // by))
+    tiles = (dx // bx) * (dy // by)
+    segments = state_pass_segments(
+        table.n_seq * heads * tiles, table.longest, _multiprocessors(x.device)
+    )
+    seg_len = triton.cdiv(table.longest, segments)
+    n_seg = triton.cdiv(table.longest, seg_len)
+    f32 = {"device": x.device, "dtype": torch.float32}
+    seg_carry = torch.empty(table.n_seq, n_seg, heads, dx, dy, **f32) if n_seg > 1 else final
+    seg_decay = torch.empty(table.n_seq, n_seg, heads, **f32) if n_seg > 1 else final
+    grid = (table.n_seq * n_seg, heads, tiles)
+    shapes = {"DX": dx, "DY": dy, "R": rank, "BT": chunk_rows, "BX": bx, "BY": by,
+              "REVERSE": reverse}  # fmt: skip
     _state_pass_kernel[grid](
-        x, pointer_or(mx, s), y, a, s, states, pointer_or(init, final), final,
-        table.seq_starts, table.seq_chunk0, heads, x.stride(0),
-        DX=dx, DY=dy, R=rank, BT=chunk_rows, BX=bx, BY=by, HAS_INIT=init is not None,
-        REVERSE=reverse, HAS_MX=mx is not None, PRECISION=_precision(x.dtype),
-        enable_fp_fusion=True,
+        x, pointer_or(mx, s), y, a, s, states, pointer_or(init, final), final, seg_carry,
+        seg_decay, table.seq_starts, table.seq_chunk0, heads, x.stride(0), n_seg, seg_len,
+        HAS_INIT=init is not None, HAS_MX=mx is not None, SEGMENTED=n_seg > 1,
+        PRECISION=_precision(x.dtype), enable_fp_fusion=True, **shapes,
     )  # fmt: skip
+    if n_seg > 1:
+        _state_fixup_kernel[grid](
+            states, final, seg_carry, seg_decay, a, table.seq_starts, table.seq_chunk0, heads,
+            n_seg, seg_len, num_warps=4, enable_fp_fusion=True, **shapes,
+        )  # fmt: skip
     return states, final
 
 

@@ -5,7 +5,8 @@ partial last chunks, a variable-length batch and both A activations; every other
 a group's heads over programs (one head each), so the B/C backward adds per-program parts,
 and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
 its in_proj output (the kernels read them through their token strides and write their
-gradients into the split's NaN-poisoned buffer); and the scan core
+gradients into the split's NaN-poisoned buffer), while the others cut each sequence's state
+passes into three segments walked separately and joined by the fix-up pass; and the scan core
 without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
@@ -31,7 +32,7 @@ from helpers import (
     rel_err,
 )
 
-from hybrid.kernels import projection_grads, rotated_bc
+from hybrid.kernels import mamba3_prefill_core, projection_grads, rotated_bc
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options
@@ -142,8 +143,11 @@ def main() -> int:
     projection_grads._allocate = poisoned  # the split's gradient buffer: NaN until written
     worst = max(check_segment_cumsum(), check_chunked_cumsum(), check_core_without_d())
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
+    one_segment = mamba3_prefill_core.state_pass_segments  # 1 here: no SMs to fill
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
         rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
+        segments = 3 if case % 2 else 1
+        mamba3_prefill_core.state_pass_segments = (lambda *_: 3) if case % 2 else one_segment
         total = sum(lengths) if lengths else LENGTH
         batch, n_seq = (1, len(lengths)) if lengths else (2, 2)
         inputs = random_inputs(batch=batch, length=total, heads=HEADS, headdim=p, d_state=n,
@@ -193,6 +197,7 @@ def main() -> int:
             f"R={rank} {rotation:<8} A={options.a_activation:<10} norm={norm!s:<5} G={groups} "
             f"S={angles} P={p} N={n} "
             f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
+            f"state-pass segments<={segments} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
             f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
