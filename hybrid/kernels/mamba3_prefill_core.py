@@ -284,24 +284,10 @@ def _state_pass_kernel(
 
 @triton.jit
 def _state_fixup_kernel(
-    states_ptr,
-    final_ptr,
-    seg_carry_ptr,
-    seg_decay_ptr,
-    a_ptr,
-    seq_starts_ptr,
-    seq_chunk0_ptr,
-    H,
-    NSEG,
-    SEG,
-    DX: tl.constexpr,
-    DY: tl.constexpr,
-    R: tl.constexpr,
-    BT: tl.constexpr,
-    BX: tl.constexpr,
-    BY: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
+    states_ptr, final_ptr, seg_carry_ptr, seg_decay_ptr, a_ptr, seq_starts_ptr, seq_chunk0_ptr,
+    H, NSEG, SEG, DX: tl.constexpr, DY: tl.constexpr, R: tl.constexpr, BT: tl.constexpr,
+    BX: tl.constexpr, BY: tl.constexpr, REVERSE: tl.constexpr,
+):  # fmt: skip
     """One (sequence, segment, head, tile) of a segmented state pass: the carry entering the
     segment, C = e^{decay of segment s}·C + carry of s over the segments before it, added to
     each state the segment stored, scaled by the decay from the segment's start to it
