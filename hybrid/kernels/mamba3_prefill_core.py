@@ -292,9 +292,8 @@ def _state_fixup_kernel(
     segment, C = e^{decay of segment s}·C + carry of s over the segments before it, added to
     each state the segment stored, scaled by the decay from the segment's start to it
     (states[j] += e^{Σ_{start ≤ i < j} A_i}·C, walk order); the sequence's last segment
-    stores its final carry, e^{its decay}·C + its own carry. No chunk term is recomputed: the
-    walk is loads, an FMA and a store per chunk, so it runs at memory speed, not at the
-    chunk-by-chunk latency of the pass."""
+    stores its final carry, e^{its decay}·C + its own carry. No chunk term is recomputed: a
+    chunk costs its log-decays' load, the state tile's load, an FMA and a store."""
     seq, seg, h, tile, _ox, _oy = _pass_program(NSEG, DX, DY, BX, BY)
     c0, n_chunks, first_token, end_token = _sequence_chunks(seq_starts_ptr, seq_chunk0_ptr, seq)
     seq_segs = (seq * NSEG).to(tl.int64)

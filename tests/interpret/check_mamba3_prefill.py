@@ -3,10 +3,10 @@ the float64 oracle — output, final state and the gradient of every input, weig
 state entry — in float32 with fresh random inputs, for SISO and MIMO, with an initial state,
 partial last chunks, a variable-length batch and both A activations; every other case splits
 a group's heads over programs (one head each), so the B/C backward adds per-program parts,
-and the other cases pass the inputs as column slices of one wide tensor, as the layer passes
+and cuts each sequence's state passes into (up to) three segments joined by the fix-up pass;
+the other cases pass the inputs as column slices of one wide tensor, as the layer passes
 its in_proj output (the kernels read them through their token strides and write their
-gradients into the split's NaN-poisoned buffer), while the others cut each sequence's state
-passes into three segments walked separately and joined by the fix-up pass; and the scan core
+gradients into the split's NaN-poisoned buffer); and the scan core
 without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
