@@ -62,7 +62,7 @@ def gradient_output(
     """Where a backward kernel writes piece `name`'s gradient: its columns of the buffer, or
     a new tensor like `like` when the input is not a piece of a split projection."""
     if grads is None:
-        return torch.empty(shape, device=like.device, dtype=like.dtype)
+        return _allocate(shape, like.device, like.dtype)
     return grads.output(name, shape)
 
 
