@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import (
     greedy_by_forwards,
+    projection_slices,
     random_inputs,
     random_state,
     random_weights,
@@ -158,7 +159,9 @@ def test_triton_decode_kernel_on_cuda_matches_the_oracle(rank, rotation, norm, h
     angles = d_state // 4
     inputs = random_inputs(batch=16, length=1, groups=1, angles=angles, dtype=torch.float32,
                            **shape)  # fmt: skip
-    token = Mamba3Inputs(*(t[:, 0].to(CUDA) for t in inputs))
+    # column slices of one buffer, as the layer passes them (read through their row strides)
+    slices = projection_slices(Mamba3Inputs(*(t.to(CUDA) for t in inputs)))[0]
+    token = Mamba3Inputs(*(t[:, 0] for t in slices))
     weights = _to(random_weights(mimo=rank > 1, out_norm=norm, dtype=torch.float32, **shape), CUDA)
     state = random_state(batch=16, angles=angles, dtype=torch.float32, **shape)
     state = Mamba3State(*(t.to(CUDA) for t in state.tensors()))

@@ -55,14 +55,14 @@ def _norm_fwd_kernel(
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
-    for i in tl.range(ROWS, num_stages=ROW_STAGES):
+    # the program's rows that exist: a decode step's single row walks 1, not ROWS
+    for i in tl.range(0, tl.minimum(ROWS, M - rows0), num_stages=ROW_STAGES):
         row = (rows0 + i).to(tl.int64)
-        mask = cmask & ((cols * 0 + row) < M)
-        x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
+        x, z = _load_row(x_ptr, z_ptr, row, cols, cmask, D, HAS_GATE)
         if HAS_RESIDUAL:
-            x = x + tl.load(d_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x + tl.load(d_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
             x = x.to(res_ptr.dtype.element_ty)
-            tl.store(res_ptr + row * D + cols, x, mask=mask)
+            tl.store(res_ptr + row * D + cols, x, mask=cmask)
             x = x.to(tl.float32)
         gate = z * tl.sigmoid(z) if HAS_GATE else 1.0
         u = x if BEFORE_GATE else x * gate
@@ -70,7 +70,7 @@ def _norm_fwd_kernel(
         out = u * rstd * w
         if BEFORE_GATE:
             out = out * gate
-        tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -88,11 +88,10 @@ def _norm_bwd_kernel(
     cmask = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.range(ROWS, num_stages=ROW_STAGES):
+    for i in tl.range(0, tl.minimum(ROWS, M - blk * ROWS), num_stages=ROW_STAGES):
         row = (blk * ROWS + i).to(tl.int64)
-        mask = cmask & ((cols * 0 + row) < M)
-        x, z = _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE)
-        dout = tl.load(do_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        x, z = _load_row(x_ptr, z_ptr, row, cols, cmask, D, HAS_GATE)
+        dout = tl.load(do_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         gate = z * sig if HAS_GATE else 1.0
         dgate_dz = sig + z * sig * (1.0 - sig)
@@ -102,7 +101,7 @@ def _norm_bwd_kernel(
         if BEFORE_GATE:
             dnormed = dout * gate
             if HAS_GATE:
-                tl.store(dz_ptr + row * D + cols, dout * uhat * w * dgate_dz, mask=mask)
+                tl.store(dz_ptr + row * D + cols, dout * uhat * w * dgate_dz, mask=cmask)
         else:
             dnormed = dout
         dw += dnormed * uhat
@@ -113,12 +112,12 @@ def _norm_bwd_kernel(
         else:
             dx = du * gate
             if HAS_GATE:
-                tl.store(dz_ptr + row * D + cols, du * x * dgate_dz, mask=mask)
+                tl.store(dz_ptr + row * D + cols, du * x * dgate_dz, mask=cmask)
         if HAS_RESIDUAL:
-            dx += tl.load(dres_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += tl.load(dres_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
         if DELTA_GRAD:
-            tl.store(dd_ptr + row * D + cols, dx.to(dd_ptr.dtype.element_ty), mask=mask)
+            tl.store(dd_ptr + row * D + cols, dx.to(dd_ptr.dtype.element_ty), mask=cmask)
     if HAS_WEIGHT:
         tl.store(dw_ptr + blk * D + cols, dw, mask=cmask)
 

@@ -17,7 +17,13 @@ import importlib
 import torch
 from torch import Tensor
 
-from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_common import (
+    Mamba3Inputs,
+    Mamba3Options,
+    Mamba3State,
+    Mamba3Weights,
+    rows_contiguous,
+)
 
 CUTE_DTYPES = {torch.float32: "Float32", torch.bfloat16: "BFloat16", torch.float16: "Float16"}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -81,6 +87,8 @@ def unsupported_reason(token: Mamba3Inputs, state: Mamba3State) -> str | None:
         return reason
     if batch > 65535:
         return "batch above the grid's y limit (65535)"
+    if batch * max(max(t.stride(0), t.shape[1:].numel()) for t in token) >= 2**31:
+        return "token inputs beyond 32-bit element offsets"
     return None
 
 
@@ -129,6 +137,7 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
         dtypes=tuple(CUTE_DTYPES[t.dtype] for t in tensors),
         ssm_bytes=state.ssm.element_size(),
         ssm_align=_alignment(state.ssm),
+        token_strides=tuple(t.stride(0) for t in token),
     )
 
 
@@ -170,8 +179,8 @@ def mamba3_step_cute(
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_ptr
 
-    token = Mamba3Inputs(*(t.contiguous() for t in token))  # views of the in_proj split
-    out = torch.empty_like(token.x)
+    token = Mamba3Inputs(*(rows_contiguous(t) for t in token))
+    out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     tensors = _launch_tensors(token, weights, state, out)
     cfg = step_config(token, weights, options, state, tensors)
     kernel = compiled_step(cfg)

@@ -84,6 +84,9 @@ class StepConfig:
     dtypes: tuple[str, ...]  # of the 24 pointer arguments, in launch order
     ssm_bytes: int
     ssm_align: int
+    # batch strides (elements) of the token inputs x, z, b, c, dt, a, trap, angle: column
+    # slices of the in_proj output are read in place
+    token_strides: tuple[int, ...]
 
     @property
     def vector(self) -> int:
@@ -115,6 +118,9 @@ class Mamba3StepKernel:
         self.H, self.P, self.N = cfg.heads, cfg.headdim, cfg.d_state
         self.R, self.G, self.S = cfg.rank, cfg.groups, cfg.angles
         self.NT = cfg.threads
+        self.SX, self.SZ, self.SB, self.SC, self.SDT, self.SA, self.STRAP, self.SANG = (
+            cfg.token_strides
+        )
         self.W = self.NT // 32
         self.V = cfg.vector
         self.T = cfg.lanes_per_row
@@ -180,20 +186,20 @@ class Mamba3StepKernel:
         batch: Int32,
         stream: cuda.CUstream,
     ):
-        H, P, N, R, G, S = self.H, self.P, self.N, self.R, self.G, self.S
+        H, P, N, R, S = self.H, self.P, self.N, self.R, self.S
 
         def flat(ptr, size):
             return cute.make_tensor(ptr, cute.make_layout(size))
 
         tensors = (
-            flat(x, batch * H * P),
-            flat(z, batch * H * P),
-            flat(b, batch * R * G * N),
-            flat(c, batch * R * G * N),
-            flat(dt, batch * H),
-            flat(a, batch * H),
-            flat(trap, batch * H),
-            flat(angle, batch * max(S, 1)),
+            flat(x, batch * self.SX),
+            flat(z, batch * self.SZ),
+            flat(b, batch * self.SB),
+            flat(c, batch * self.SC),
+            flat(dt, batch * self.SDT),
+            flat(a, batch * self.SA),
+            flat(trap, batch * self.STRAP),
+            flat(angle, batch * max(self.SANG, 1)),
             flat(dt_bias, H),
             flat(b_norm, N),
             flat(c_norm, N),
@@ -267,14 +273,14 @@ class Mamba3StepKernel:
 
         # the inputs read once per step for this (sequence, head) come from DRAM, not L2:
         # issued before the state, so the prologue that waits on them is not queued behind it
-        dt_in = gdt[bh]
-        a_in = ga[bh]
-        trap_in = gtrap[bh]
+        dt_in = gdt[bi * self.SDT + h]
+        a_in = ga[bi * self.SA + h]
+        trap_in = gtrap[bi * self.STRAP + h]
         gamma_prev_in = gst_gamma[bh]
         angles_in = []  # (raw angle, accumulated angle) of this thread's angles
         for i in cutlass.range_constexpr(-(-S // NT)):
             s = cutlass.min(tid + NT * i, S1 - 1)
-            angles_in.append((gangle[bi * S + s], gst_angle[bh * S + s]))
+            angles_in.append((gangle[bi * self.SANG + s], gst_angle[bh * S + s]))
         k_prev_in = []  # the cached k, on the last threads
         for i in cutlass.range_constexpr(-(-(R * N) // NT)):
             idx = cutlass.min(top + NT * i, R * N - 1)
@@ -283,7 +289,8 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-P // NT)):
             p = cutlass.min(top + NT * i, P - 1)
             mx = [gmx[(h * R + r) * P + p] for r in range(R)] if cfg.mimo else [F32(1.0)] * R
-            x_in.append((gx[bh * P + p], gst_x[bh * P + p], gz[bh * P + p], mx))
+            token_x = gx[bi * self.SX + h * P + p]
+            x_in.append((token_x, gst_x[bh * P + p], gz[bi * self.SZ + h * P + p], mx))
 
         # B_r and C_r rows with their norm weights and biases (L2) for this warp's
         # normalisations: issued now, so their round trip overlaps the DRAM loads instead of
@@ -541,19 +548,20 @@ class Mamba3StepKernel:
         loaded = tuple([kind(0.0)] * count for kind in types)
         for r in cutlass.range_constexpr(R):
             if job == 2 * r:
-                loaded = self._row_loads(gb, gb_norm, gb_bias, r, g, h, bi, lane)
+                loaded = self._row_loads(gb, gb_norm, gb_bias, bi * self.SB, r, g, h, lane)
             if job == 2 * r + 1:
-                c_loaded = self._row_loads(gc, gc_norm, gc_bias, r, g, h, bi, lane)
+                c_loaded = self._row_loads(gc, gc_norm, gc_bias, bi * self.SC, r, g, h, lane)
                 loaded = tuple(
                     [v.to(kind) for v in vs] for kind, vs in zip(types, c_loaded, strict=True)
                 )
         return loaded
 
-    def _row_loads(self, gv, gw, gbias, r, g, h, bi, lane):
-        """Row r of B or C (raw), its norm weight and bias at this lane's columns, as stored;
-        lanes past N read column N-1 (`_normalise` zeroes their values)."""
+    def _row_loads(self, gv, gw, gbias, row0, r, g, h, lane):
+        """Row r of B or C (raw; the sequence's values at row0), its norm weight and bias at
+        this lane's columns, as stored; lanes past N read column N-1 (`_normalise` zeroes
+        their values)."""
         N, R, G = self.N, self.R, self.G
-        base = ((bi * R + r) * G + g) * N
+        base = row0 + (r * G + g) * N
         values, weights, biases = [], [], []
         for j in range(-(-N // 32)):
             n = cutlass.min(lane + 32 * j, N - 1)

@@ -29,6 +29,7 @@ from hybrid.kernels.mamba3_common import (
     Mamba3State,
     Mamba3Weights,
     is_power_of_two,
+    rows_contiguous,
 )
 from hybrid.kernels.triton_math import (
     PI,
@@ -43,9 +44,10 @@ MAX_TILED_RANK = tl.constexpr(2)  # above it, y's γ term goes through the state
 
 
 @triton.jit
-def _angles(st_ang_ptr, ang_ptr, row, offs, mask, delta, S):
-    """Accumulated angle at index offs (< S): φ + Δ·π·tanh(angle), wrapped to [0, 2π)."""
-    raw = tl.load(ang_ptr + row * S + offs, mask=mask, other=0.0).to(tl.float32)
+def _angles(st_ang_ptr, ang_ptr, offs, mask, delta):
+    """Accumulated angle at index offs (< S): φ + Δ·π·tanh(angle), wrapped to [0, 2π)
+    (ang_ptr at the sequence's raw angles)."""
+    raw = tl.load(ang_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     theta = tanh(raw) * PI
     phi = tl.load(st_ang_ptr + offs, mask=mask, other=0.0).to(tl.float32) + delta * theta
     return wrap_angle(phi)
@@ -99,6 +101,14 @@ def _mamba3_step_kernel(
     st_x_ptr,
     st_gamma_ptr,
     out_ptr,
+    x_stride,
+    z_stride,
+    b_stride,
+    c_stride,
+    dt_stride,
+    a_stride,
+    trap_stride,
+    ang_stride,
     H,
     G,
     S,
@@ -123,9 +133,10 @@ def _mamba3_step_kernel(
     offs_n = tl.arange(0, N)
 
     # discretisation
-    delta = softplus(tl.load(dt_ptr + bh).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32))
-    big_a, _ = a_coefficient(tl.load(a_ptr + bh).to(tl.float32), a_floor, HEAVY_TAIL)
-    lam = tl.sigmoid(tl.load(trap_ptr + bh).to(tl.float32))
+    dt = tl.load(dt_ptr + b * dt_stride + h).to(tl.float32)
+    delta = softplus(dt + tl.load(dt_bias_ptr + h).to(tl.float32))
+    big_a, _ = a_coefficient(tl.load(a_ptr + b * a_stride + h).to(tl.float32), a_floor, HEAVY_TAIL)
+    lam = tl.sigmoid(tl.load(trap_ptr + b * trap_stride + h).to(tl.float32))
     alpha = tl.exp(delta * big_a)
     beta = (1.0 - lam) * delta * alpha
     gamma = lam * delta
@@ -135,7 +146,8 @@ def _mamba3_step_kernel(
     offs_s = tl.arange(0, S_BLOCK)
     smask = offs_s < S
     st_ang = st_ang_ptr + bh * S
-    phi_s = _angles(st_ang, ang_ptr, b, offs_s, smask, delta, S)
+    ang_row = ang_ptr + b * ang_stride
+    phi_s = _angles(st_ang, ang_row, offs_s, smask, delta)
     if HALVES:
         first = offs_n < S
         second = (offs_n >= N // 2) & (offs_n < N // 2 + S)
@@ -150,15 +162,15 @@ def _mamba3_step_kernel(
         sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
     j = tl.where(rotated, j, 0)
     partner = tl.where(rotated, partner, offs_n)
-    cos_w, sin_w = cos_sin_wrapped(_angles(st_ang, ang_ptr, b, j, rotated, delta, S))
+    cos_w, sin_w = cos_sin_wrapped(_angles(st_ang, ang_row, j, rotated, delta))
     cos_n = tl.where(rotated, cos_w, 1.0)
     sin_n = tl.where(rotated, sin_w, 0.0) * sign
 
-    x = tl.load(x_ptr + bh * P + offs_p).to(tl.float32)
+    x = tl.load(x_ptr + b * x_stride + h * P + offs_p).to(tl.float32)
     x_prev = tl.load(st_x_ptr + bh * P + offs_p).to(tl.float32)
-    z = tl.load(z_ptr + bh * P + offs_p).to(tl.float32)
-    row_b = b_ptr + (b * R * G + g) * N  # rank r's row: + r·G·N
-    row_c = c_ptr + (b * R * G + g) * N
+    z = tl.load(z_ptr + b * z_stride + h * P + offs_p).to(tl.float32)
+    row_b = b_ptr + b * b_stride + g * N  # rank r's row: + r·G·N
+    row_c = c_ptr + b * c_stride + g * N
     bias_b = bb_ptr + h * R * N  # rank r's bias: + r·N
     bias_c = cb_ptr + h * R * N
     k_rows = st_k_ptr + (b * R * H + h) * N  # rank r's cached k: + r·H·N
@@ -238,11 +250,11 @@ def mamba3_step_triton(
     token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Options, state: Mamba3State
 ) -> Tensor:
     """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype."""
-    token = Mamba3Inputs(*(t.contiguous() for t in token))  # views of the in_proj split
+    token = Mamba3Inputs(*(rows_contiguous(t) for t in token))
     batch, n_heads, headdim = token.x.shape
     rank, n_groups, d_state = token.b.shape[1], token.b.shape[2], token.b.shape[3]
     n_angles = token.angle.shape[-1]
-    out = torch.empty_like(token.x)
+    out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     mimo = weights.mimo_x is not None
     _mamba3_step_kernel[(batch, n_heads)](
         token.x,
@@ -269,6 +281,7 @@ def mamba3_step_triton(
         state.x,
         state.gamma,
         out,
+        *(t.stride(0) for t in token),
         n_heads,
         n_groups,
         n_angles,
