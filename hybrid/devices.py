@@ -58,6 +58,13 @@ def on_input_device(launch: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter: one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast casts matmul operands to on t's device, or None where it is off."""
     device = t.device.type

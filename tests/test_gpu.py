@@ -215,11 +215,11 @@ def test_cuda_graph_generate_in_bf16_is_greedy_within_bf16_error():
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(16, 4, 128), (16, 16, 64)])
 def test_fa4_decode_matches_sdpa_decode_at_ragged_lengths(heads, kv_heads, head_dim):
     from hybrid.cache import KVCache
-    from hybrid.layers.attention import fa4_decode, sdpa_decode, select_decode_backend
+    from hybrid.layers.attention import _import_fa4_decode, fa4_decode, sdpa_decode
 
-    backend, why = select_decode_backend("auto", CUDA, torch.bfloat16)
-    if backend != "fa4":
-        pytest.skip(f"decode backend is {backend}: {why}")
+    backend, why = select_backend("auto", CUDA, torch.bfloat16)
+    if backend != "fa4" or _import_fa4_decode() is None:
+        pytest.skip(f"no flash-attn-4 decode: prefill backend {backend} ({why})")
     torch.manual_seed(0)
     cache = KVCache.empty(8, kv_heads, 1100, head_dim, device=CUDA, dtype=torch.bfloat16)
     cache.k.normal_(), cache.v.normal_()
@@ -227,6 +227,41 @@ def test_fa4_decode_matches_sdpa_decode_at_ragged_lengths(heads, kv_heads, head_
     cache.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
     q = torch.randn(8, 1, heads, head_dim, device=CUDA, dtype=torch.bfloat16)
     assert rel_err(fa4_decode(q, cache).float(), sdpa_decode(q, cache).float()) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "head_dim", "splits"),
+    [(1, 8, 2, 64, None), (1, 16, 4, 128, 7), (8, 16, 4, 128, None), (8, 12, 12, 64, 1),
+     (3, 6, 2, 32, 3)],
+)  # fmt: skip
+def test_split_kv_decode_matches_attention_at_ragged_lengths(
+    batch, heads, kv_heads, head_dim, splits, dtype
+):
+    """The split-KV kernel against float64 softmax attention over each sequence's filled
+    positions (those past it hold NaN: never read), split counts as the device picks them
+    (None: 64+ at batch 1) and forced. fp32 to 1e-5; bf16 to 1e-2 (p rounded to bf16 before
+    its product with v, as every flash kernel does)."""
+    from hybrid.kernels.attention_decode import split_kv_decode
+
+    torch.manual_seed(0)
+    capacity = 4100
+    lengths = torch.randint(1, capacity + 1, (batch,))
+    lengths[0] = capacity
+    k, v = (torch.randn(batch, kv_heads, capacity, head_dim, device=CUDA) for _ in range(2))
+    q = torch.randn(batch, 1, heads, head_dim, device=CUDA)
+    k, v, q = k.to(dtype), v.to(dtype), q.to(dtype)
+    group = heads // kv_heads
+    expected = torch.empty(q.shape, dtype=torch.float64)
+    for b, length in enumerate(lengths.tolist()):
+        keys = k[b, :, :length].double().repeat_interleave(group, 0)
+        values = v[b, :, :length].double().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hld->hl", q[b, 0].double(), keys) / head_dim**0.5
+        expected[b, 0] = torch.einsum("hl,hld->hd", scores.softmax(-1), values).cpu()
+        k[b, :, length:], v[b, :, length:] = float("nan"), float("nan")
+    seqlens = lengths.to(CUDA, torch.int32)
+    out = split_kv_decode(q, k, v, seqlens, splits)
+    assert rel_err(out.double().cpu(), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_graphed_attention_step_is_valid_at_every_position():

@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hybrid.kernels import (
+    attention_decode,
     chunked_cumsum,
     fused_norms,
     mamba3_coefficients,
@@ -25,13 +26,13 @@ from hybrid.kernels import (
     segment_cumsum,
 )
 
-FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps"}
+FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps", "scale"}
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}  # as every launch in hybrid/kernels asks
 INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
-                "pos_ptr", "chunk_seq_ptr"}  # fmt: skip
+                "pos_ptr", "chunk_seq_ptr", "seqlens_ptr"}  # fmt: skip
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
@@ -118,6 +119,13 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"h_ptr", "do_ptr", "dh_ptr"}),
     (rope._rope_kernel, {"HALF": 32, "HP": 32, "BT": 16, "INVERSE": False}, {"x_ptr", "out_ptr"}),
     (rope._rope_kernel, {"HALF": 24, "HP": 32, "BT": 16, "INVERSE": True}, set()),
+    (attention_decode._split_kernel,  # bf16 cache, 4 query heads per KV head, split
+     {"G": 4, "GB": 16, "D": 128, "BN": attention_decode.BLOCK_KEYS, "SPLITS": 32,
+      "PRECISION": "tf32"}, {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}),
+    (attention_decode._split_kernel,  # float32, MHA, one split: writes the output
+     {"G": 1, "GB": 16, "D": 64, "BN": attention_decode.BLOCK_KEYS, "SPLITS": 1,
+      "PRECISION": "ieee"}, set()),
+    (attention_decode._combine_kernel, {"SPLITS": 48, "SB": 64, "D": 128}, {"out_ptr"}),
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
       "HAS_MIMO": True, "HAS_NORM": True}, set()),

@@ -8,11 +8,12 @@ prefill: causal self-attention, 4k tokens, batch 8, bf16, head dim 128 (16 heads
   model's latency objective runs it). TFLOP/s counts the causal FLOPs 4·B·H·L²·D / 2 for the
   forward and 3.5× that for forward+backward (backward = 2.5× forward, FlashAttention's
   convention), against the bf16 matmul rate measured in the run.
-decode: one step of the model's decode attention (one query per sequence, GQA 4:1) at context
-  2k/8k/32k and batch 16/128: flash-attn-4 reading `seqused_k` keys per sequence
+decode: one step of decode attention (one query per sequence, GQA 4:1) at context 2k/8k/32k
+  and batch 1/16/128: the Triton split-KV kernel (`hybrid.kernels.attention_decode`, what the
+  model runs on CUDA), flash-attn-4 reading `seqused_k` keys per sequence
   (`hybrid.layers.attention.fa4_decode`), SDPA over the whole cache buffer with a length mask
-  (`sdpa_decode`; both are what the model runs, valid in one CUDA graph at every position),
-  and SDPA on keys sliced at a host length (valid for one position only). Timed as CUDA-graph
+  (`sdpa_decode`; these three are valid in one CUDA graph at every position), and SDPA on keys
+  sliced at a host length (valid for one position only). Timed as CUDA-graph
   replays; GB/s = K and V bytes read over time, against the copy bandwidth measured here.
 
 A row that cannot run says why ("missing: ...", "unsupported: ...", "out of memory").
@@ -46,8 +47,10 @@ from common import (
 
 from hybrid.cache import KVCache
 from hybrid.graphs import capture_cuda_graph
+from hybrid.kernels.attention_decode import split_kv_decode
 from hybrid.layers.attention import (
     _import_fa4,
+    _import_fa4_decode,
     fa4_decode,
     sdpa_decode,
     select_backend,
@@ -74,7 +77,7 @@ def setup(quick: bool) -> Setup:
         return Setup(((2, 256, 4, 64),), (2,), (128, 512), ((4, 2, 64),))
     return Setup(
         ((8, 4096, 16, 128), (8, 4096, 32, 64)),
-        (16, 128),
+        (1, 16, 128),
         (2048, 8192, 32768),
         ((16, 4, 128), (32, 8, 64)),
     )
@@ -157,8 +160,13 @@ def prefill_rows(s: Setup, device, dtype, peak: Ceilings) -> list[dict]:
 
 def decode_contestants(device: torch.device, dtype: torch.dtype) -> dict[str, Callable | str]:
     """name -> fn(q (Bt, 1, H, D), cache) or why it cannot run here."""
-    backend, why = select_decode_backend("auto", device, dtype)
-    fa4 = fa4_decode if backend == "fa4" else f"missing: {why}"
+    prefill, why = select_backend("auto", device, dtype)
+    fa4 = fa4_decode if prefill == "fa4" and _import_fa4_decode() else f"missing: {why}"
+    split_kv = (
+        (lambda q, cache: split_kv_decode(q, cache.k, cache.v, cache.seqlens))
+        if device.type == "cuda"
+        else "missing: needs CUDA"
+    )
 
     def sliced(q: torch.Tensor, cache: KVCache) -> torch.Tensor:
         n = cache.length
@@ -166,7 +174,12 @@ def decode_contestants(device: torch.device, dtype: torch.dtype) -> dict[str, Ca
             q.transpose(1, 2), cache.k[:, :, :n], cache.v[:, :, :n], enable_gqa=True
         )
 
-    return {"fa4 seqused_k": fa4, "sdpa masked": sdpa_decode, "sdpa sliced": sliced}
+    return {
+        "split-kv": split_kv,
+        "fa4 seqused_k": fa4,
+        "sdpa masked": sdpa_decode,
+        "sdpa sliced": sliced,
+    }
 
 
 def decode_rows(s: Setup, device, dtype, peak: Ceilings) -> list[dict]:
@@ -275,23 +288,26 @@ def print_decode(rows: list[dict]) -> None:
             f"{fmt(r.get('gbs'), 8, 0)}{fmt(r.get('pct_copy'), 7, 1)}  {r['status']}"
         )
     match = ("batch", "context", "heads", "head_dim")
+
+    def same_shape(kernel: str, r: dict) -> float | None:
+        return next(
+            (
+                x["us"]
+                for x in rows
+                if x["kernel"] == kernel and x.get("us") and all(x[m] == r[m] for m in match)
+            ),
+            None,
+        )
+
     for r in rows:
-        if r["kernel"] == "fa4 seqused_k" and r.get("us"):
-            masked = next(
-                (
-                    x["us"]
-                    for x in rows
-                    if x["kernel"] == "sdpa masked"
-                    and x.get("us")
-                    and all(x[m] == r[m] for m in match)
-                ),
-                None,
-            )
+        if r["kernel"] == "split-kv" and r.get("us"):
+            peers = {p: same_shape(p, r) for p in ("fa4 seqused_k", "sdpa masked")}
             best = best_sdpa(rows, r, "us", match)
             print(
-                f"FA4 decode speed-up at B={r['batch']} ctx={r['context']} D={r['head_dim']}: "
-                f"over sdpa masked {fmt(masked and masked / r['us'], 0, 2)}x, "
-                f"over the best SDPA {fmt(best and best / r['us'], 0, 2)}x"
+                f"split-KV speed-up at B={r['batch']} ctx={r['context']} "
+                f"H={r['heads']}/{r['kv_heads']} D={r['head_dim']}: "
+                + ", ".join(f"over {p} {fmt(t and t / r['us'], 0, 2)}x" for p, t in peers.items())
+                + f", over the best SDPA {fmt(best and best / r['us'], 0, 2)}x"
             )
 
 
@@ -307,7 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     peak = measure_ceilings(device)
     s = setup(args.quick)
     prefill_backend = select_backend("auto", device, dtype)
-    decode_backend = select_decode_backend("auto", device, dtype)
+    decode_backend = {
+        d: select_decode_backend("auto", device, dtype, d) for _, _, d in s.decode_heads
+    }
     print(f"device: {describe_device(device)}; {peak}; dtype {dtype}")
     print(f"model's attention backends: prefill {prefill_backend}, decode {decode_backend}")
     prefill = prefill_rows(s, device, dtype, peak)

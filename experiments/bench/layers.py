@@ -66,6 +66,12 @@ def setup(quick: bool) -> Setup:
     return Setup(d_model, prefill, decode, context, specs)
 
 
+def attention_head_dim(s: Setup) -> int:
+    """The head dim of the setup's attention layers."""
+    spec = next(spec for _, spec in s.specs if spec.kind == "attention")
+    return spec.config.head_size(s.d_model)
+
+
 def prefill_rows(layer, name, s: Setup, device, dtype, peak):
     rows = []
     for batch, seq in s.prefill:
@@ -168,7 +174,7 @@ def main() -> None:
     print(f"device: {describe_device(device)}; {peak}; dtype {dtype}; d_model {s.d_model}")
     print(
         f"attention auto backend: prefill {select_backend('auto', device, dtype)}, "
-        f"decode {select_decode_backend('auto', device, dtype)}"
+        f"decode {select_decode_backend('auto', device, dtype, attention_head_dim(s))}"
     )
     prefill, decode = [], []
     for name, spec in s.specs:

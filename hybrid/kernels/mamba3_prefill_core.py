@@ -36,11 +36,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.devices import multiprocessors
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.projection_grads import gradient_output
+from hybrid.kernels.triton_math import dot_precision
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # HYBRID_TRITON_AUTOTUNE=0 compiles one config per kernel (the test suites: many shapes)
@@ -481,11 +483,6 @@ def _new_output(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """Full float32 products for float32 inputs (tests, oracle checks); bf16/fp16 use MMA."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def state_pass_columns(pairs: int) -> int:
     """State columns a state-pass program carries, from the number of (sequence, head)
     pairs: each program walks its pair's chunks in order, so few pairs need narrow tiles to
@@ -512,13 +509,6 @@ def state_pass_segments(programs: int, chunks: int, sms: int) -> int:
                       chunks // MIN_SEGMENT_CHUNKS))  # fmt: skip
 
 
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device; 1 elsewhere (the interpreter: one program at a time)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):
     """Per-chunk carries (n_chunks, H, DX, DY) and the carry after the last chunk (fp32).
     x is (T, R, H, DX), or with mx (MIMO weights (H, R, DX)) the (T, H, DX) x they scale.
@@ -534,7 +524,7 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     bx = min(dx, 64)
     tiles = (dx // bx) * (dy // by)
     segments = state_pass_segments(
-        table.n_seq * heads * tiles, table.longest, _multiprocessors(x.device)
+        table.n_seq * heads * tiles, table.longest, multiprocessors(x.device)
     )
     seg_len = triton.cdiv(table.longest, segments)
     n_seg = triton.cdiv(table.longest, seg_len)
@@ -548,7 +538,7 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
         x, pointer_or(mx, s), y, a, s, states, pointer_or(init, final), final, seg_carry,
         seg_decay, table.seq_starts, table.seq_chunk0, heads, x.stride(0), n_seg, seg_len,
         HAS_INIT=init is not None, HAS_MX=mx is not None, SEGMENTED=n_seg > 1,
-        PRECISION=_precision(x.dtype), enable_fp_fusion=True, **shapes,
+        PRECISION=dot_precision(x.dtype), enable_fp_fusion=True, **shapes,
     )  # fmt: skip
     if n_seg > 1:
         _state_fixup_kernel[grid](
@@ -575,7 +565,7 @@ def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable):
     _chunk_output_kernel[grid](
         q, k, v, pointer_or(mx, a), a, s, g, pointer_or(d, a), states, y, table.tok0,
         table.ntok, heads, v.stride(0), N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn,
-        BP=bp, HAS_MX=mx is not None, HAS_D=d is not None, PRECISION=_precision(q.dtype),
+        BP=bp, HAS_MX=mx is not None, HAS_D=d is not None, PRECISION=dot_precision(q.dtype),
         enable_fp_fusion=True,
     )  # fmt: skip
     return y, final, states
@@ -598,7 +588,7 @@ def scan_backward(q, k, v, mx, a, s, g, d, states, dy, dfinal, table: ChunkTable
         q, k, rows, dy, a, s, g, pointer_or(d, a), states, dstates, dq, dk, dv, per_row[0],
         per_row[1], per_row[2], pointer_or(dd, a), table.tok0, table.ntok, heads,
         rows.stride(0), dv.stride(0) // rank, N=d_state, P=headdim, R=rank, BT=chunk_rows,
-        BN=min(d_state, GRAD_BLOCK_N), HAS_D=d is not None, PRECISION=_precision(q.dtype),
+        BN=min(d_state, GRAD_BLOCK_N), HAS_D=d is not None, PRECISION=dot_precision(q.dtype),
         enable_fp_fusion=True,
     )  # fmt: skip
     dd = dd.sum(0) if dd is not None else None

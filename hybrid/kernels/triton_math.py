@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -17,6 +18,12 @@ FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # constexpr's operator to a tensor
 PI = tl.constexpr(math.pi)
 TWO_PI = tl.constexpr(2 * math.pi)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision: full float32 products for float32 inputs (tests, oracle
+    checks); bf16/fp16 use the MMA as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

@@ -4,7 +4,8 @@ Prefill backends, first that applies: flash-attn-4 (CuTe DSL; Hopper and Blackwe
 fp16/bf16), flash-attn 2 (Ampere and newer, fp16/bf16), torch `scaled_dot_product_attention`
 (anything else, and every prefill that continues a non-empty KV cache). Decode steps (one token
 against the cache) read their positions from the cache's device tensor `seqlens`, so a CUDA
-graph of a step serves every position: flash-attn-4's `flash_attn_varlen_func` with
+graph of a step serves every position: on CUDA a Triton split-KV kernel
+(`hybrid.kernels.attention_decode`), else flash-attn-4's `flash_attn_varlen_func` with
 `seqused_k` where the prefill runs flash-attn-4, else SDPA over the whole cache with a length
 mask. Each choice and its reason are logged once per (backend, reason).
 """
@@ -138,13 +139,22 @@ def _import_fa4_decode() -> Callable | None:
 
 @cache
 def select_decode_backend(
-    requested: str, device: torch.device, dtype: torch.dtype
+    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int
 ) -> tuple[str, str]:
-    """(backend, reason) for a decode step: flash-attn-4 against the cache where the prefill
-    runs flash-attn-4 and its varlen call takes `seqused_k`, else SDPA (also under a requested
-    fa2: only flash-attn-4's decode is wired). Logs each new choice once."""
+    """(backend, reason) for a decode step. Under `auto` on CUDA, the Triton split-KV kernel
+    (`hybrid.kernels.attention_decode`) where it takes the head dim: its splits fill the SMs
+    at any batch, where flash-attn-4 on Hopper and SDPA run one CTA per (sequence, KV head).
+    Otherwise flash-attn-4 against the cache where the prefill runs flash-attn-4 and its
+    varlen call takes `seqused_k`, else SDPA (also under a requested fa2: only flash-attn-4's
+    decode is wired). Logs each new choice once."""
+    from hybrid.kernels.attention_decode import head_dim_reason
+
     prefill, why = select_backend(requested, device, dtype)
-    if prefill != "fa4":
+    split_kv_reason = head_dim_reason(head_dim)
+    split_kv_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if requested == "auto" and device.type == "cuda" and split_kv_dtype and not split_kv_reason:
+        choice = ("split-kv", "Triton split-KV kernel: the context split over the SMs")
+    elif prefill != "fa4":
         choice = ("sdpa", why if prefill == "sdpa" else "no flash-attn 2 decode path is wired")
     elif _import_fa4_decode() is None:
         choice = ("sdpa", "this flash-attn-4 has no seqused_k in flash_attn_varlen_func")
@@ -264,7 +274,11 @@ class Attention(Layer):
             q = rope_rotate(q, positions, self.config.rope_theta)
             k = rope_rotate(k, positions, self.config.rope_theta)
         cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
-        backend, _ = select_decode_backend(self.config.backend, q.device, q.dtype)
+        backend, _ = select_decode_backend(self.config.backend, q.device, q.dtype, q.shape[-1])
+        if backend == "split-kv":
+            from hybrid.kernels.attention_decode import split_kv_decode
+
+            return split_kv_decode(q, cache.k, cache.v, cache.seqlens)
         return fa4_decode(q, cache) if backend == "fa4" else sdpa_decode(q, cache)
 
     def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

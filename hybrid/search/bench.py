@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,9 @@ from hybrid.search.latency import (
     copy_bandwidth_gbs,
     measure,
 )
-from hybrid.search.space import SearchSpace
+
+if TYPE_CHECKING:  # `hybrid bench model` needs no search-space machinery (pydantic)
+    from hybrid.search.space import SearchSpace
 
 
 def bench_rows(

@@ -185,12 +185,16 @@ def layer_backends(config: ModelConfig, device: torch.device, dtype: torch.dtype
         )
         out["mamba3"] = f"{'|'.join(scan)} scan / {'|'.join(step)} step"
     if "attention" in kinds:
-        requested = {s.config.backend for s in config.layers if s.kind == "attention"}
+        requested = {
+            (s.config.backend, s.config.head_size(config.d_model))
+            for s in config.layers
+            if s.kind == "attention"
+        }
         out["attention"] = " | ".join(
             "{} prefill ({}) / {} decode ({})".format(
-                *select_backend(r, device, dtype), *select_decode_backend(r, device, dtype)
+                *select_backend(r, device, dtype), *select_decode_backend(r, device, dtype, d)
             )
-            for r in sorted(requested)
+            for r, d in sorted(requested)
         )
     return out
 

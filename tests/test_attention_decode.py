@@ -1,0 +1,44 @@
+"""The split-KV decode attention kernel: what it computes (under the Triton interpreter, against
+softmax attention in float64) and how many splits it cuts a context into."""
+
+from __future__ import annotations
+
+import torch
+from helpers import run_interpreted
+
+from hybrid.kernels.attention_decode import (
+    MAX_SPLITS,
+    MIN_SPLIT_KEYS,
+    PROGRAMS_PER_SM,
+    head_dim_reason,
+    split_count,
+)
+from hybrid.layers.attention import select_decode_backend
+
+
+def test_split_kv_kernel_matches_attention_under_the_interpreter():
+    out = run_interpreted("check_attention_decode.py")
+    assert "splits 7" in out and "worst" in out
+
+
+def test_splits_fill_the_sms_without_cutting_below_the_minimum():
+    sms = 132
+    # batch 1, 2 KV heads, 4k cache: 132 splits wanted, 32 of 128 keys fit
+    assert split_count(2, 4096, sms) == 4096 // MIN_SPLIT_KEYS
+    # a long cache: as many as fill the SMs PROGRAMS_PER_SM times, at most MAX_SPLITS
+    assert split_count(4, 1 << 20, sms) == PROGRAMS_PER_SM * sms // 4
+    assert split_count(2, 1 << 20, sms) == MAX_SPLITS
+    # a batch that fills the SMs by itself is split in 2; a short cache not at all
+    assert split_count(128 * 8, 32768, sms) == 2
+    assert split_count(1, MIN_SPLIT_KEYS, sms) == 1
+    assert split_count(1, 10, sms) == 1
+
+
+def test_head_dims_the_kernel_takes():
+    assert all(head_dim_reason(d) is None for d in (16, 32, 64, 128, 256))
+    assert all("head_dim" in head_dim_reason(d) for d in (8, 48, 96, 512))
+
+
+def test_decode_backend_off_cuda_is_sdpa():
+    backend, why = select_decode_backend("auto", torch.device("cpu"), torch.float32, 64)
+    assert backend == "sdpa" and why
