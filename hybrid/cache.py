@@ -52,7 +52,7 @@ class KVCache:
     def max_seqlen(self) -> int:
         return self.k.shape[2]
 
-    def _check_room(self, n_new: int) -> None:
+    def check_room(self, n_new: int) -> None:
         end = self.length + n_new
         if end > self.max_seqlen:
             raise ValueError(
@@ -63,7 +63,7 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (Bt, kv_heads, T, head_dim) at the host offset `length`; return every key and
         value so far."""
-        self._check_room(k.shape[2])
+        self.check_room(k.shape[2])
         end = self.length + k.shape[2]
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
@@ -74,7 +74,7 @@ class KVCache:
     def append_token(self, k: Tensor, v: Tensor) -> None:
         """Write one token per sequence, (Bt, kv_heads, 1, head_dim), at its device position
         `seqlens` and advance it: no host offset, so the same kernels serve every position."""
-        self._check_room(1)
+        self.check_room(1)
         index = self.seqlens.long().view(-1, 1, 1, 1).expand_as(k)
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)

@@ -126,6 +126,11 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"G": 1, "GB": 16, "D": 64, "BN": attention_decode.BLOCK_KEYS, "SPLITS": 1,
       "PRECISION": "ieee"}, set()),
     (attention_decode._combine_kernel, {"SPLITS": 48, "SB": 64, "D": 128}, {"out_ptr"}),
+    (attention_decode._append_kernel,
+     {"H": 16, "KV": 4, "HB": 16, "KB": 4, "HALF": 64, "HP": 64, "ROPE": True},
+     {"q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"}),
+    (attention_decode._append_kernel,  # NoPE, head dim 96, float32
+     {"H": 12, "KV": 12, "HB": 16, "KB": 16, "HALF": 48, "HP": 64, "ROPE": False}, set()),
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
       "HAS_MIMO": True, "HAS_NORM": True}, set()),

@@ -269,17 +269,33 @@ class Attention(Layer):
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
         """One token per sequence at the device positions `cache.seqlens`: no host offset, so
         a CUDA graph of the step is valid at every position."""
-        if self.config.rope:
-            positions = cache.seqlens[:, None]
-            q = rope_rotate(q, positions, self.config.rope_theta)
-            k = rope_rotate(k, positions, self.config.rope_theta)
-        cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
+        q = self._append_token(q, k, v, cache)
         backend, _ = select_decode_backend(self.config.backend, q.device, q.dtype, q.shape[-1])
         if backend == "split-kv":
             from hybrid.kernels.attention_decode import split_kv_decode
 
             return split_kv_decode(q, cache.k, cache.v, cache.seqlens)
         return fa4_decode(q, cache) if backend == "fa4" else sdpa_decode(q, cache)
+
+    def _append_token(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+        """RoPE of q and k at the device positions `cache.seqlens`, k and v written there, the
+        positions advanced; returns the rotated q. On CUDA one kernel does it all."""
+        theta = float(self.config.rope_theta)
+        if q.is_cuda:
+            from hybrid.kernels.attention_decode import append_token
+            from hybrid.kernels.rope import inverse_frequencies
+
+            inv_freq = inverse_frequencies(self.head_dim, theta, q.device)
+            cache.check_room(1)
+            q = append_token(q, k, v, cache.k, cache.v, cache.seqlens,
+                             inv_freq if self.config.rope else None)  # fmt: skip
+            cache.advance(1)
+            return q
+        if self.config.rope:
+            positions = cache.seqlens[:, None]
+            q, k = rope_rotate(q, positions, theta), rope_rotate(k, positions, theta)
+        cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
+        return q
 
     def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(Bt, T, d) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""
