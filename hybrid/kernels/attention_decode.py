@@ -1,5 +1,8 @@
-"""Split-KV ("flash-decoding") attention: one query token per sequence against a static KV
-cache, in Triton.
+"""Decode attention in Triton: one query token per sequence against a static KV cache.
+
+`append_token` takes the new token into the cache: RoPE of its q and k at each sequence's
+position `seqlens`, k and v written there, `seqlens` advanced, all in one kernel.
+`split_kv_decode` ("flash-decoding") then attends over the cache.
 
 SDPA and flash-attn-4 on Hopper walk the whole context with one CTA per (sequence, KV head):
 at batch 1 with 2 KV heads that is 2 of an H100's 132 SMs, and cuDNN SDPA took 67 µs per
