@@ -1,6 +1,7 @@
 """The Mamba-3 decode step alone (MAMBA3.md §4), at the paper's Table 6 shape: batch 128,
 d_model 2048 (64 heads × headdim 64), d_state 64 and 128, SISO and MIMO R=2 and R=4, fp32
-and bf16 SSM state (Table 6's columns), bf16 token inputs, plus MIMO R=4 with an fp32 state
+and bf16 SSM state (Table 6's columns), bf16 token inputs (column slices of one projection,
+as the layer passes them), plus MIMO R=4 with an fp32 state
 and fp32 inputs (the case where the published step falls to 19% of copy). Our CuTe DSL and
 Triton kernels against the PyTorch step (the oracle's token update) in the same run, each
 timed in CUDA graphs of consecutive steps (common.graphed_step_timing). Bandwidth is given
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,20 +30,17 @@ from hybrid.kernels.mamba3_decode import backend_unavailable, mamba3_step
 
 
 def problem(batch, heads, p, n, r, device, state_dtype=torch.float32, inputs=torch.bfloat16):
-    """One step's tensors: token inputs and the cached k, x in `inputs`, weights in fp32."""
+    """One step's tensors: token inputs and the cached k, x in `inputs`, weights in fp32. The
+    token inputs are column slices of one (batch, width) projection, as the layer passes
+    them (the step kernels read them through their row strides)."""
     s = n // 4  # rope fraction 0.5
     tok = {"device": device, "dtype": inputs}
     f32 = {"device": device, "dtype": torch.float32}
-    token = Mamba3Inputs(
-        torch.randn(batch, heads, p, **tok),
-        torch.randn(batch, heads, p, **tok),
-        torch.randn(batch, r, 1, n, **tok),
-        torch.randn(batch, r, 1, n, **tok),
-        torch.randn(batch, heads, **tok),
-        torch.randn(batch, heads, **tok),
-        torch.randn(batch, heads, **tok),
-        torch.randn(batch, s, **tok),
-    )
+    shapes = [(heads, p), (heads, p), (r, 1, n), (r, 1, n), (heads,), (heads,), (heads,), (s,)]
+    widths = [math.prod(shape) for shape in shapes]
+    projected = torch.randn(batch, sum(widths), **tok).split(widths, dim=-1)
+    pieces = zip(projected, shapes, strict=True)
+    token = Mamba3Inputs(*(t.unflatten(-1, shape) for t, shape in pieces))
     mimo = r > 1
     weights = Mamba3Weights(
         torch.randn(heads, **f32) - 2,
