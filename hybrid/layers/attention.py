@@ -141,8 +141,8 @@ def _import_fa4_decode() -> Callable | None:
 def select_decode_backend(
     requested: str, device: torch.device, dtype: torch.dtype, head_dim: int
 ) -> tuple[str, str]:
-    """(backend, reason) for a decode step. Under `auto` on CUDA, the Triton split-KV kernel
-    (`hybrid.kernels.attention_decode`) where it takes the head dim: its splits fill the SMs
+    """(backend, reason) for a decode step. Under `auto` on CUDA (sm80+), the Triton split-KV
+    kernel (`hybrid.kernels.attention_decode`) where it takes the head dim: its splits fill the SMs
     at any batch, where flash-attn-4 on Hopper and SDPA run one CTA per (sequence, KV head).
     Otherwise flash-attn-4 against the cache where the prefill runs flash-attn-4 and its
     varlen call takes `seqused_k`, else SDPA (also under a requested fa2: only flash-attn-4's
@@ -150,9 +150,14 @@ def select_decode_backend(
     from hybrid.kernels.attention_decode import head_dim_reason
 
     prefill, why = select_backend(requested, device, dtype)
-    split_kv_reason = head_dim_reason(head_dim)
-    split_kv_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if requested == "auto" and device.type == "cuda" and split_kv_dtype and not split_kv_reason:
+    split_kv = (
+        requested == "auto"
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 8  # its tl.dot takes bf16
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and head_dim_reason(head_dim) is None
+    )
+    if split_kv:
         choice = ("split-kv", "Triton split-KV kernel: the context split over the SMs")
     elif prefill != "fa4":
         choice = ("sdpa", why if prefill == "sdpa" else "no flash-attn 2 decode path is wired")
