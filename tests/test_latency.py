@@ -160,3 +160,18 @@ def test_bench_model_and_sweep_print_tables(tmp_path, capsys):
     assert main(["bench", "sweep", str(space), "--context", "24", "--prompt-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "M-M-M-M- mimo_rank=1" in out and "mimo_rank=2" in out
+
+
+def test_bench_header_names_every_layer_kinds_paths():
+    """A sweep's first architecture may lack attention: the header merges all rows' paths."""
+    from hybrid.search.bench import merged_backends
+
+    rows = [
+        {"backends": {"mamba3": "triton scan / cute step"}},
+        {"backends": {"mamba3": "triton scan / cute step", "attention": "fa4 / split-kv"}},
+        {"backends": {"mamba3": "chunked scan / torch step"}},
+    ]
+    assert merged_backends(rows) == {
+        "mamba3": "triton scan / cute step | chunked scan / torch step",
+        "attention": "fa4 / split-kv",
+    }

@@ -85,7 +85,7 @@ def print_rows(rows: list[dict[str, Any]], device: torch.device) -> None:
     first = rows[0]
     print(
         f"device: {first['device']}  SM clock: {first['sm_clock_mhz'] or '-'} MHz  "
-        f"copy bandwidth: {copy:,.0f} GB/s  backends: {first['backends']}"
+        f"copy bandwidth: {copy:,.0f} GB/s  backends: {merged_backends(rows)}"
     )
     header = (
         f"{'model':<36}{'params':>12}{'B':>5}{'ctx':>7}{'prefill ms':>12}{'±%':>6}"
@@ -101,6 +101,17 @@ def print_rows(rows: list[dict[str, Any]], device: torch.device) -> None:
             f"{r['state_bytes'] / 1e6:>10.2f}{r['decode_gbs']:>8.0f}"
             f"{100 * r['decode_gbs'] / copy:>7.1f}"
         )
+
+
+def merged_backends(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Per layer kind, every distinct prefill/decode path the rows ran, joined by " | " (a
+    sweep's first architecture may have no attention layer)."""
+    paths: dict[str, list[str]] = {}
+    for row in rows:
+        for kind, path in row["backends"].items():
+            if path not in paths.setdefault(kind, []):
+                paths[kind].append(path)
+    return {kind: " | ".join(kind_paths) for kind, kind_paths in paths.items()}
 
 
 def space_architectures(space: SearchSpace) -> list[tuple[str, ModelConfig]]:
