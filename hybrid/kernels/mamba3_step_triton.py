@@ -103,7 +103,8 @@ def _mamba3_step_kernel(
     out_ptr,
     x_stride,
     z_stride,
-    bc_stride,
+    b_stride,
+    c_stride,
     dt_stride,
     a_stride,
     trap_stride,
@@ -168,9 +169,8 @@ def _mamba3_step_kernel(
     x = tl.load(x_ptr + b * x_stride + h * P + offs_p).to(tl.float32)
     x_prev = tl.load(st_x_ptr + bh * P + offs_p).to(tl.float32)
     z = tl.load(z_ptr + b * z_stride + h * P + offs_p).to(tl.float32)
-    bc_row = b * bc_stride + g * N  # one offset for both: at R=4, N=64 two took 25 registers more
-    row_b = b_ptr + bc_row  # rank r's row: + r·G·N
-    row_c = c_ptr + bc_row
+    row_b = b_ptr + b * b_stride + g * N  # rank r's row: + r·G·N
+    row_c = c_ptr + b * c_stride + g * N
     bias_b = bb_ptr + h * R * N  # rank r's bias: + r·N
     bias_c = cb_ptr + h * R * N
     k_rows = st_k_ptr + (b * R * H + h) * N  # rank r's cached k: + r·H·N
@@ -251,8 +251,6 @@ def mamba3_step_triton(
 ) -> Tensor:
     """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype."""
     token = Mamba3Inputs(*(rows_contiguous(t) for t in token))
-    if token.b.stride(0) != token.c.stride(0):  # the kernel reads B and C at one row offset
-        token = token._replace(b=token.b.contiguous(), c=token.c.contiguous())
     batch, n_heads, headdim = token.x.shape
     rank, n_groups, d_state = token.b.shape[1], token.b.shape[2], token.b.shape[3]
     n_angles = token.angle.shape[-1]
@@ -283,8 +281,7 @@ def mamba3_step_triton(
         state.x,
         state.gamma,
         out,
-        *(t.stride(0) for t in (token.x, token.z, token.b, token.dt, token.a, token.trap)),
-        token.angle.stride(0),
+        *(t.stride(0) for t in token),
         n_heads,
         n_groups,
         n_angles,
