@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import multiprocessors, on_input_device
+from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.triton_math import dot_precision
 
 BLOCK_KEYS = 64  # keys a program loads at a time
@@ -202,12 +203,6 @@ def split_kv_decode(
     return out
 
 
-def _head_rows(x: Tensor) -> Tensor:
-    """x (Bt, 1, heads, D) with D contiguous values a head (a slice of the qkv projection
-    qualifies), else a contiguous copy."""
-    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
-
-
 @on_input_device
 def append_token(
     q: Tensor,
@@ -226,11 +221,11 @@ def append_token(
     H100.)"""
     batch, _, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    q, k, v = _head_rows(q), _head_rows(k), _head_rows(v)
+    q, k, v = token_major(q), token_major(k), token_major(v)  # qkv slices: no copy
     q_out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
     half = head_dim // 2
     _append_kernel[(batch,)](
-        q, k, v, q_out, k_cache, v_cache, seqlens, q if inv_freq is None else inv_freq,
+        q, k, v, q_out, k_cache, v_cache, seqlens, pointer_or(inv_freq, q),
         q.stride(0), k.stride(0), v.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=heads, KV=kv_heads, HB=triton.next_power_of_2(heads),

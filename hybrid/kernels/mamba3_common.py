@@ -158,14 +158,6 @@ def n_rope_angles(d_state: int, rope_fraction: float) -> int:
     return (rotated - rotated % 2) // 2
 
 
-def rows_contiguous(t: Tensor) -> Tensor:
-    """t itself when every batch row (all dims but the first) is contiguous, as in a column
-    slice of the in_proj output, which the step kernels read through its row stride; else a
-    contiguous copy. (Copies of the 8 slices were 64 of a 31M model's 147 decode-step kernels
-    at batch 64, 137 of 660 µs on an H100.)"""
-    return t if t.shape[0] == 0 or t[0].is_contiguous() else t.contiguous()
-
-
 def is_power_of_two(n: int) -> bool:
     """Kernel tile sizes (headdim, d_state, rank) must be powers of two."""
     return n > 0 and n & (n - 1) == 0

@@ -17,12 +17,12 @@ import importlib
 import torch
 from torch import Tensor
 
+from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
     Mamba3Options,
     Mamba3State,
     Mamba3Weights,
-    rows_contiguous,
 )
 
 CUTE_DTYPES = {torch.float32: "Float32", torch.bfloat16: "BFloat16", torch.float16: "Float16"}
@@ -179,7 +179,7 @@ def mamba3_step_cute(
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_ptr
 
-    token = Mamba3Inputs(*(rows_contiguous(t) for t in token))
+    token = Mamba3Inputs(*(token_major(t) for t in token))  # in_proj slices: no copy
     out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     tensors = _launch_tensors(token, weights, state, out)
     cfg = step_config(token, weights, options, state, tensors)

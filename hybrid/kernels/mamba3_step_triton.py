@@ -22,14 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.kernels.launch_args import pointer_or
+from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
     Mamba3Options,
     Mamba3State,
     Mamba3Weights,
     is_power_of_two,
-    rows_contiguous,
 )
 from hybrid.kernels.triton_math import (
     PI,
@@ -250,7 +249,7 @@ def mamba3_step_triton(
     token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Options, state: Mamba3State
 ) -> Tensor:
     """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype."""
-    token = Mamba3Inputs(*(rows_contiguous(t) for t in token))
+    token = Mamba3Inputs(*(token_major(t) for t in token))  # in_proj slices: no copy
     batch, n_heads, headdim = token.x.shape
     rank, n_groups, d_state = token.b.shape[1], token.b.shape[2], token.b.shape[3]
     n_angles = token.angle.shape[-1]

@@ -290,10 +290,10 @@ class Attention(Layer):
             from hybrid.kernels.attention_decode import append_token
             from hybrid.kernels.rope import inverse_frequencies
 
-            inv_freq = inverse_frequencies(self.head_dim, theta, q.device)
+            rope = self.config.rope
+            inv_freq = inverse_frequencies(self.head_dim, theta, q.device) if rope else None
             cache.check_room(1)
-            q = append_token(q, k, v, cache.k, cache.v, cache.seqlens,
-                             inv_freq if self.config.rope else None)  # fmt: skip
+            q = append_token(q, k, v, cache.k, cache.v, cache.seqlens, inv_freq)
             cache.advance(1)
             return q
         if self.config.rope:
