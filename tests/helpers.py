@@ -67,6 +67,19 @@ def projection_slices(inputs: Mamba3Inputs) -> tuple[Mamba3Inputs, ProjectionGra
     return Mamba3Inputs(*views), grads
 
 
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor) -> Tensor:
+    """Softmax attention of q (Bt, 1, H, D) over each sequence's first seqlens[b] keys of a
+    cache k, v (Bt, H_kv, capacity, D), in float64 on q's device: the decode kernels' oracle."""
+    group = q.shape[2] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for b, length in enumerate(seqlens.tolist()):
+        keys = k[b, :, :length].double().repeat_interleave(group, 0)
+        values = v[b, :, :length].double().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hld->hl", q[b, 0].double(), keys) / q.shape[-1] ** 0.5
+        out[b, 0] = torch.einsum("hl,hld->hd", scores.softmax(-1), values)
+    return out
+
+
 def poisoned(shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A new tensor of NaN: an output buffer in which an unwritten element shows."""
     return torch.full(shape, float("nan"), device=device, dtype=dtype)

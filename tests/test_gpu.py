@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    decode_attention_reference,
     greedy_by_forwards,
     projection_slices,
     random_inputs,
@@ -251,17 +252,12 @@ def test_split_kv_decode_matches_attention_at_ragged_lengths(
     k, v = (torch.randn(batch, kv_heads, capacity, head_dim, device=CUDA) for _ in range(2))
     q = torch.randn(batch, 1, heads, head_dim, device=CUDA)
     k, v, q = k.to(dtype), v.to(dtype), q.to(dtype)
-    group = heads // kv_heads
-    expected = torch.empty(q.shape, dtype=torch.float64)
-    for b, length in enumerate(lengths.tolist()):
-        keys = k[b, :, :length].double().repeat_interleave(group, 0)
-        values = v[b, :, :length].double().repeat_interleave(group, 0)
-        scores = torch.einsum("hd,hld->hl", q[b, 0].double(), keys) / head_dim**0.5
-        expected[b, 0] = torch.einsum("hl,hld->hd", scores.softmax(-1), values).cpu()
-        k[b, :, length:], v[b, :, length:] = float("nan"), float("nan")
     seqlens = lengths.to(CUDA, torch.int32)
+    expected = decode_attention_reference(q, k, v, seqlens)
+    for b, length in enumerate(lengths.tolist()):
+        k[b, :, length:], v[b, :, length:] = float("nan"), float("nan")
     out = split_kv_decode(q, k, v, seqlens, splits)
-    assert rel_err(out.double().cpu(), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out.double(), expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_graphed_attention_step_is_valid_at_every_position():

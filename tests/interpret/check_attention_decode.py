@@ -10,14 +10,13 @@ inputs:
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import interpreted_verdict, rel_err
+from helpers import decode_attention_reference, interpreted_verdict, rel_err
 
 from hybrid.cache import KVCache
 from hybrid.kernels.attention_decode import append_token, split_kv_decode
@@ -30,18 +29,6 @@ CASES = [  # head_dim, heads, kv_heads, capacity, seqlens, split counts
     (32, 6, 2, 200, [77, 200], [1, 4]),
     (16, 2, 2, 64, [64, 5], [1, 2]),
 ]
-
-
-def reference(q, k, v, seqlens):
-    """Softmax attention of q (Bt, 1, H, D) over each sequence's first seqlens[b] keys."""
-    group = q.shape[2] // k.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for b, length in enumerate(seqlens.tolist()):
-        keys = k[b, :, :length].double().repeat_interleave(group, 0)
-        values = v[b, :, :length].double().repeat_interleave(group, 0)
-        scores = torch.einsum("hd,hld->hl", q[b, 0].double(), keys) / math.sqrt(q.shape[-1])
-        out[b, 0] = torch.einsum("hl,hld->hd", scores.softmax(-1), values)
-    return out
 
 
 def check_append(heads: int, kv_heads: int, head_dim: int, rope: bool) -> float:
@@ -83,7 +70,7 @@ def main() -> int:
         for b, length in enumerate(lengths):  # never read
             k[b, :, length:] = float("nan")
             v[b, :, length:] = float("nan")
-        expected = reference(q, k, v, seqlens)
+        expected = decode_attention_reference(q, k, v, seqlens)
         for splits in split_counts:
             error = rel_err(split_kv_decode(q, k, v, seqlens, splits), expected)
             worst = max(worst, error)
