@@ -94,26 +94,22 @@ class HybridLM(nn.Module):
         each layer. Each residual add is fused into the next norm (`add_rms_norm`; in a decode
         step an add kernel a block is ~1.4 µs of a ~300 µs step at batch 1 on an H100).
         Returns the residual stream up to the last block and that block's output, which the
-        head's norm adds."""
+        head's norm adds. Under autocast the norms write the autocast dtype: every layer's
+        first operation on its input is a projection that autocast casts to it anyway, and
+        written so by the norm kernel the cast costs no kernel of its own either way (graphed
+        training +6.8% at 21M on an H100: BENCHMARKS.md); else the stream's dtype (None)."""
         out = None
-        normed_dtype = self._normed_dtype(x)
+        normed_dtype = autocast_dtype(x)
         for block, layer_cache in zip(self.blocks, caches, strict=True):
             x, normed = add_rms_norm(x, out, block.norm.weight, block.norm.eps, normed_dtype)
             out = run(block.layer, normed, layer_cache)
         return x, out
 
     def _head(self, x: Tensor, out: Tensor) -> Tensor:
-        """Logits from the residual stream x plus the last block's output."""
-        normed = add_rms_norm(x, out, self.norm.weight, self.norm.eps, self._normed_dtype(x))[1]
+        """Logits from the residual stream x plus the last block's output (normed in the
+        dtype the blocks' norms write)."""
+        normed = add_rms_norm(x, out, self.norm.weight, self.norm.eps, autocast_dtype(x))[1]
         return self.lm_head(normed)
-
-    @staticmethod
-    def _normed_dtype(x: Tensor) -> torch.dtype | None:
-        """Under autocast the norms write the autocast dtype: every layer's first operation
-        on its input is a projection that autocast casts to it anyway, and written so by the
-        norm kernel the cast costs no kernel of its own either way (graphed training +6.8% at
-        21M on an H100: BENCHMARKS.md); else the stream's dtype (None)."""
-        return autocast_dtype(x)
 
     def forward_in_pieces(self, tokens: Tensor, cache: InferenceCache, piece_tokens: int) -> Tensor:
         """`forward(tokens, cache, last_only=True)` over at most piece_tokens (batch × length)
