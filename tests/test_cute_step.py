@@ -6,15 +6,24 @@ checked on the GPU (tests/test_gpu_cute_step.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_inputs, random_state, random_weights
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options
-from hybrid.kernels.mamba3_decode import decode_backend, mamba3_step, planned_decode_backend
+from hybrid.kernels.mamba3_decode import (
+    decode_backend,
+    mamba3_step,
+    planned_decode_backend,
+    warn_cute_missing,
+)
 from hybrid.kernels.mamba3_step_cute import (
     _launch_tensors,
     compiled_step,
@@ -67,6 +76,29 @@ def test_kernel_compiles_for_sm90(case):
     compiled = compiled_step(cfg, "sm_90a")
     print(f"compiled {case[:5]} in {time.perf_counter() - start:.2f}s")
     assert compiled is compiled_step(cfg, "sm_90a")  # cached, not recompiled
+
+
+AMPERE_COMPILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_cute_step import CASES, _config
+from hybrid.kernels.mamba3_step_cute import compiled_step
+for arch in ("sm_80", "sm_86"):
+    for case in (CASES[0], CASES[1]):
+        print(compiled_step(_config(case), arch).__ptx__.split(".target")[1].split()[0])
+"""
+
+
+@needs_cutlass
+def test_kernel_compiles_for_ampere():
+    """The step needs compute capability 8.0 (`unsupported_reason`), not Hopper, so `auto`
+    picks it on Ampere too: SISO and MIMO compile for sm_80 and sm_86 (run on an H100 only).
+    In a subprocess, since the DSL reads CUTE_DSL_KEEP_PTX (the PTX named by the check) once."""
+    script = AMPERE_COMPILE.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"}, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["sm_80", "sm_80", "sm_86", "sm_86"]
 
 
 @needs_cutlass
@@ -166,16 +198,25 @@ def test_shape_limits_name_the_reason():
 
 def test_dispatch_without_cutlass(monkeypatch):
     """With `cutlass` not importable: auto stays on torch (CPU) / triton (CUDA sizes), a
-    forced cute raises naming the reason and the allowed values, and the step still runs."""
+    forced cute raises naming the reason and the allowed values, and the step still runs.
+    Falling back on CUDA warns once that MIMO's decode latency is then overstated; the CPU's
+    torch step, which the CuTe DSL would not replace, does not warn."""
     monkeypatch.setitem(sys.modules, "cutlass", None)  # `import cutlass` raises ImportError
     assert not cute_available()
+    warn_cute_missing.cache_clear()
     token, weights, state, options = _call(*CASES[0][:5], torch.float32, torch.float32, 1, 32)
-    assert decode_backend(token, state) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning off CUDA
+        assert decode_backend(token, state) == "torch"
+        assert planned_decode_backend("auto", False, 64, 128, 1) == "torch"
     with pytest.raises(ValueError, match=r"nvidia-cutlass-dsl is not installed.*allowed"):
         decode_backend(token, state, "cute")
-    assert planned_decode_backend("auto", True, 64, 128, 4) == "triton"
-    assert planned_decode_backend("auto", True, 48, 128, 1) == "torch"
-    assert planned_decode_backend("auto", False, 64, 128, 1) == "torch"
+    with pytest.warns(UserWarning, match=r"Triton fallback step.*overstate what MIMO"):
+        assert planned_decode_backend("auto", True, 64, 128, 4) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert planned_decode_backend("auto", True, 48, 128, 1) == "torch"
+    warn_cute_missing.cache_clear()
     out = mamba3_step(token, weights, options, state)
     assert out.shape == token.x.shape and torch.isfinite(out).all()
 

@@ -5,9 +5,14 @@ streamed once at memory bandwidth) when nvidia-cutlass-dsl imports and the shape
 the Triton kernel (`mamba3_step_triton`, powers of two only), else PyTorch. The PyTorch path
 is the oracle's own token update, used on the CPU (nothing is faster there for one token),
 under autograd, and for shapes neither kernel takes. A forced backend that cannot run raises.
+Where `auto` falls back to Triton on CUDA only because nvidia-cutlass-dsl is missing, it
+warns once: decode latencies measured then overstate MIMO's cost (see `CUTE_MISSING`).
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 from torch import Tensor
 
@@ -22,6 +27,20 @@ from hybrid.kernels.mamba3_common import (
 from hybrid.kernels.reference import mamba3_reference_step
 
 DECODE_BACKENDS = ("auto", "torch", "triton", "cute")
+# H100, fp32 state, in CUDA graphs (BENCHMARKS.md, "Mamba-3 decode step", run AH and AF)
+CUTE_MISSING = (
+    "Mamba-3 decode on CUDA runs the Triton fallback step: nvidia-cutlass-dsl is not "
+    "installed (pip install nvidia-cutlass-dsl, or the `cuda` extra; compute capability "
+    "8.0+). The CuTe DSL step it replaces is 1.2-1.4x faster for SISO and 2.0-2.4x for MIMO "
+    "rank 4 at batch 1 on an H100, so decode latencies measured without it overstate what "
+    "MIMO ranks cost."
+)
+
+
+@functools.cache
+def warn_cute_missing() -> None:
+    """Warn once per process that `auto` fell back to Triton for want of the CuTe DSL."""
+    warnings.warn(CUTE_MISSING, stacklevel=3)
 
 
 def backend_unavailable(token: Mamba3Inputs, state: Mamba3State, backend: str) -> str | None:
@@ -52,7 +71,9 @@ def planned_decode_backend(
         return "torch"
     from hybrid.kernels.mamba3_step_cute import cute_available, shape_reason
 
-    if cute_available() and shape_reason(headdim, d_state, rank, d_state // 4) is None:
+    if not cute_available():
+        warn_cute_missing()
+    elif shape_reason(headdim, d_state, rank, d_state // 4) is None:
         return "cute"
     return "triton" if all(is_power_of_two(v) for v in (headdim, d_state, rank)) else "torch"
 
@@ -66,7 +87,13 @@ def decode_backend(token: Mamba3Inputs, state: Mamba3State, requested: str = "au
         if not state.ssm.is_cuda:
             return "torch"
         candidates = ("cute", "triton", "torch")
-        return next(b for b in candidates if backend_unavailable(token, state, b) is None)
+        chosen = next(b for b in candidates if backend_unavailable(token, state, b) is None)
+        if chosen != "cute":
+            from hybrid.kernels.mamba3_step_cute import cute_available
+
+            if not cute_available():
+                warn_cute_missing()
+        return chosen
     reason = backend_unavailable(token, state, requested)
     if reason is not None:
         raise ValueError(
