@@ -211,7 +211,7 @@ def test_dispatch_without_cutlass(monkeypatch):
         assert planned_decode_backend("auto", False, 64, 128, 1) == "torch"
     with pytest.raises(ValueError, match=r"nvidia-cutlass-dsl is not installed.*allowed"):
         decode_backend(token, state, "cute")
-    with pytest.warns(UserWarning, match=r"Triton fallback step.*overstate what MIMO"):
+    with pytest.warns(UserWarning, match=r"runs a fallback step.*overstate what MIMO"):
         assert planned_decode_backend("auto", True, 64, 128, 4) == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process

@@ -29,11 +29,11 @@ from hybrid.kernels.reference import mamba3_reference_step
 DECODE_BACKENDS = ("auto", "torch", "triton", "cute")
 # H100, fp32 state, in CUDA graphs (BENCHMARKS.md, "Mamba-3 decode step", run AH and AF)
 CUTE_MISSING = (
-    "Mamba-3 decode on CUDA runs the Triton fallback step: nvidia-cutlass-dsl is not "
-    "installed (pip install nvidia-cutlass-dsl, or the `cuda` extra; compute capability "
-    "8.0+). The CuTe DSL step it replaces is 1.2-1.4x faster for SISO and 2.0-2.4x for MIMO "
-    "rank 4 at batch 1 on an H100, so decode latencies measured without it overstate what "
-    "MIMO ranks cost."
+    "Mamba-3 decode on CUDA runs a fallback step (Triton, or PyTorch where Triton does not "
+    "take the sizes): nvidia-cutlass-dsl is not installed (pip install nvidia-cutlass-dsl, "
+    "or the `cuda` extra; compute capability 8.0+). The CuTe DSL step is 1.2-1.4x faster than "
+    "the Triton one for SISO and 2.0-2.4x for MIMO rank 4 at batch 1 on an H100, so decode "
+    "latencies measured without it overstate what MIMO ranks cost."
 )
 
 
