@@ -90,13 +90,15 @@ for arch in ("sm_80", "sm_86"):
 
 
 @needs_cutlass
-def test_kernel_compiles_for_ampere():
+def test_kernel_compiles_for_ampere(tmp_path):
     """The step needs compute capability 8.0 (`unsupported_reason`), not Hopper, so `auto`
     picks it on Ampere too: SISO and MIMO compile for sm_80 and sm_86 (run on an H100 only).
-    In a subprocess, since the DSL reads CUTE_DSL_KEEP_PTX (the PTX named by the check) once."""
+    In a subprocess, since the DSL reads CUTE_DSL_KEEP_PTX (the PTX named by the check) once;
+    in a scratch directory, since it also writes that PTX to a file in the working one."""
     script = AMPERE_COMPILE.format(tests=str(Path(__file__).parent))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"}, timeout=600)  # fmt: skip
+                          cwd=tmp_path, env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"},
+                          timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["sm_80", "sm_80", "sm_86", "sm_86"]
 
@@ -196,12 +198,14 @@ def test_shape_limits_name_the_reason():
     assert "smem" in shape_reason(1024, 256, 8, 64)
 
 
-def test_dispatch_without_cutlass(monkeypatch):
+def test_dispatch_without_cutlass(monkeypatch, request):
     """With `cutlass` not importable: auto stays on torch (CPU) / triton (CUDA sizes), a
     forced cute raises naming the reason and the allowed values, and the step still runs.
     Falling back on CUDA warns once that MIMO's decode latency is then overstated; the CPU's
     torch step, which the CuTe DSL would not replace, does not warn."""
     monkeypatch.setitem(sys.modules, "cutlass", None)  # `import cutlass` raises ImportError
+    cute_available.cache_clear()  # asked again with `cutlass` gone, and after the test
+    request.addfinalizer(cute_available.cache_clear)
     assert not cute_available()
     warn_cute_missing.cache_clear()
     token, weights, state, options = _call(*CASES[0][:5], torch.float32, torch.float32, 1, 32)

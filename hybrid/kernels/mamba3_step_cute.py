@@ -31,8 +31,10 @@ MAX_RANK = 8
 SMEM_LIMIT = 48 * 1024  # static shared memory, no opt-in needed
 
 
+@functools.cache
 def cute_available() -> bool:
-    """Whether `cutlass` (nvidia-cutlass-dsl) imports."""
+    """Whether `cutlass` (nvidia-cutlass-dsl) imports; asked once per process (an eager
+    decode step asks on every call, and a failing import searches sys.path each time)."""
     try:
         importlib.import_module("cutlass")
     except ImportError:
