@@ -16,6 +16,7 @@ from hybrid.devices import autocast_dtype, on_device
 from hybrid.graphs import capture_cuda_graph
 from hybrid.kernels.norms import add_rms_norm
 from hybrid.layers import build
+from hybrid.layers.linear import Linear
 from hybrid.layers.norms import RMSNorm
 from hybrid.layers.registry import Layer
 
@@ -52,7 +53,7 @@ class HybridLM(nn.Module):
             for spec in config.layers
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps, **factory)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **factory)
+        self.lm_head = Linear(config.d_model, config.vocab_size, **factory)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight

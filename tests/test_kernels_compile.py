@@ -24,6 +24,7 @@ from hybrid.kernels import (
     rope,
     rotated_bc,
     segment_cumsum,
+    small_batch_linear,
 )
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps", "scale"}
@@ -138,6 +139,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"P": 64, "N": 64, "R": 1, "S_BLOCK": 16, "HALVES": False, "HEAVY_TAIL": True,
       "HAS_MIMO": False, "HAS_NORM": False},
      {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
+    (small_batch_linear._gemv_kernel, {"ROWS": 1, "BN": 4, "BK": 512},  # bf16 projection
+     {"x_ptr", "w_ptr", "y_ptr"}),
+    (small_batch_linear._gemv_kernel, {"ROWS": 2, "BN": 16, "BK": 64}, set()),
 ]  # fmt: skip
 
 

@@ -20,11 +20,12 @@ from inspect import signature
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hybrid.cache import KVCache
 from hybrid.devices import on_device, on_input_device
 from hybrid.errors import invalid
+from hybrid.layers.linear import Linear
 from hybrid.layers.registry import Layer, register
 
 log = logging.getLogger(__name__)
@@ -234,10 +235,8 @@ class Attention(Layer):
         self.n_heads, self.kv_heads = config.n_heads, config.kv_heads
         self.head_dim = config.head_size(d_model)
         width = (self.n_heads + 2 * self.kv_heads) * self.head_dim
-        self.qkv = nn.Linear(d_model, width, bias=False, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(
-            self.n_heads * self.head_dim, d_model, bias=False, device=device, dtype=dtype
-        )
+        self.qkv = Linear(d_model, width, device=device, dtype=dtype)
+        self.out_proj = Linear(self.n_heads * self.head_dim, d_model, device=device, dtype=dtype)
         self.out_proj.is_residual_out = True
 
     def allocate_cache(self, batch, max_seqlen, *, device, dtype) -> KVCache:

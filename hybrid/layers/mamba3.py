@@ -27,6 +27,8 @@ from hybrid.kernels.mamba3_common import (
 from hybrid.kernels.mamba3_decode import DECODE_BACKENDS
 from hybrid.kernels.mamba3_scan import SCAN_BACKENDS
 from hybrid.kernels.projection_grads import ProjectionGrads, split_projection
+from hybrid.kernels.small_batch_linear import small_batch_linear
+from hybrid.layers.linear import Linear
 from hybrid.layers.norms import GroupedGatedRMSNorm, RMSNorm
 from hybrid.layers.registry import Layer, register
 
@@ -166,9 +168,9 @@ class Mamba3(Layer):
         # in_proj's pieces in mamba_ssm's order, named as the Mamba3Inputs fields
         self._split = {"z": self.d_inner, "x": self.d_inner, "b": bc, "c": bc, "dt": h, "a": h,
                        "trap": h, "angle": self.n_angles}  # fmt: skip
-        self.in_proj = nn.Linear(d_model, sum(self._split.values()), bias=False, **factory)
+        self.in_proj = Linear(d_model, sum(self._split.values()), **factory)
         self._padding = -sum(self._split.values()) % PROJECTION_ALIGNMENT
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
+        self.out_proj = Linear(self.d_inner, d_model, **factory)
         self.out_proj.is_residual_out = True
 
         h, r, n, p = self.n_heads, self.rank, config.d_state, config.headdim
@@ -244,7 +246,7 @@ class Mamba3(Layer):
         if padding:
             dtype = autocast_dtype(weight) or weight.dtype
             weight = PaddedWeight.apply(weight, padding, dtype)
-        projected = nn.functional.linear(x, weight)
+        projected = small_batch_linear(x, weight)
         pieces, grads = split_projection(projected, {**self._split, "padding": padding})
         heads = (self.n_heads, self.config.headdim)
         bc = (self.rank, self.config.ngroups, self.config.d_state)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hybrid.errors import invalid
 from hybrid.kernels.norms import swiglu
+from hybrid.layers.linear import Linear
 from hybrid.layers.registry import Layer, register
 
 
@@ -38,8 +39,8 @@ class SwiGLU(Layer):
         super().__init__()
         self.config = config
         self.hidden = config.hidden_size(d_model)
-        self.w_in = nn.Linear(d_model, 2 * self.hidden, bias=False, device=device, dtype=dtype)
-        self.w_out = nn.Linear(self.hidden, d_model, bias=False, device=device, dtype=dtype)
+        self.w_in = Linear(d_model, 2 * self.hidden, device=device, dtype=dtype)
+        self.w_out = Linear(self.hidden, d_model, device=device, dtype=dtype)
         self.w_out.is_residual_out = True
 
     def forward(self, x: Tensor, cache: None = None) -> Tensor:

@@ -1,0 +1,129 @@
+"""Batch-1 projections: the Triton matrix-vector kernel (`small_batch_linear`) against cuBLAS
+(`F.linear`) in the same run, at the projection shapes of d_model-512 models (the search's
+31M architectures) and of d_model 2048 (the paper's 1.5B), each timed in CUDA graphs of
+consecutive calls with the weight L2-resident ("hot": one weight) and not ("cold": the calls
+cycle through copies larger than L2 together, as a model's layers do); then the latency
+objective's batch-1 decode step (`hybrid.search.latency.measure`) of four architectures
+with the kernel switched off and on, two passes each.
+
+    python experiments/bench/small_batch_linear.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import GRAPH_STEPS, describe_device, graphed_step_timing, measure_ceilings
+
+import hybrid.kernels.small_batch_linear as sbl
+from hybrid.config import ModelConfig
+from hybrid.search.latency import LatencyRequest, measure
+
+SHAPES = {  # label: (output features, input features)
+    "Mamba-3 in_proj, d 512": (2384, 512),
+    "Mamba-3 in_proj R=4, d 512": (3152, 512),
+    "Mamba-3 out_proj, d 512": (512, 1024),
+    "SwiGLU in, d 512": (2752, 512),
+    "SwiGLU out, d 512": (512, 1376),
+    "attention qkv, d 512": (768, 512),
+    "attention out, d 512": (512, 512),
+    "head (bytes), d 512": (256, 512),
+    "head (50,257), d 512": (50257, 512),
+    "Mamba-3 in_proj, d 2048": (8800, 2048),
+    "SwiGLU in, d 2048": (8192, 2048),
+    "SwiGLU out, d 2048": (2048, 4096),
+}
+COLD_BYTES = 120e6  # weight copies a cold row cycles through: more than an H100's 50 MB L2
+
+
+def architectures() -> dict[str, ModelConfig]:
+    def arch(pattern: str, rank: int = 1) -> ModelConfig:
+        return ModelConfig.from_pattern(
+            pattern, d_model=512, mamba3={"d_state": 128, "headdim": 64, "mimo_rank": rank},
+            attention={"n_heads": 8, "n_kv_heads": 2}, swiglu={"hidden": 1376},
+        )  # fmt: skip
+
+    return {"M- x 8": arch("M-" * 8), "M- x 8, R=4": arch("M-" * 8, 4),
+            "M-*- x 4": arch("M-*-" * 4), "*- x 8": arch("*-" * 8)}  # fmt: skip
+
+
+def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
+    rows = []
+    for label, (n, k) in SHAPES.items():
+        for cold in (False, True):
+            copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
+            weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+                       for _ in range(copies)]  # fmt: skip
+            x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+            row = {"shape": label, "features": n, "k": k, "l2": "cold" if cold else "hot"}
+            for name, fn in (("cublas", F.linear), ("kernel", sbl.gemv)):
+                cycle = itertools.cycle(weights)
+                timing = graphed_step_timing(
+                    lambda fn=fn, cycle=cycle, x=x: fn(x, next(cycle)), device,
+                    steps=max(GRAPH_STEPS, copies),
+                )  # fmt: skip
+                row[f"{name}_us"] = 1e3 * timing.median_ms
+            row["speedup"] = row["cublas_us"] / row["kernel_us"]
+            row["kernel_pct_copy"] = 100 * n * k * 2 / row["kernel_us"] / 1e3 / copy_gbs
+            rows.append(row)
+            print(f"{label:<28}{n:>7}{k:>6}{row['l2']:>6}{row['cublas_us']:>10.2f}"
+                  f"{row['kernel_us']:>10.2f}{row['speedup']:>8.2f}x"
+                  f"{row['kernel_pct_copy']:>8.0f}%", flush=True)  # fmt: skip
+            del weights
+    return rows
+
+
+def model_rows(device: torch.device) -> list[dict]:
+    rows = []
+    for label, config in architectures().items():
+        passes: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(2):
+            for enabled in (False, True):
+                sbl.ENABLED = enabled
+                request = LatencyRequest("decode", 1, 2048)
+                passes[enabled].append(1e3 * measure(config, request, device).median_ms)
+        sbl.ENABLED = True
+        off, on = min(passes[False]), min(passes[True])
+        rows.append({"model": label, "off_us": passes[False], "on_us": passes[True],
+                     "ratio": on / off})  # fmt: skip
+        print(
+            f"{label:<14}{passes[False][0]:>9.1f}{passes[False][1]:>9.1f}"
+            f"{passes[True][0]:>9.1f}{passes[True][1]:>9.1f}{on / off:>9.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (the kernel's CPU check is the interpreter test)")
+        return
+    device = torch.device("cuda")
+    peak = measure_ceilings(device)
+    print(f"device: {describe_device(device)}; {peak}; bf16, one input row, µs per call from "
+          f"graphs of consecutive calls")  # fmt: skip
+    print(f"{'projection':<28}{'N':>7}{'K':>6}{'L2':>6}{'cuBLAS':>10}{'kernel':>10}"
+          f"{'speedup':>9}{'% copy':>9}")  # fmt: skip
+    kernels = kernel_rows(device, peak.copy_gbs)
+    print("\nbatch-1 decode step (latency objective, context 2048), µs: kernel off ×2, on ×2")
+    print(f"{'model':<14}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
+    models = model_rows(device)
+    if args.out:
+        args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
+                                        peak.copy_gbs, "kernels": kernels, "models": models},
+                                       indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

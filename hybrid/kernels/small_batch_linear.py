@@ -1,0 +1,106 @@
+"""y = x·Wᵀ for one input row (a batch-1 decode step), as a Triton matrix-vector kernel.
+
+At batch 1 every projection of a decode step (Mamba-3's in_proj and out_proj, attention's qkv
+and output, SwiGLU's two, the head) is a matrix-vector product, and cuBLAS took 3.3-4.8 us for
+each of a d_model-512 model's (0.26-3.2 MB of weights, 3-32% of copy bandwidth on an H100):
+the largest share of the decode step the latency objective times. Here a program reads BN
+whole weight rows, in BK-wide 16-byte-vector steps, against the input row; with BN = 4 a 512-
+wide output is already 128 programs, so even the smallest projection covers the SMs, and
+wider outputs take 16 rows a program. On an H100 that is 1.24-1.72x cuBLAS at d_model 512 and
+1.06-1.28x at 2048, and the batch-1 decode step of 31M models 14-15% shorter (BENCHMARKS.md,
+"Small-batch linear"). With two rows it lost at d_model 2048 (0.62-0.79x), so more rows,
+autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is taken
+while a CUDA graph is being captured (the latency objective, graphed generation), where only
+device time is replayed. Eagerly a batch-1 step is bound by the host, and Triton's launcher
+costs more of it than cuBLAS's (54 against 20 us a call on the H100 host).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybrid.devices import on_input_device
+
+MAX_ROWS = 1
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# HYBRID_SMALL_BATCH_LINEAR=0 keeps every call on F.linear (the benchmark's A/B switch)
+ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):  # fmt: skip
+    """Program: BN output features of every input row; float32 sums over K in BK-wide steps."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    rows = cols.to(tl.int64)[:, None] * K
+    for m in tl.static_range(ROWS):
+        acc = tl.zeros([BN], tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            w = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+                        other=0.0)  # fmt: skip
+            x = tl.load(x_ptr + m * SX + ks, mask=kmask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+        tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def tiling(features: int, k: int) -> tuple[int, int]:
+    """(BN, BK) from an H100 sweep of BN 4/8/16 × BK 256/512 with the weights out of L2: BN
+    4 won every output up to 3,152 features, 16 the 8,800-wide in_proj at d_model 2048 (14.1
+    against 16.0 us with 8)."""
+    return (4 if features <= 4096 else 16), min(512, triton.next_power_of_2(k))
+
+
+def takes(x: Tensor, weight: Tensor) -> bool:
+    """Whether `small_batch_linear` runs the kernel: one row on CUDA inside a CUDA-graph
+    capture, nothing to differentiate, no autocast, one floating dtype, a contiguous weight and
+    input rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (
+        ENABLED
+        and x.is_cuda
+        and torch.cuda.is_current_stream_capturing()
+        and 0 < rows <= MAX_ROWS
+        and not grad
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == weight.dtype
+        and x.dtype in DTYPES
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and x.stride(-1) == 1
+    )
+
+
+def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The kernel's output buffer (the interpreter check poisons it with NaN)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+@on_input_device
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., K) · weight (N, K)ᵀ -> (..., N) by the kernel, whatever the row count (the
+    CPU tests run it under TRITON_INTERPRET=1)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    rows = x.reshape(-1, k)
+    out = _new_output((rows.shape[0], n), x)
+    bn, bk = tiling(n, k)
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
+        num_warps=4,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def small_batch_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """`F.linear(x, weight)` (no bias), by the kernel where `takes` says so."""
+    return gemv(x, weight) if takes(x, weight) else F.linear(x, weight)

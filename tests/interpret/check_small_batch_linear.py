@@ -1,0 +1,52 @@
+"""Run under TRITON_INTERPRET=1 (by tests/test_small_batch_linear.py): the matrix-vector
+kernel of `small_batch_linear` against `F.linear` in float64, fresh random inputs, float32
+and float16 operands; output widths that are and are not multiples of a program's rows, on
+both sides of the BN switch (4 rows a program up to 4,096 features, 16 beyond), input widths
+below, at and above one BK step, one and three input rows, an input row read from a wider
+tensor (its stride), and an output buffer poisoned with NaN (an unwritten element shows)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import interpreted_verdict, rel_err
+
+import hybrid.kernels.small_batch_linear as sbl
+
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3}  # fp16: its output rounding
+CASES = [  # output features, input features, rows
+    (4, 16, 1),
+    (37, 50, 1),
+    (300, 700, 3),
+    (4100, 40, 1),
+    (4113, 1030, 1),
+]
+
+
+def poisoned(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
+
+
+def main() -> int:
+    sbl._new_output = poisoned
+    worst = 0.0
+    for dtype, tolerance in TOLERANCE.items():
+        for n, k, rows in CASES:
+            weight = torch.randn(n, k, dtype=dtype) / k**0.5
+            wide = torch.randn(rows, 2 * k + 3, dtype=dtype)
+            x = wide[:, 3 : k + 3]  # a row stride of 2k + 3 elements
+            expected = F.linear(x.double(), weight.double())
+            error = rel_err(sbl.gemv(x.unsqueeze(1), weight).squeeze(1), expected)
+            print(f"{dtype!s:<14} N={n} K={k} rows={rows} tiling {sbl.tiling(n, k)}: "
+                  f"{error:.1e}")  # fmt: skip
+            worst = max(worst, error / tolerance)
+    return interpreted_verdict(worst, 1.0)  # the worst error over its dtype's tolerance
+
+
+if __name__ == "__main__":
+    sys.exit(main())

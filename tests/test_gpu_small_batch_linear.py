@@ -1,0 +1,75 @@
+"""The batch-1 projection kernel on CUDA (marker `gpu`; skipped without a CUDA device): which
+calls it takes, its results against float64 with a poisoned output buffer, and a model's
+graphed decode step with it against the same step on cuBLAS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err, small_hybrid_config
+
+import hybrid.kernels.small_batch_linear as sbl
+from hybrid.model import HybridLM
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def test_takes_one_inference_row_inside_a_graph_capture_only():
+    weight = torch.randn(64, 32, device=CUDA, dtype=torch.bfloat16)
+    row = torch.randn(1, 32, device=CUDA, dtype=torch.bfloat16)
+    assert not sbl.takes(row, weight)  # eager: cuBLAS's launch costs the host less
+    verdicts = {}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        verdicts["row"] = sbl.takes(row, weight) and sbl.takes(row.unsqueeze(0), weight)
+        verdicts["two rows"] = sbl.takes(torch.ones(2, 32, device=CUDA, dtype=row.dtype), weight)
+        verdicts["dtypes differ"] = sbl.takes(row.float(), weight)
+        verdicts["transposed weight"] = sbl.takes(row, weight.t().contiguous().t())
+        verdicts["grad"] = sbl.takes(row.detach().requires_grad_(), weight)
+        with torch.no_grad():
+            verdicts["no grad"] = sbl.takes(row.detach().requires_grad_(), weight)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            verdicts["autocast"] = sbl.takes(row, weight)
+    assert verdicts == {"row": True, "two rows": False, "dtypes differ": False,
+                        "transposed weight": False, "grad": False, "no grad": True,
+                        "autocast": False}  # fmt: skip
+
+
+TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]  # rounding
+SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k):
+    def poisoned(shape, like):
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
+
+    monkeypatch.setattr(sbl, "_new_output", poisoned)
+    weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
+    x = torch.randn(1, 1, k, device=CUDA, dtype=dtype)
+    out = sbl.gemv(x, weight)
+    assert out.shape == (1, 1, n)
+    assert rel_err(out, F.linear(x.double(), weight.double())) < tol
+
+
+def test_graphed_decode_step_matches_cublas(monkeypatch):
+    torch.manual_seed(0)
+    model = HybridLM(small_hybrid_config(), device=CUDA, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, 512, (1, 40), device=CUDA)
+    calls = []
+    gemv = sbl.gemv
+    monkeypatch.setattr(sbl, "gemv", lambda x, w: calls.append(w.shape) or gemv(x, w))
+    logits = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(sbl, "ENABLED", enabled)
+        with torch.inference_mode():
+            cache = model.allocate_cache(1, 48)
+            step = model.graphed_step(cache, 1)  # captured as `generate(cuda_graph=True)` does
+            model(prompt, cache, last_only=True)
+            logits[enabled] = step(prompt[:, -1]).float().clone()
+    # captured once with the kernel: every projection of the 3 mixers, 3 SwiGLUs and the head
+    assert len(calls) == 2 * 3 + 2 * 3 + 1
+    assert rel_err(logits[True], logits[False]) < 1e-2

@@ -1,0 +1,46 @@
+"""The batch-1 projection kernel (`small_batch_linear`): what it computes (under the Triton
+interpreter), its tiling rule, and that the model's projections keep nn.Linear's parameters
+and, off CUDA, its results."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from helpers import run_interpreted
+
+from hybrid.config import ModelConfig
+from hybrid.kernels.small_batch_linear import small_batch_linear, takes, tiling
+from hybrid.layers.linear import Linear
+from hybrid.model import HybridLM
+
+
+def test_kernel_matches_linear_under_the_interpreter():
+    out = run_interpreted("check_small_batch_linear.py")
+    assert "N=4113 K=1030" in out and "rows=3" in out and "worst" in out
+
+
+def test_tiling_covers_narrow_outputs_with_many_programs():
+    # 4 rows a program up to 4,096 features (a 512-wide output is 128 programs), 16 beyond
+    assert tiling(512, 1024) == (4, 512) and tiling(4096, 512) == (4, 512)
+    assert tiling(8800, 2048) == (16, 512)
+    # one K step where K is at most 512, as a power of two
+    assert tiling(256, 50)[1] == 64 and tiling(256, 16)[1] == 16
+
+
+def test_off_cuda_it_is_linear():
+    weight = torch.randn(37, 50)
+    x = torch.randn(1, 50)
+    assert not takes(x, weight)
+    assert torch.equal(small_batch_linear(x, weight), F.linear(x, weight))
+
+
+def test_model_projections_keep_linear_parameters():
+    config = ModelConfig.from_pattern("M-*-", d_model=64)
+    model = HybridLM(config)
+    projections = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # in_proj, out_proj, two SwiGLU pairs, qkv, out_proj, the head
+    assert len(projections) == 9 and all(isinstance(m, Linear) for m in projections)
+    assert all(m.bias is None for m in projections)
+    names = list(model.state_dict())  # checkpoints saved before load as they did
+    assert "blocks.0.layer.in_proj.weight" in names and "lm_head.weight" in names
+    assert not any(name.endswith("proj.bias") for name in names)
