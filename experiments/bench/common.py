@@ -1,13 +1,15 @@
 """Timing and device ceilings shared by the benchmarks: CUDA-event medians with the
-interquartile range, per-call times of short steps from CUDA graphs of consecutive calls, and
-the card's measured bf16 matmul rate and copy bandwidth."""
+interquartile range, per-call times of short steps from CUDA graphs of consecutive calls, the
+card's measured bf16 matmul rate and copy bandwidth, and the set-up of CUDA-only benchmarks."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -124,6 +126,20 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     dst = torch.empty_like(src)
     cp = time_ms(lambda: dst.copy_(src), device, reps=10)
     return Ceilings(2 * n**3 / mm.median_ms / 1e9, 2 * src.nbytes / cp.median_ms / 1e6)
+
+
+def cuda_bench(description: str) -> tuple[argparse.Namespace, torch.device, Ceilings] | None:
+    """A benchmark of CUDA-only kernels: its arguments (`--out FILE.json`), the CUDA device and
+    its ceilings, measured now; None without CUDA, saying so (those kernels' CPU check is
+    their interpreter test)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (the kernel's CPU check is the interpreter test)")
+        return None
+    device = torch.device("cuda")
+    return args, device, measure_ceilings(device)
 
 
 def describe_device(device: torch.device) -> str:

@@ -14,7 +14,6 @@ counts), each over the device-to-device copy bandwidth measured in the run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRAPH_STEPS, describe_device, graphed_step_timing, measure_ceilings
+from common import GRAPH_STEPS, cuda_bench, describe_device, graphed_step_timing
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
 from hybrid.kernels.mamba3_decode import backend_unavailable, mamba3_step
@@ -66,14 +65,9 @@ def problem(batch, heads, p, n, r, device, state_dtype=torch.float32, inputs=tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (the kernel's CPU check is the interpreter test)")
+    if (bench := cuda_bench(__doc__.splitlines()[0])) is None:
         return
-    device = torch.device("cuda")
-    peak = measure_ceilings(device)
+    args, device, peak = bench
     print(f"device: {describe_device(device)}; {peak}; per-step times from graphs of "
           f"{GRAPH_STEPS} consecutive steps")  # fmt: skip
     rows = []

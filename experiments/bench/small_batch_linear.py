@@ -11,7 +11,6 @@ with the kernel switched off and on, two passes each.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRAPH_STEPS, describe_device, graphed_step_timing, measure_ceilings
+from common import GRAPH_STEPS, cuda_bench, describe_device, graphed_step_timing
 
 import hybrid.kernels.small_batch_linear as sbl
 from hybrid.config import ModelConfig
@@ -103,14 +102,9 @@ def model_rows(device: torch.device) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (the kernel's CPU check is the interpreter test)")
+    if (bench := cuda_bench(__doc__.splitlines()[0])) is None:
         return
-    device = torch.device("cuda")
-    peak = measure_ceilings(device)
+    args, device, peak = bench
     print(f"device: {describe_device(device)}; {peak}; bf16, one input row, µs per call from "
           f"graphs of consecutive calls")  # fmt: skip
     print(f"{'projection':<28}{'N':>7}{'K':>6}{'L2':>6}{'cuBLAS':>10}{'kernel':>10}"
