@@ -41,18 +41,23 @@ TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-
 SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k):
+def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, gated):
     def poisoned(shape, like):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
 
     monkeypatch.setattr(sbl, "_new_output", poisoned)
     weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
-    x = torch.randn(1, 1, k, device=CUDA, dtype=dtype)
-    out = sbl.gemv(x, weight)
+    x = torch.randn(1, 1, 2 * k if gated else k, device=CUDA, dtype=dtype)
+    expected = x.double()
+    if gated:  # silu(gate) ⊙ up, rounded to the dtype as the product kernel stores it
+        gate, up = expected.chunk(2, dim=-1)
+        expected = (F.silu(gate) * up).to(dtype).double()
+    out = sbl.gemv(x, weight, gated=gated)
     assert out.shape == (1, 1, n)
-    assert rel_err(out, F.linear(x.double(), weight.double())) < tol
+    assert rel_err(out, F.linear(expected, weight.double())) < tol
 
 
 def test_graphed_decode_step_matches_cublas(monkeypatch):
@@ -61,7 +66,9 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
     prompt = torch.randint(0, 512, (1, 40), device=CUDA)
     calls = []
     gemv = sbl.gemv
-    monkeypatch.setattr(sbl, "gemv", lambda x, w: calls.append(w.shape) or gemv(x, w))
+    monkeypatch.setattr(
+        sbl, "gemv", lambda x, w, gated=False: calls.append(gated) or gemv(x, w, gated)
+    )
     logits = {}
     for enabled in (False, True):
         monkeypatch.setattr(sbl, "ENABLED", enabled)
@@ -70,6 +77,7 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
             step = model.graphed_step(cache, 1)  # captured as `generate(cuda_graph=True)` does
             model(prompt, cache, last_only=True)
             logits[enabled] = step(prompt[:, -1]).float().clone()
-    # captured once with the kernel: every projection of the 3 mixers, 3 SwiGLUs and the head
-    assert len(calls) == 2 * 3 + 2 * 3 + 1
+    # captured once with the kernel: every projection of the 3 mixers, 3 SwiGLUs (the output
+    # one with its gate product) and the head
+    assert len(calls) == 2 * 3 + 2 * 3 + 1 and sum(calls) == 3
     assert rel_err(logits[True], logits[False]) < 1e-2

@@ -139,9 +139,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"P": 64, "N": 64, "R": 1, "S_BLOCK": 16, "HALVES": False, "HEAVY_TAIL": True,
       "HAS_MIMO": False, "HAS_NORM": False},
      {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
-    (small_batch_linear._gemv_kernel, {"ROWS": 1, "BN": 4, "BK": 512},  # bf16 projection
-     {"x_ptr", "w_ptr", "y_ptr"}),
-    (small_batch_linear._gemv_kernel, {"ROWS": 2, "BN": 16, "BK": 64}, set()),
+    (small_batch_linear._gemv_kernel, {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True},
+     {"x_ptr", "w_ptr", "y_ptr"}),  # bf16, SwiGLU's product folded in
+    (small_batch_linear._gemv_kernel, {"ROWS": 2, "BN": 16, "BK": 64, "GATED": False}, set()),
 ]  # fmt: skip
 
 

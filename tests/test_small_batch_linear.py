@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from helpers import run_interpreted
 
 from hybrid.config import ModelConfig
-from hybrid.kernels.small_batch_linear import small_batch_linear, takes, tiling
+from hybrid.kernels.norms import swiglu
+from hybrid.kernels.small_batch_linear import small_batch_linear, swiglu_linear, takes, tiling
 from hybrid.layers.linear import Linear
 from hybrid.model import HybridLM
 
@@ -32,6 +33,8 @@ def test_off_cuda_it_is_linear():
     x = torch.randn(1, 50)
     assert not takes(x, weight)
     assert torch.equal(small_batch_linear(x, weight), F.linear(x, weight))
+    h = torch.randn(1, 100)
+    assert torch.equal(swiglu_linear(h, weight), F.linear(swiglu(h), weight))
 
 
 def test_model_projections_keep_linear_parameters():

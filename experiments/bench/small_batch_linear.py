@@ -1,8 +1,9 @@
 """Batch-1 projections: the Triton matrix-vector kernel (`small_batch_linear`) against cuBLAS
 (`F.linear`) in the same run, at the projection shapes of d_model-512 models (the search's
-31M architectures) and of d_model 2048 (the paper's 1.5B), each timed in CUDA graphs of
-consecutive calls with the weight L2-resident ("hot": one weight) and not ("cold": the calls
-cycle through copies larger than L2 together, as a model's layers do); then the latency
+31M architectures) and of d_model 2048 (the paper's 1.5B), SwiGLU's output projection also
+with its gate product folded in (against the product kernel + cuBLAS), each timed in CUDA
+graphs of consecutive calls with the weight L2-resident ("hot": one weight) and not ("cold":
+the calls cycle through copies larger than L2 together, as a model's layers do); then the latency
 objective's batch-1 decode step (`hybrid.search.latency.measure`) of four architectures
 with the kernel switched off and on, two passes each.
 
@@ -11,6 +12,7 @@ with the kernel switched off and on, two passes each.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import sys
@@ -24,6 +26,7 @@ from common import GRAPH_STEPS, cuda_bench, describe_device, graphed_step_timing
 
 import hybrid.kernels.small_batch_linear as sbl
 from hybrid.config import ModelConfig
+from hybrid.kernels.norms import swiglu
 from hybrid.search.latency import LatencyRequest, measure
 
 SHAPES = {  # label: (output features, input features)
@@ -40,6 +43,9 @@ SHAPES = {  # label: (output features, input features)
     "SwiGLU in, d 2048": (8192, 2048),
     "SwiGLU out, d 2048": (2048, 4096),
 }
+# SwiGLU's output projection fed its [gate | up] row: cuBLAS after the separate product kernel
+# against the kernel forming silu(gate) ⊙ up itself (`swiglu_linear`)
+GATED = {"SwiGLU product + out, d 512": (512, 1376), "SwiGLU product + out, d 2048": (2048, 4096)}
 COLD_BYTES = 120e6  # weight copies a cold row cycles through: more than an H100's 50 MB L2
 
 
@@ -56,14 +62,18 @@ def architectures() -> dict[str, ModelConfig]:
 
 def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
     rows = []
-    for label, (n, k) in SHAPES.items():
+    cases = [(label, shape, False) for label, shape in SHAPES.items()]
+    cases += [(label, shape, True) for label, shape in GATED.items()]
+    for label, (n, k), gated in cases:
+        peer = (lambda h, w: F.linear(swiglu(h), w)) if gated else F.linear
+        kernel = functools.partial(sbl.gemv, gated=gated)
         for cold in (False, True):
             copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
             weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
                        for _ in range(copies)]  # fmt: skip
-            x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+            x = torch.randn(1, 2 * k if gated else k, device=device, dtype=torch.bfloat16)
             row = {"shape": label, "features": n, "k": k, "l2": "cold" if cold else "hot"}
-            for name, fn in (("cublas", F.linear), ("kernel", sbl.gemv)):
+            for name, fn in (("cublas", peer), ("kernel", kernel)):
                 cycle = itertools.cycle(weights)
                 timing = graphed_step_timing(
                     lambda fn=fn, cycle=cycle, x=x: fn(x, next(cycle)), device,

@@ -1,18 +1,20 @@
 """y = x·Wᵀ for one input row (a batch-1 decode step), as a Triton matrix-vector kernel.
 
 At batch 1 every projection of a decode step (Mamba-3's in_proj and out_proj, attention's qkv
-and output, SwiGLU's two, the head) is a matrix-vector product, and cuBLAS took 3.3-4.8 us for
-each of a d_model-512 model's (0.26-3.2 MB of weights, 3-32% of copy bandwidth on an H100):
+and output, SwiGLU's two, the head) is a matrix-vector product, and cuBLAS took 3.2-4.8 us for
+each of a d_model-512 model's (0.26-3.2 MB of weights, 3-30% of copy bandwidth on an H100):
 the largest share of the decode step the latency objective times. Here a program reads BN
 whole weight rows, in BK-wide 16-byte-vector steps, against the input row; with BN = 4 a 512-
 wide output is already 128 programs, so even the smallest projection covers the SMs, and
-wider outputs take 16 rows a program. On an H100 that is 1.24-1.72x cuBLAS at d_model 512 and
-1.06-1.28x at 2048, and the batch-1 decode step of 31M models 14-15% shorter (BENCHMARKS.md,
-"Small-batch linear"). With two rows it lost at d_model 2048 (0.62-0.79x), so more rows,
-autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is taken
-while a CUDA graph is being captured (the latency objective, graphed generation), where only
-device time is replayed. Eagerly a batch-1 step is bound by the host, and Triton's launcher
-costs more of it than cuBLAS's (54 against 20 us a call on the H100 host).
+wider outputs take 16 rows a program; SwiGLU's output projection forms silu(gate) * up from
+its input row itself (`swiglu_linear`). On an H100 that is 1.25-1.72x cuBLAS at d_model 512
+(1.59-1.85x against the product kernel + cuBLAS for SwiGLU's) and 1.06-1.33x at 2048, and
+the batch-1 decode step of 31M models 19-21% shorter (BENCHMARKS.md, "Small-batch linear").
+With two rows it lost at d_model 2048 (0.62-0.79x), so more rows, autograd, autocast and the
+CPU stay on `F.linear`. So do eager calls: the kernel is taken while a CUDA graph is being
+captured (the latency objective, graphed generation), where only device time is replayed.
+Eagerly a batch-1 step is bound by the host, and Triton's launcher costs more of it than
+cuBLAS's (54 against 20 us a call on the H100 host).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.norms import swiglu
 
 MAX_ROWS = 1
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -35,8 +38,10 @@ ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):  # fmt: skip
-    """Program: BN output features of every input row; float32 sums over K in BK-wide steps."""
+                 BK: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
+    """Program: BN output features of every input row; float32 sums over K in BK-wide steps.
+    GATED: the row is SwiGLU's [gate | up] (2K wide) and the input is silu(gate) ⊙ up, rounded
+    to the row's dtype as the separate product kernel stores it."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     rows = cols.to(tl.int64)[:, None] * K
@@ -48,6 +53,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.c
             w = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0)  # fmt: skip
             x = tl.load(x_ptr + m * SX + ks, mask=kmask, other=0.0)
+            if GATED:
+                gate = x.to(tl.float32)
+                up = tl.load(x_ptr + m * SX + K + ks, mask=kmask, other=0.0).to(tl.float32)
+                x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
         tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
@@ -86,17 +95,18 @@ def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 @on_input_device
-def gemv(x: Tensor, weight: Tensor) -> Tensor:
+def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     """x (..., K) · weight (N, K)ᵀ -> (..., N) by the kernel, whatever the row count (the
-    CPU tests run it under TRITON_INTERPRET=1)."""
-    k = x.shape[-1]
+    CPU tests run it under TRITON_INTERPRET=1); `gated`: x is (..., 2K) [gate | up] and
+    silu(gate) ⊙ up is multiplied instead."""
+    k = weight.shape[1]
     n = weight.shape[0]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(-1, x.shape[-1])
     out = _new_output((rows.shape[0], n), x)
     bn, bk = tiling(n, k)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
-        num_warps=4,
+        GATED=gated, num_warps=4,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
@@ -104,3 +114,12 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
 def small_batch_linear(x: Tensor, weight: Tensor) -> Tensor:
     """`F.linear(x, weight)` (no bias), by the kernel where `takes` says so."""
     return gemv(x, weight) if takes(x, weight) else F.linear(x, weight)
+
+
+def swiglu_linear(h: Tensor, weight: Tensor) -> Tensor:
+    """`F.linear(swiglu(h), weight)` for SwiGLU's fused [gate | up] projection h; where `takes`
+    says so, in one kernel: at batch 1 the separate product was a launch of its own (~1.5 us
+    of a ~190 us step, once per SwiGLU)."""
+    if takes(h, weight) and h.shape[-1] == 2 * weight.shape[1]:
+        return gemv(h, weight, gated=True)
+    return F.linear(swiglu(h), weight)

@@ -3,7 +3,8 @@ kernel of `small_batch_linear` against `F.linear` in float64, fresh random input
 and float16 operands; output widths that are and are not multiples of a program's rows, on
 both sides of the BN switch (4 rows a program up to 4,096 features, 16 beyond), input widths
 below, at and above one BK step, one and three input rows, an input row read from a wider
-tensor (its stride), and an output buffer poisoned with NaN (an unwritten element shows)."""
+tensor (its stride), and an output buffer poisoned with NaN (an unwritten element shows);
+each also with SwiGLU's gated input (silu(gate) ⊙ up of a [gate | up] row)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,13 @@ def main() -> int:
             error = rel_err(sbl.gemv(x.unsqueeze(1), weight).squeeze(1), expected)
             print(f"{dtype!s:<14} N={n} K={k} rows={rows} tiling {sbl.tiling(n, k)}: "
                   f"{error:.1e}")  # fmt: skip
+            worst = max(worst, error / tolerance)
+            # SwiGLU's [gate | up] row: silu(gate) ⊙ up, rounded to the dtype, then the product
+            h = torch.randn(rows, 2 * k, dtype=dtype)
+            gate, up = h.double().chunk(2, dim=-1)
+            expected = F.linear((F.silu(gate) * up).to(dtype).double(), weight.double())
+            error = rel_err(sbl.gemv(h, weight, gated=True), expected)
+            print(f"{'':<14} gated: {error:.1e}")
             worst = max(worst, error / tolerance)
     return interpreted_verdict(worst, 1.0)  # the worst error over its dtype's tolerance
 
