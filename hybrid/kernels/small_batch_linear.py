@@ -99,9 +99,10 @@ def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     """x (..., K) · weight (N, K)ᵀ -> (..., N) by the kernel, whatever the row count (the
     CPU tests run it under TRITON_INTERPRET=1); `gated`: x is (..., 2K) [gate | up] and
     silu(gate) ⊙ up is multiplied instead."""
-    k = weight.shape[1]
-    n = weight.shape[0]
+    weight = weight.contiguous()  # the kernel reads rows of K (no copy where they are)
+    n, k = weight.shape
     rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = _new_output((rows.shape[0], n), x)
     bn, bk = tiling(n, k)
     _gemv_kernel[(triton.cdiv(n, bn),)](

@@ -1,6 +1,6 @@
-"""The projection layer every model block uses: `nn.Linear` without a bias, whose few-row
-calls (a decode step's matrix-vector products) run the Triton kernel of
-`small_batch_linear`; everything else is `F.linear`, as before."""
+"""The projection layer every model block uses: `nn.Linear` without a bias whose one-row calls
+captured into a CUDA graph (a batch-1 decode step's matrix-vector products) run the Triton
+kernel of `small_batch_linear`; everything else is `F.linear`, as before."""
 
 from __future__ import annotations
 
