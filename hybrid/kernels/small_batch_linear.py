@@ -89,6 +89,15 @@ def takes(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def planned_backend(device: torch.device) -> str:
+    """What the projections run on `device`, prefill / decode (the latency records' entry)."""
+    if device.type != "cuda":
+        return f"F.linear (device is {device.type})"
+    if not ENABLED:
+        return "cublas prefill / cublas decode (HYBRID_SMALL_BATCH_LINEAR=0)"
+    return "cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1 in CUDA graphs)"
+
+
 def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """The kernel's output buffer (the interpreter check poisons it with NaN)."""
     return torch.empty(shape, device=like.device, dtype=like.dtype)

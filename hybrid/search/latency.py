@@ -43,6 +43,7 @@ from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
 from hybrid.kernels.mamba3_decode import planned_decode_backend
 from hybrid.kernels.mamba3_scan import planned_scan_backend
+from hybrid.kernels.small_batch_linear import planned_backend as planned_projection_backend
 from hybrid.layers.attention import select_backend, select_decode_backend
 from hybrid.model import HybridLM
 
@@ -163,7 +164,8 @@ def _sm_clock(device: torch.device) -> int | None:
 
 def layer_backends(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """Per layer kind, the prefill and decode backends a model of this config runs, as the
-    dispatchers would pick them (printed by `hybrid bench`, stored with every record)."""
+    dispatchers would pick them (printed by `hybrid bench`, stored with every record), and
+    the projections' (every block's in and out projections and the head)."""
     kinds = {spec.kind for spec in config.layers}
     out = {}
     if "mamba3" in kinds:
@@ -196,6 +198,7 @@ def layer_backends(config: ModelConfig, device: torch.device, dtype: torch.dtype
             )
             for r, d in sorted(requested)
         )
+    out["projections"] = planned_projection_backend(device)
     return out
 
 
