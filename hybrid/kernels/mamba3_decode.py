@@ -39,8 +39,12 @@ CUTE_MISSING = (
 
 @functools.cache
 def warn_cute_missing() -> None:
-    """Warn once per process that `auto` fell back to Triton for want of the CuTe DSL."""
-    warnings.warn(CUTE_MISSING, stacklevel=3)
+    """Called where `auto` falls back on CUDA: warns, once per process, if that is for want
+    of the CuTe DSL."""
+    from hybrid.kernels.mamba3_step_cute import cute_available
+
+    if not cute_available():
+        warnings.warn(CUTE_MISSING, stacklevel=3)
 
 
 def backend_unavailable(token: Mamba3Inputs, state: Mamba3State, backend: str) -> str | None:
@@ -71,10 +75,9 @@ def planned_decode_backend(
         return "torch"
     from hybrid.kernels.mamba3_step_cute import cute_available, shape_reason
 
-    if not cute_available():
-        warn_cute_missing()
-    elif shape_reason(headdim, d_state, rank, d_state // 4) is None:
+    if cute_available() and shape_reason(headdim, d_state, rank, d_state // 4) is None:
         return "cute"
+    warn_cute_missing()
     return "triton" if all(is_power_of_two(v) for v in (headdim, d_state, rank)) else "torch"
 
 
@@ -89,10 +92,7 @@ def decode_backend(token: Mamba3Inputs, state: Mamba3State, requested: str = "au
         candidates = ("cute", "triton", "torch")
         chosen = next(b for b in candidates if backend_unavailable(token, state, b) is None)
         if chosen != "cute":
-            from hybrid.kernels.mamba3_step_cute import cute_available
-
-            if not cute_available():
-                warn_cute_missing()
+            warn_cute_missing()
         return chosen
     reason = backend_unavailable(token, state, requested)
     if reason is not None:
