@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err, small_hybrid_config
+from helpers import poisoned, rel_err, small_hybrid_config
 
 import hybrid.kernels.small_batch_linear as sbl
 from hybrid.model import HybridLM
@@ -45,10 +45,9 @@ SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, gated):
-    def poisoned(shape, like):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
-
-    monkeypatch.setattr(sbl, "_new_output", poisoned)
+    monkeypatch.setattr(
+        sbl, "_new_output", lambda shape, like: poisoned(shape, like.device, like.dtype)
+    )
     weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
     x = torch.randn(1, 1, 2 * k if gated else k, device=CUDA, dtype=dtype)
     expected = x.double()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import interpreted_verdict, rel_err
+from helpers import interpreted_verdict, poisoned, rel_err
 
 import hybrid.kernels.small_batch_linear as sbl
 
@@ -29,12 +29,8 @@ CASES = [  # output features, input features, rows
 ]
 
 
-def poisoned(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
-
-
 def main() -> int:
-    sbl._new_output = poisoned
+    sbl._new_output = lambda shape, like: poisoned(shape, like.device, like.dtype)
     worst = 0.0
     for dtype, tolerance in TOLERANCE.items():
         for n, k, rows in CASES:
