@@ -191,12 +191,12 @@ def greedy_by_forwards(model, prompt, n):
     return seq
 
 
-def small_hybrid_config(pattern: str = "M-*-M-") -> ModelConfig:
+def small_hybrid_config(pattern: str = "M-*-M-", decode_backend: str = "auto") -> ModelConfig:
     """The GPU tests' hybrid: MIMO R=2 Mamba-3 and GQA attention at d_model 256, vocab 512."""
     return ModelConfig.from_pattern(
         pattern,
         d_model=256,
         vocab_size=512,
-        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2},
+        mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2, "decode_backend": decode_backend},
         attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
     )

@@ -103,6 +103,32 @@ def test_kernel_compiles_for_ampere(tmp_path):
     assert done.stdout.split() == ["sm_80", "sm_80", "sm_86", "sm_86"]
 
 
+CHAINED_COMPILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from dataclasses import replace
+from test_cute_step import CASES, _config
+from hybrid.kernels.mamba3_step_cute import compiled_step
+for chained in (False, True):
+    ptx = compiled_step(replace(_config(CASES[1]), chained=chained), "sm_90a").__ptx__
+    wait, load = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
+    print(wait >= 0, 0 <= wait < load, "griddepcontrol.launch_dependents" in ptx)
+"""
+
+
+@needs_cutlass
+def test_chained_kernel_waits_before_any_load(tmp_path):
+    """Launched by PDL (inside a CUDA graph on sm_90), the step waits for its predecessor
+    before its first global load (hybrid/kernels/dependent_launch.py); unchained it has no
+    griddepcontrol at all. PTX read as in the Ampere check."""
+    script = CHAINED_COMPILE.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"},
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["False False False", "True True True"]
+
+
 @needs_cutlass
 def test_occupancy_hint_and_rank_chunks():
     """64 registers a thread are asked for where a thread holds <= 32 state values and R <= 4

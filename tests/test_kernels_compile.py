@@ -34,6 +34,7 @@ BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr"
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
                 "pos_ptr", "chunk_seq_ptr", "seqlens_ptr"}  # fmt: skip
+LOADS_WEIGHTS_FIRST = {"_gemv_kernel", "_norm_fwd_kernel"}  # before their PDL wait
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
@@ -102,11 +103,11 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
                                     "HAS_NORM": True, "ROLLED": True}, set()),
     (fused_norms._norm_fwd_kernel, {"GS": 2048, "BLOCK": 2048, "HAS_GATE": False,
                                     "BEFORE_GATE": True, "HAS_WEIGHT": True,
-                                    "HAS_RESIDUAL": False, "ROWS": 16},
+                                    "HAS_RESIDUAL": False, "ROWS": 16, "PDL": False},
      {"x_ptr", "out_ptr"}),
     (fused_norms._norm_fwd_kernel,  # a bf16 block output added into a float32 stream,
      {"GS": 384, "BLOCK": 512, "HAS_GATE": False, "BEFORE_GATE": True, "HAS_WEIGHT": True,
-      "HAS_RESIDUAL": True, "ROWS": 16}, {"d_ptr", "out_ptr"}),  # normed in bf16 (autocast)
+      "HAS_RESIDUAL": True, "ROWS": 16, "PDL": True}, {"d_ptr", "out_ptr"}),  # normed in bf16
     (fused_norms._norm_bwd_kernel, {"GS": 64, "BLOCK": 64, "HAS_GATE": True,
                                     "BEFORE_GATE": False, "HAS_WEIGHT": True,
                                     "HAS_RESIDUAL": False, "DELTA_GRAD": False, "ROWS": 16},
@@ -122,26 +123,29 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (rope._rope_kernel, {"HALF": 24, "HP": 32, "BT": 16, "INVERSE": True}, set()),
     (attention_decode._split_kernel,  # bf16 cache, 4 query heads per KV head, split
      {"G": 4, "GB": 16, "D": 128, "BN": attention_decode.BLOCK_KEYS, "SPLITS": 32,
-      "PRECISION": "tf32"}, {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}),
+      "PRECISION": "tf32", "PDL": True}, {"q_ptr", "k_ptr", "v_ptr", "out_ptr"}),
     (attention_decode._split_kernel,  # float32, MHA, one split: writes the output
      {"G": 1, "GB": 16, "D": 64, "BN": attention_decode.BLOCK_KEYS, "SPLITS": 1,
-      "PRECISION": "ieee"}, set()),
-    (attention_decode._combine_kernel, {"SPLITS": 48, "SB": 64, "D": 128}, {"out_ptr"}),
+      "PRECISION": "ieee", "PDL": False}, set()),
+    (attention_decode._combine_kernel, {"SPLITS": 48, "SB": 64, "D": 128, "PDL": True},
+     {"out_ptr"}),
     (attention_decode._append_kernel,
-     {"H": 16, "KV": 4, "HB": 16, "KB": 4, "HALF": 64, "HP": 64, "ROPE": True},
+     {"H": 16, "KV": 4, "HB": 16, "KB": 4, "HALF": 64, "HP": 64, "ROPE": True, "PDL": True},
      {"q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr"}),
     (attention_decode._append_kernel,  # NoPE, head dim 96, float32
-     {"H": 12, "KV": 12, "HB": 16, "KB": 16, "HALF": 48, "HP": 64, "ROPE": False}, set()),
+     {"H": 12, "KV": 12, "HB": 16, "KB": 16, "HALF": 48, "HP": 64, "ROPE": False, "PDL": False},
+     set()),
     (mamba3_step_triton._mamba3_step_kernel,
      {"P": 64, "N": 128, "R": 4, "S_BLOCK": 32, "HALVES": True, "HEAVY_TAIL": True,
-      "HAS_MIMO": True, "HAS_NORM": True}, set()),
+      "HAS_MIMO": True, "HAS_NORM": True, "PDL": True}, set()),
     (mamba3_step_triton._mamba3_step_kernel,  # bf16 activations and a bf16 SSM state
      {"P": 64, "N": 64, "R": 1, "S_BLOCK": 16, "HALVES": False, "HEAVY_TAIL": True,
-      "HAS_MIMO": False, "HAS_NORM": False},
+      "HAS_MIMO": False, "HAS_NORM": False, "PDL": False},
      {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
-    (small_batch_linear._gemv_kernel, {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True},
-     {"x_ptr", "w_ptr", "y_ptr"}),  # bf16, SwiGLU's product folded in
-    (small_batch_linear._gemv_kernel, {"ROWS": 2, "BN": 16, "BK": 64, "GATED": False}, set()),
+    (small_batch_linear._gemv_kernel,  # bf16, SwiGLU's product folded in
+     {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True, "PDL": True}, {"x_ptr", "w_ptr", "y_ptr"}),
+    (small_batch_linear._gemv_kernel,
+     {"ROWS": 2, "BN": 16, "BK": 64, "GATED": False, "PDL": False}, set()),
 ]  # fmt: skip
 
 
@@ -173,7 +177,15 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
     signature = kernel_signature(fn, constexprs, bf16)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=LAUNCH_OPTIONS)
-    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and ".target sm_90" in ptx
+    # chained by PDL: a wait, then the signal; before the wait only weights may be loaded
+    wait = ptx.find("griddepcontrol.wait")
+    if not constexprs.get("PDL"):
+        assert wait < 0 and "griddepcontrol" not in ptx
+        return
+    assert 0 <= wait < ptx.find("griddepcontrol.launch_dependents")
+    assert (ptx.find("ld.global") < wait) == (fn.__name__ in LOADS_WEIGHTS_FIRST)
 
 
 H100_SHARED_MEMORY = 232_448  # bytes a block may opt in to on sm_90 (227 KiB)

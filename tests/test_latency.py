@@ -45,8 +45,9 @@ def test_cpu_measurements_are_tagged_and_float32():
         assert m.device.startswith("cpu") and m.dtype == "float32" and not m.graphed
         assert m.median_ms > 0 and m.iqr_ms >= 0 and 1 <= m.rounds <= 3
         assert m.spread == pytest.approx(m.iqr_ms / m.median_ms)
-        assert set(m.backends) == {"mamba3", "attention", "projections"} and m.versions["torch"]
-        assert m.backends["projections"] == "F.linear (device is cpu)"
+        assert set(m.backends) == {"mamba3", "attention", "projections", "chaining"}
+        assert m.versions["torch"] and m.backends["projections"] == "F.linear (device is cpu)"
+        assert m.backends["chaining"] == "none (device is cpu)"
 
 
 def test_cache_hits_misses_and_keys(tmp_path, counted, monkeypatch):

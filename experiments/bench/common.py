@@ -1,6 +1,7 @@
 """Timing and device ceilings shared by the benchmarks: CUDA-event medians with the
 interquartile range, per-call times of short steps from CUDA graphs of consecutive calls, the
-card's measured bf16 matmul rate and copy bandwidth, and the set-up of CUDA-only benchmarks."""
+card's measured bf16 matmul rate and copy bandwidth, the set-up of CUDA-only benchmarks, and
+the latency objective's A/B of a kernel path switched off and on."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from hybrid.config import ModelConfig
 from hybrid.graphs import capture_cuda_graph
+from hybrid.search.latency import LatencyRequest, measure
 
 GRAPH_STEPS = 10  # consecutive calls per graph in graphed_step_timing
 
@@ -146,3 +149,41 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def decode_architectures() -> dict[str, ModelConfig]:
+    """Four 31M architectures of the latency sweep's kind (d_model 512, 8 mixers + 8
+    SwiGLUs): pure Mamba-3 SISO and MIMO R=4, a 1:1 hybrid, pure attention."""
+
+    def arch(pattern: str, rank: int = 1) -> ModelConfig:
+        return ModelConfig.from_pattern(
+            pattern, d_model=512, mamba3={"d_state": 128, "headdim": 64, "mimo_rank": rank},
+            attention={"n_heads": 8, "n_kv_heads": 2}, swiglu={"hidden": 1376},
+        )  # fmt: skip
+
+    return {"M- x 8": arch("M-" * 8), "M- x 8, R=4": arch("M-" * 8, 4),
+            "M-*- x 4": arch("M-*-" * 4), "*- x 8": arch("*-" * 8)}  # fmt: skip
+
+
+def switched_latency(
+    label: str,
+    config: ModelConfig,
+    request: LatencyRequest,
+    device: torch.device,
+    switch: Callable[[bool], None],
+    passes: int = 2,
+) -> dict:
+    """The latency objective's own figure (`measure`, µs) for one architecture with a kernel
+    path switched off and on by `switch`, in interleaved passes (left on); prints one row:
+    label, off × passes, on × passes, best on / best off."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(passes):
+        for on in (False, True):
+            switch(on)
+            times[on].append(1e3 * measure(config, request, device).median_ms)
+    switch(True)
+    ratio = min(times[True]) / min(times[False])
+    cells = "".join(f"{t:>9.1f}" for t in times[False] + times[True])
+    print(f"{label:<30}{cells}{ratio:>9.3f}", flush=True)
+    return {"model": label, "request": str(request), "off_us": times[False],
+            "on_us": times[True], "ratio": ratio}  # fmt: skip

@@ -22,12 +22,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRAPH_STEPS, cuda_bench, describe_device, graphed_step_timing
+from common import (
+    GRAPH_STEPS,
+    cuda_bench,
+    decode_architectures,
+    describe_device,
+    graphed_step_timing,
+    switched_latency,
+)
 
 import hybrid.kernels.small_batch_linear as sbl
-from hybrid.config import ModelConfig
 from hybrid.kernels.norms import swiglu
-from hybrid.search.latency import LatencyRequest, measure
+from hybrid.search.latency import LatencyRequest
 
 SHAPES = {  # label: (output features, input features)
     "Mamba-3 in_proj, d 512": (2384, 512),
@@ -47,17 +53,6 @@ SHAPES = {  # label: (output features, input features)
 # against the kernel forming silu(gate) ⊙ up itself (`swiglu_linear`)
 GATED = {"SwiGLU product + out, d 512": (512, 1376), "SwiGLU product + out, d 2048": (2048, 4096)}
 COLD_BYTES = 120e6  # weight copies a cold row cycles through: more than an H100's 50 MB L2
-
-
-def architectures() -> dict[str, ModelConfig]:
-    def arch(pattern: str, rank: int = 1) -> ModelConfig:
-        return ModelConfig.from_pattern(
-            pattern, d_model=512, mamba3={"d_state": 128, "headdim": 64, "mimo_rank": rank},
-            attention={"n_heads": 8, "n_kv_heads": 2}, swiglu={"hidden": 1376},
-        )  # fmt: skip
-
-    return {"M- x 8": arch("M-" * 8), "M- x 8, R=4": arch("M-" * 8, 4),
-            "M-*- x 4": arch("M-*-" * 4), "*- x 8": arch("*-" * 8)}  # fmt: skip
 
 
 def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
@@ -91,24 +86,11 @@ def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
 
 
 def model_rows(device: torch.device) -> list[dict]:
-    rows = []
-    for label, config in architectures().items():
-        passes: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(2):
-            for enabled in (False, True):
-                sbl.ENABLED = enabled
-                request = LatencyRequest("decode", 1, 2048)
-                passes[enabled].append(1e3 * measure(config, request, device).median_ms)
-        sbl.ENABLED = True
-        off, on = min(passes[False]), min(passes[True])
-        rows.append({"model": label, "off_us": passes[False], "on_us": passes[True],
-                     "ratio": on / off})  # fmt: skip
-        print(
-            f"{label:<14}{passes[False][0]:>9.1f}{passes[False][1]:>9.1f}"
-            f"{passes[True][0]:>9.1f}{passes[True][1]:>9.1f}{on / off:>9.3f}",
-            flush=True,
-        )
-    return rows
+    request = LatencyRequest("decode", 1, 2048)
+    return [
+        switched_latency(label, config, request, device, lambda on: setattr(sbl, "ENABLED", on))
+        for label, config in decode_architectures().items()
+    ]
 
 
 def main() -> None:
@@ -121,7 +103,7 @@ def main() -> None:
           f"{'speedup':>9}{'% copy':>9}")  # fmt: skip
     kernels = kernel_rows(device, peak.copy_gbs)
     print("\nbatch-1 decode step (latency objective, context 2048), µs: kernel off ×2, on ×2")
-    print(f"{'model':<14}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
+    print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
     models = model_rows(device)
     if args.out:
         args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import multiprocessors, on_input_device
+from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.triton_math import dot_precision
 
@@ -40,11 +41,12 @@ def _split_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, out_ptr, part_ptr, stats_ptr,
     KV, split_keys, scale, SQB, SQH, SKB, SKH, SKS, SVB, SVH, SVS,
     G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence·KV head, split): the G query heads of one KV head against keys
     [split·split_keys, min((split+1)·split_keys, seqlen)). With one split it writes the
     output; else the partial Σ p·v (fp32) and the (max, sum) of its scores in log2 units."""
+    wait_for_predecessor(PDL)
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bk // KV).to(tl.int64)
@@ -88,10 +90,12 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, SB: tl.constexpr, D: tl.constexpr
-):
+    part_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, SB: tl.constexpr, D: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
     """Program (sequence·head): the splits' partials weighted by 2^(max − overall max);
     empty splits (max −inf) weigh 0."""
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SB)
     d = tl.arange(0, D)
@@ -110,12 +114,13 @@ def _append_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, seqlens_ptr, inv_ptr,
     SQB, SKB, SVB, SCB, SCH, SCS,
     H: tl.constexpr, KV: tl.constexpr, HB: tl.constexpr, KB: tl.constexpr,
-    HALF: tl.constexpr, HP: tl.constexpr, ROPE: tl.constexpr,
+    HALF: tl.constexpr, HP: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program b: the new token's q and k rotated (rotate-half RoPE) at position seqlens[b],
     k and v written there in the cache (strides SCB, SCH, SCS), the rotated q stored
     contiguous (Bt, 1, H, D), then seqlens[b] advanced. q, k, v rows are D contiguous values a
     head, batch strides SQB, SKB, SVB (slices of the qkv projection)."""
+    wait_for_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     pos = tl.load(seqlens_ptr + b)
     j = tl.arange(0, HP)
@@ -183,6 +188,7 @@ def split_kv_decode(
         splits = split_count(batch * kv_heads, capacity, multiprocessors(q.device))
     split_keys = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_KEYS) * BLOCK_KEYS
     out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
+    pdl = chained(q)
     part = stats = out  # placeholders, never touched with one split
     if splits > 1:
         part = torch.empty((batch * heads * splits, head_dim), device=q.device,
@@ -193,12 +199,12 @@ def split_kv_decode(
         q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         G=group, GB=max(16, triton.next_power_of_2(group)), D=head_dim, BN=BLOCK_KEYS,
-        SPLITS=splits, PRECISION=dot_precision(q.dtype), num_warps=4,
+        SPLITS=splits, PRECISION=dot_precision(q.dtype), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(batch * heads,)](
             part, stats, out, SPLITS=splits, SB=triton.next_power_of_2(splits), D=head_dim,
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out
 
@@ -224,12 +230,13 @@ def append_token(
     q, k, v = token_major(q), token_major(k), token_major(v)  # qkv slices: no copy
     q_out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
     half = head_dim // 2
+    pdl = chained(q)
     _append_kernel[(batch,)](
         q, k, v, q_out, k_cache, v_cache, seqlens, pointer_or(inv_freq, q),
         q.stride(0), k.stride(0), v.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=heads, KV=kv_heads, HB=triton.next_power_of_2(heads),
         KB=triton.next_power_of_2(kv_heads), HALF=half, HP=triton.next_power_of_2(half),
-        ROPE=inv_freq is not None, num_warps=4,
+        ROPE=inv_freq is not None, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return q_out

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.launch_args import pointer_or
 
 ROWS_PER_PROGRAM = 16  # rows a norm program walks (its share of the weight-gradient sum)
@@ -47,14 +48,16 @@ def _load_row(x_ptr, z_ptr, row, cols, mask, D, HAS_GATE: tl.constexpr):
 def _norm_fwd_kernel(
     x_ptr, d_ptr, res_ptr, z_ptr, w_ptr, out_ptr, M, D, eps,
     GS: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, BEFORE_GATE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """HAS_RESIDUAL: the input is x + δ (δ at d_ptr), stored at res_ptr in its dtype and
-    normalised as stored."""
+    normalised as stored. PDL: the weight is loaded before waiting for the kernel that wrote
+    the rows."""
     rows0 = tl.program_id(0) * ROWS
     cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
     cmask = tl.arange(0, BLOCK) < GS
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    wait_for_predecessor(PDL)
     # the program's rows that exist: a decode step's single row walks 1, not ROWS
     for i in tl.range(0, tl.minimum(ROWS, M - rows0), num_stages=ROW_STAGES):
         row = (rows0 + i).to(tl.int64)
@@ -138,12 +141,13 @@ class FusedNorm(torch.autograd.Function):
             summed = x
         out = torch.empty_like(summed, dtype=out_dtype or summed.dtype)
         grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), dim // group_size)
+        pdl = chained(x)
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
                  "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
         _norm_fwd_kernel[grid](
             x, delta if residual else x, summed, pointer_or(z, x), pointer_or(weight, x), out,
             rows, dim, eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size),
-            HAS_RESIDUAL=residual, **flags, enable_fp_fusion=True,
+            HAS_RESIDUAL=residual, **flags, PDL=pdl, launch_pdl=pdl, enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(summed, z, weight)
         ctx.set_materialize_grads(False)

@@ -17,6 +17,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from hybrid.kernels.dependent_launch import chained
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
@@ -140,6 +141,7 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
         ssm_bytes=state.ssm.element_size(),
         ssm_align=_alignment(state.ssm),
         token_strides=tuple(t.stride(0) for t in token),
+        chained=chained(state.ssm),
     )
 
 

@@ -87,6 +87,8 @@ class StepConfig:
     # batch strides (elements) of the token inputs x, z, b, c, dt, a, trap, angle: column
     # slices of the in_proj output are read in place
     token_strides: tuple[int, ...]
+    # launched with programmatic dependent launch (hybrid/kernels/dependent_launch.py)
+    chained: bool = False
 
     @property
     def vector(self) -> int:
@@ -226,6 +228,7 @@ class Mamba3StepKernel:
             stream=stream,
             min_blocks_per_mp=occ,
             preferred_smem_carveout=-1 if occ and self.offline else None,
+            use_pdl=self.cfg.chained,
         )
 
     @cute.kernel
@@ -270,6 +273,9 @@ class Mamba3StepKernel:
 
         S1 = max(S, 1)
         top = NT - 1 - tid
+        if cutlass.const_expr(cfg.chained):  # every input but the weights: earlier kernels'
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         # the inputs read once per step for this (sequence, head) come from DRAM, not L2:
         # issued before the state, so the prologue that waits on them is not queued behind it

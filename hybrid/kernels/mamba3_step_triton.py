@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.launch_args import pointer_or, token_major
 from hybrid.kernels.mamba3_common import (
     Mamba3Inputs,
@@ -123,7 +124,9 @@ def _mamba3_step_kernel(
     HEAVY_TAIL: tl.constexpr,
     HAS_MIMO: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)  # every input but the weights comes from earlier kernels
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = h // heads_per_group
@@ -255,6 +258,7 @@ def mamba3_step_triton(
     n_angles = token.angle.shape[-1]
     out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     mimo = weights.mimo_x is not None
+    pdl = chained(out)
     _mamba3_step_kernel[(batch, n_heads)](
         token.x,
         token.z,
@@ -296,6 +300,8 @@ def mamba3_step_triton(
         HEAVY_TAIL=options.a_activation == "heavy_tail",
         HAS_MIMO=mimo,
         HAS_NORM=weights.out_norm is not None,
+        PDL=pdl,
+        launch_pdl=pdl,
         # 64 state values a thread (H100, batch 128, 64 heads × 64: 2 warps at N=64 and 4 at
         # N=128 took 1.0-4.0× less time than 4 and 8 for R=1-4; fewer warps spill)
         num_warps=min(16, max(2, headdim * d_state // 2048)),

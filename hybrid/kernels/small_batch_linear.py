@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.norms import swiglu
 
 MAX_ROWS = 1
@@ -37,27 +38,37 @@ ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
 
 
 @triton.jit
+def _partial(x_ptr, w, ks, kmask, K, GATED: tl.constexpr):
+    """One BK step's sums of the BN rows in w against input row x_ptr. GATED: the input row
+    is SwiGLU's [gate | up] (2K wide) and enters as silu(gate) ⊙ up, rounded to the row's
+    dtype as the separate product kernel stores it."""
+    x = tl.load(x_ptr + ks, mask=kmask, other=0.0)
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + K + ks, mask=kmask, other=0.0).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
+                 BK: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Program: BN output features of every input row; float32 sums over K in BK-wide steps.
-    GATED: the row is SwiGLU's [gate | up] (2K wide) and the input is silu(gate) ⊙ up, rounded
-    to the row's dtype as the separate product kernel stores it."""
+    The first step's weights are loaded before waiting for the kernel that wrote x (PDL)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     rows = cols.to(tl.int64)[:, None] * K
+    ks = tl.arange(0, BK)
+    first = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & (ks < K)[None, :], other=0.0)
+    wait_for_predecessor(PDL)
     for m in tl.static_range(ROWS):
-        acc = tl.zeros([BN], tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < K
-            w = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+        acc = _partial(x_ptr + m * SX, first, ks, ks < K, K, GATED)
+        for k0 in range(BK, K, BK):
+            kk = k0 + ks
+            kmask = kk < K
+            w = tl.load(w_ptr + rows + kk[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0)  # fmt: skip
-            x = tl.load(x_ptr + m * SX + ks, mask=kmask, other=0.0)
-            if GATED:
-                gate = x.to(tl.float32)
-                up = tl.load(x_ptr + m * SX + K + ks, mask=kmask, other=0.0).to(tl.float32)
-                x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+            acc += _partial(x_ptr + m * SX, w, kk, kmask, K, GATED)
         tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -114,9 +125,10 @@ def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = _new_output((rows.shape[0], n), x)
     bn, bk = tiling(n, k)
+    pdl = chained(x)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
-        GATED=gated, num_warps=4,
+        GATED=gated, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 

@@ -41,6 +41,7 @@ import torch
 from hybrid.config import ModelConfig
 from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
+from hybrid.kernels.dependent_launch import planned as planned_chaining
 from hybrid.kernels.mamba3_decode import planned_decode_backend
 from hybrid.kernels.mamba3_scan import planned_scan_backend
 from hybrid.kernels.small_batch_linear import planned_backend as planned_projection_backend
@@ -199,6 +200,7 @@ def layer_backends(config: ModelConfig, device: torch.device, dtype: torch.dtype
             for r, d in sorted(requested)
         )
     out["projections"] = planned_projection_backend(device)
+    out["chaining"] = planned_chaining(device)
     return out
 
 

@@ -1,0 +1,83 @@
+"""Programmatic dependent launch in the latency objective's graphs: each architecture's
+decode step (batch 1 and 64, context 2048) and batch-1 prefill (512 tokens), timed by
+`hybrid.search.latency.measure` with the decode kernels' chaining switched off and on
+(`hybrid/kernels/dependent_launch.py`), two interleaved passes each; then a chain of 32
+batch-1 projections alone, the kernel most of a step consists of.
+
+    python experiments/bench/chaining.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    cuda_bench,
+    decode_architectures,
+    describe_device,
+    graphed_step_timing,
+    switched_latency,
+)
+
+import hybrid.kernels.dependent_launch as dl
+from hybrid.kernels.small_batch_linear import gemv
+from hybrid.search.latency import LatencyRequest
+
+REQUESTS = [LatencyRequest("decode", 1, 2048), LatencyRequest("decode", 64, 2048),
+            LatencyRequest("prefill", 1, 512)]  # fmt: skip
+CHAIN = [(2384, 512), (512, 1024), (2752, 512), (512, 1376)] * 8  # (out, in): d_model 512
+
+
+def switch(on: bool) -> None:
+    dl.ENABLED = on
+
+
+def projection_chain(device: torch.device) -> dict:
+    """32 batch-1 projections, each fed the previous one's output, chained off and on."""
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for n, k in CHAIN]
+    x = torch.randn(1, 2752, device=device, dtype=torch.bfloat16)
+
+    def chain() -> torch.Tensor:
+        y = x
+        for w in weights:
+            y = gemv(y[:, : w.shape[1]], w)
+        return y
+
+    row = {}
+    for on in (False, True):
+        switch(on)
+        row["on_us" if on else "off_us"] = 1e3 * graphed_step_timing(chain, device).median_ms
+    row["per_kernel_saved_us"] = (row["off_us"] - row["on_us"]) / len(CHAIN)
+    print(
+        f"{len(CHAIN)} projections (d_model 512): off {row['off_us']:.1f} µs, on "
+        f"{row['on_us']:.1f} µs, {row['per_kernel_saved_us']:.2f} µs a kernel saved"
+    )
+    return row
+
+
+def main() -> None:
+    if (bench := cuda_bench(__doc__.splitlines()[0])) is None:
+        return
+    args, device, peak = bench
+    print(f"device: {describe_device(device)}; {peak}; bf16; {dl.planned(device)}")
+    models = []
+    for request in REQUESTS:
+        print(f"\n{request.kind} batch {request.batch}, length {request.length}: µs, chaining "
+              f"off ×2, on ×2, on/off")  # fmt: skip
+        for label, config in decode_architectures().items():
+            models.append(switched_latency(label, config, request, device, switch))
+    print()
+    chain = projection_chain(device)
+    if args.out:
+        args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
+                                        peak.copy_gbs, "models": models, "chain": chain},
+                                       indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

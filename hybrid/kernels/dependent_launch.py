@@ -1,0 +1,68 @@
+"""Programmatic dependent launch (PDL) for the kernels of a graphed decode step.
+
+A batch-1 decode step is a chain of ~60 small kernels (1.5-3.5 us each on an H100), and
+each one's launch and first loads are latency its predecessor's tail could hide. A kernel
+launched with PDL (compute capability 9.0+) may start while its predecessor still runs;
+`griddepcontrol.wait` holds it until the predecessor has completed and its writes are
+visible. The kernels that chain this way follow two rules:
+
+- before the wait they load only weights, which no kernel of a step writes (optimizer
+  updates are ordinary launches, and an ordinary launch waits for the whole chain before
+  it); activations, caches and states are read after it;
+- they signal `launch_dependents` right after their wait, so a kernel runs ahead of its
+  immediate predecessor only, never of an earlier one: what a load before the wait may
+  read has one kernel to be checked against, not the chain.
+
+Launches chain only into a CUDA graph being captured (the latency objective, `hybrid
+bench`, graphed generation), where the host's launch cost is not replayed;
+HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
+MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
+
+
+def chained(t: Tensor) -> bool:
+    """Whether a kernel launched now on t's device chains to its predecessor by PDL."""
+    return (
+        ENABLED
+        and t.is_cuda
+        and torch.cuda.is_current_stream_capturing()
+        and _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    )
+
+
+def planned(device: torch.device) -> str:
+    """How the decode kernels are chained on `device` (the latency records' entry)."""
+    if device.type != "cuda":
+        return f"none (device is {device.type})"
+    if not ENABLED:
+        return "none (HYBRID_PDL=0)"
+    if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
+        return "none (programmatic dependent launch needs compute capability 9.0)"
+    return "programmatic dependent launch in CUDA graphs"
+
+
+@triton.jit
+def wait_for_predecessor(PDL: tl.constexpr):
+    """Where a chained Triton kernel starts reading what earlier kernels wrote (no-op when
+    PDL is off: the interpreter has no griddepcontrol)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
