@@ -188,7 +188,7 @@ def split_kv_decode(
         splits = split_count(batch * kv_heads, capacity, multiprocessors(q.device))
     split_keys = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_KEYS) * BLOCK_KEYS
     out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
-    pdl = chained(q)
+    pdl = chained(q, batch)
     part = stats = out  # placeholders, never touched with one split
     if splits > 1:
         part = torch.empty((batch * heads * splits, head_dim), device=q.device,
@@ -230,7 +230,7 @@ def append_token(
     q, k, v = token_major(q), token_major(k), token_major(v)  # qkv slices: no copy
     q_out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
     half = head_dim // 2
-    pdl = chained(q)
+    pdl = chained(q, batch)
     _append_kernel[(batch,)](
         q, k, v, q_out, k_cache, v_cache, seqlens, pointer_or(inv_freq, q),
         q.stride(0), k.stride(0), v.stride(0),

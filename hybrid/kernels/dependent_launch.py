@@ -14,8 +14,12 @@ visible. The kernels that chain this way follow two rules:
   read has one kernel to be checked against, not the chain.
 
 Launches chain only into a CUDA graph being captured (the latency objective, `hybrid
-bench`, graphed generation), where the host's launch cost is not replayed;
-HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
+bench`, graphed generation), where the host's launch cost is not replayed, and only for one
+token row: there the projections are Triton kernels too (`small_batch_linear`), so the whole
+step is one chain. On an H100 that took the latency objective's batch-1 decode step of 31M
+models 24-28% shorter; at batch 2-64, where cuBLAS runs the projections between the chained
+kernels, it gained nothing (0.99-1.03x), so those stay unchained (BENCHMARKS.md, "Chained
+decode kernels"). HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
 MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
+MAX_ROWS = 1  # token rows of a chained launch
 
 
 @functools.cache
@@ -38,10 +43,12 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
-def chained(t: Tensor) -> bool:
-    """Whether a kernel launched now on t's device chains to its predecessor by PDL."""
+def chained(t: Tensor, rows: int) -> bool:
+    """Whether a kernel launched now on t's device for `rows` token rows (sequences of a
+    decode step) chains to its predecessor by PDL."""
     return (
         ENABLED
+        and rows <= MAX_ROWS
         and t.is_cuda
         and torch.cuda.is_current_stream_capturing()
         and _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
@@ -56,7 +63,7 @@ def planned(device: torch.device) -> str:
         return "none (HYBRID_PDL=0)"
     if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
         return "none (programmatic dependent launch needs compute capability 9.0)"
-    return "programmatic dependent launch in CUDA graphs"
+    return "programmatic dependent launch at batch 1 in CUDA graphs"
 
 
 @triton.jit

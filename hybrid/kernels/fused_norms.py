@@ -141,7 +141,7 @@ class FusedNorm(torch.autograd.Function):
             summed = x
         out = torch.empty_like(summed, dtype=out_dtype or summed.dtype)
         grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), dim // group_size)
-        pdl = chained(x)
+        pdl = chained(x, rows)
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
                  "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
         _norm_fwd_kernel[grid](

@@ -141,7 +141,7 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
         ssm_bytes=state.ssm.element_size(),
         ssm_align=_alignment(state.ssm),
         token_strides=tuple(t.stride(0) for t in token),
-        chained=chained(state.ssm),
+        chained=chained(state.ssm, token.x.shape[0]),
     )
 
 

@@ -258,7 +258,7 @@ def mamba3_step_triton(
     n_angles = token.angle.shape[-1]
     out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     mimo = weights.mimo_x is not None
-    pdl = chained(out)
+    pdl = chained(out, batch)
     _mamba3_step_kernel[(batch, n_heads)](
         token.x,
         token.z,

@@ -125,7 +125,7 @@ def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = _new_output((rows.shape[0], n), x)
     bn, bk = tiling(n, k)
-    pdl = chained(x)
+    pdl = chained(x, rows.shape[0])
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
         GATED=gated, PDL=pdl, num_warps=4, launch_pdl=pdl,
