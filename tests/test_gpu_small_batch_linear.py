@@ -24,7 +24,13 @@ def test_takes_one_inference_row_inside_a_graph_capture_only():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         verdicts["row"] = sbl.takes(row, weight) and sbl.takes(row.unsqueeze(0), weight)
-        verdicts["two rows"] = sbl.takes(torch.ones(2, 32, device=CUDA, dtype=row.dtype), weight)
+        rows = {n: torch.ones(n, 32, device=CUDA, dtype=row.dtype) for n in (2, 3)}
+        verdicts["two rows"] = sbl.takes(rows[2], weight)
+        verdicts["three rows"] = sbl.takes(rows[3], weight)
+        big = torch.empty(4096, sbl.TWO_ROW_BYTES // 8192 + 1, device=CUDA, dtype=row.dtype)
+        wide = torch.ones(2, big.shape[1], device=CUDA, dtype=row.dtype)
+        verdicts["two rows, large weight"] = sbl.takes(wide, big)
+        verdicts["one row, large weight"] = sbl.takes(wide[:1], big)
         verdicts["dtypes differ"] = sbl.takes(row.float(), weight)
         verdicts["transposed weight"] = sbl.takes(row, weight.t().contiguous().t())
         verdicts["grad"] = sbl.takes(row.detach().requires_grad_(), weight)
@@ -32,7 +38,9 @@ def test_takes_one_inference_row_inside_a_graph_capture_only():
             verdicts["no grad"] = sbl.takes(row.detach().requires_grad_(), weight)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             verdicts["autocast"] = sbl.takes(row, weight)
-    assert verdicts == {"row": True, "two rows": False, "dtypes differ": False,
+    assert verdicts == {"row": True, "two rows": True, "three rows": False,
+                        "two rows, large weight": False, "one row, large weight": True,
+                        "dtypes differ": False,
                         "transposed weight": False, "grad": False, "no grad": True,
                         "autocast": False}  # fmt: skip
 
@@ -41,21 +49,22 @@ TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-
 SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, gated):
+def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, gated, rows):
     monkeypatch.setattr(
         sbl, "_new_output", lambda shape, like: poisoned(shape, like.device, like.dtype)
     )
     weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
-    x = torch.randn(1, 1, 2 * k if gated else k, device=CUDA, dtype=dtype)
+    x = torch.randn(rows, 1, 2 * k if gated else k, device=CUDA, dtype=dtype)
     expected = x.double()
     if gated:  # silu(gate) ⊙ up, rounded to the dtype as the product kernel stores it
         gate, up = expected.chunk(2, dim=-1)
         expected = (F.silu(gate) * up).to(dtype).double()
     out = sbl.gemv(x, weight, gated=gated)
-    assert out.shape == (1, 1, n)
+    assert out.shape == (rows, 1, n)
     assert rel_err(out, F.linear(expected, weight.double())) < tol
 
 

@@ -34,7 +34,7 @@ BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr"
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
                 "pos_ptr", "chunk_seq_ptr", "seqlens_ptr"}  # fmt: skip
-LOADS_WEIGHTS_FIRST = {"_gemv_kernel", "_norm_fwd_kernel"}  # before their PDL wait
+LOADS_WEIGHTS_FIRST = {"_norm_fwd_kernel"}  # before its PDL wait; the projections: PRELOAD
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
@@ -143,9 +143,13 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
       "HAS_MIMO": False, "HAS_NORM": False, "PDL": False},
      {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
     (small_batch_linear._gemv_kernel,  # bf16, SwiGLU's product folded in
-     {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True, "PDL": True}, {"x_ptr", "w_ptr", "y_ptr"}),
+     {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True, "PDL": True, "PRELOAD": True},
+     {"x_ptr", "w_ptr", "y_ptr"}),
     (small_batch_linear._gemv_kernel,
-     {"ROWS": 2, "BN": 16, "BK": 64, "GATED": False, "PDL": False}, set()),
+     {"ROWS": 2, "BN": 16, "BK": 512, "GATED": False, "PDL": True, "PRELOAD": False},
+     {"x_ptr", "w_ptr", "y_ptr"}),
+    (small_batch_linear._gemv_kernel,
+     {"ROWS": 2, "BN": 4, "BK": 64, "GATED": False, "PDL": False, "PRELOAD": True}, set()),
 ]  # fmt: skip
 
 
@@ -185,7 +189,8 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
         assert wait < 0 and "griddepcontrol" not in ptx
         return
     assert 0 <= wait < ptx.find("griddepcontrol.launch_dependents")
-    assert (ptx.find("ld.global") < wait) == (fn.__name__ in LOADS_WEIGHTS_FIRST)
+    preloads = constexprs.get("PRELOAD", fn.__name__ in LOADS_WEIGHTS_FIRST)
+    assert (ptx.find("ld.global") < wait) == preloads
 
 
 H100_SHARED_MEMORY = 232_448  # bytes a block may opt in to on sm_90 (227 KiB)

@@ -21,9 +21,10 @@ def test_kernel_matches_linear_under_the_interpreter():
 
 
 def test_tiling_covers_narrow_outputs_with_many_programs():
-    # 4 rows a program up to 4,096 features (a 512-wide output is 128 programs), 16 beyond
-    assert tiling(512, 1024) == (4, 512) and tiling(4096, 512) == (4, 512)
-    assert tiling(8800, 2048) == (16, 512)
+    # 4 rows a program up to 4,096 features (a 512-wide output is 128 programs), 16 beyond;
+    # only the 4-row tiles load their first step before the PDL wait
+    assert tiling(512, 1024) == (4, 512, True) and tiling(4096, 512) == (4, 512, True)
+    assert tiling(8800, 2048) == (16, 512, False)
     # one K step where K is at most 512, as a power of two
     assert tiling(256, 50)[1] == 64 and tiling(256, 16)[1] == 16
 

@@ -35,7 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
 MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
-MAX_ROWS = 1  # token rows of a chained launch
+MAX_ROWS = 2  # token rows of a chained launch
 
 
 @functools.cache

@@ -31,7 +31,8 @@ from hybrid.devices import on_input_device
 from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.norms import swiglu
 
-MAX_ROWS = 1
+MAX_ROWS = 2  # input rows the kernel takes; two only for weights up to TWO_ROW_BYTES
+TWO_ROW_BYTES = 8 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # HYBRID_SMALL_BATCH_LINEAR=0 keeps every call on F.linear (the benchmark's A/B switch)
 ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
@@ -52,18 +53,25 @@ def _partial(x_ptr, w, ks, kmask, K, GATED: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 BK: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+                 PRELOAD: tl.constexpr):  # fmt: skip
     """Program: BN output features of every input row; float32 sums over K in BK-wide steps.
-    The first step's weights are loaded before waiting for the kernel that wrote x (PDL)."""
+    PRELOAD: the first step's weights are loaded before waiting for the kernel that wrote x
+    (PDL), and shared by the rows."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     rows = cols.to(tl.int64)[:, None] * K
     ks = tl.arange(0, BK)
-    first = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & (ks < K)[None, :], other=0.0)
+    if PRELOAD:
+        first = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & (ks < K)[None, :],
+                        other=0.0)  # fmt: skip
     wait_for_predecessor(PDL)
     for m in tl.static_range(ROWS):
-        acc = _partial(x_ptr + m * SX, first, ks, ks < K, K, GATED)
-        for k0 in range(BK, K, BK):
+        if PRELOAD:
+            acc = _partial(x_ptr + m * SX, first, ks, ks < K, K, GATED)
+        else:
+            acc = tl.zeros([BN], tl.float32)
+        for k0 in range(BK if PRELOAD else 0, K, BK):
             kk = k0 + ks
             kmask = kk < K
             w = tl.load(w_ptr + rows + kk[None, :], mask=cmask[:, None] & kmask[None, :],
@@ -72,11 +80,13 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.c
         tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-def tiling(features: int, k: int) -> tuple[int, int]:
-    """(BN, BK) from an H100 sweep of BN 4/8/16 × BK 256/512 with the weights out of L2: BN
-    4 won every output up to 3,152 features, 16 the 8,800-wide in_proj at d_model 2048 (14.1
-    against 16.0 us with 8)."""
-    return (4 if features <= 4096 else 16), min(512, triton.next_power_of_2(k))
+def tiling(features: int, k: int) -> tuple[int, int, bool]:
+    """(BN, BK, PRELOAD) from an H100 sweep of BN 4/8/16 × BK 256/512 with the weights out
+    of L2: BN 4 won every output up to 3,152 features, 16 the 8,800-wide in_proj at d_model
+    2048 (14.1 against 16.0 us with 8). A BN-16 tile held across the PDL wait took the kernel
+    from 96 to 122 registers, so only BN-4 tiles are preloaded."""
+    bn = 4 if features <= 4096 else 16
+    return bn, min(512, triton.next_power_of_2(k)), bn == 4
 
 
 def takes(x: Tensor, weight: Tensor) -> bool:
@@ -89,7 +99,7 @@ def takes(x: Tensor, weight: Tensor) -> bool:
         ENABLED
         and x.is_cuda
         and torch.cuda.is_current_stream_capturing()
-        and 0 < rows <= MAX_ROWS
+        and 0 < rows <= (MAX_ROWS if weight.numel() * weight.element_size() <= TWO_ROW_BYTES else 1)
         and not grad
         and not torch.is_autocast_enabled(x.device.type)
         and x.dtype == weight.dtype
@@ -124,11 +134,11 @@ def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = _new_output((rows.shape[0], n), x)
-    bn, bk = tiling(n, k)
+    bn, bk, preload = tiling(n, k)
     pdl = chained(x, rows.shape[0])
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
-        GATED=gated, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        GATED=gated, PDL=pdl, PRELOAD=preload, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
