@@ -27,7 +27,7 @@ def test_takes_one_inference_row_inside_a_graph_capture_only():
         rows = {n: torch.ones(n, 32, device=CUDA, dtype=row.dtype) for n in (2, 3)}
         verdicts["two rows"] = sbl.takes(rows[2], weight)
         verdicts["three rows"] = sbl.takes(rows[3], weight)
-        big = torch.empty(4096, sbl.TWO_ROW_BYTES // 8192 + 1, device=CUDA, dtype=row.dtype)
+        big = torch.empty(sbl.TWO_ROW_BYTES // 1024 + 1, 1024, device=CUDA, dtype=row.dtype)
         wide = torch.ones(2, big.shape[1], device=CUDA, dtype=row.dtype)
         verdicts["two rows, large weight"] = sbl.takes(wide, big)
         verdicts["one row, large weight"] = sbl.takes(wide[:1], big)

@@ -1,8 +1,8 @@
 """Programmatic dependent launch in the latency objective's graphs: each architecture's
-batch-1 decode step (contexts 2048 and 8192), timed by `hybrid.search.latency.measure` with
-the decode kernels' chaining switched off and on (`hybrid/kernels/dependent_launch.py`), two
-interleaved passes each; then a chain of 32 batch-1 projections alone, the kernel most of a
-step consists of.
+decode step at batch 1 (contexts 2048 and 8192) and 2 (context 2048), timed by
+`hybrid.search.latency.measure` with the decode kernels' chaining switched off and on
+(`hybrid/kernels/dependent_launch.py`), two interleaved passes each; then a chain of 32
+batch-1 projections alone, the kernel most of a step consists of.
 
     python experiments/bench/chaining.py [--out results.json]
 """
@@ -28,7 +28,8 @@ import hybrid.kernels.dependent_launch as dl
 from hybrid.kernels.small_batch_linear import gemv
 from hybrid.search.latency import LatencyRequest
 
-REQUESTS = [LatencyRequest("decode", 1, 2048), LatencyRequest("decode", 1, 8192)]
+REQUESTS = [LatencyRequest("decode", 1, 2048), LatencyRequest("decode", 1, 8192),
+            LatencyRequest("decode", 2, 2048)]  # fmt: skip
 CHAIN = [(2384, 512), (512, 1024), (2752, 512), (512, 1376)] * 8  # (out, in): d_model 512
 
 

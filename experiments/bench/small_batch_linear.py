@@ -1,11 +1,12 @@
-"""Batch-1 projections: the Triton matrix-vector kernel (`small_batch_linear`) against cuBLAS
-(`F.linear`) in the same run, at the projection shapes of d_model-512 models (the search's
-31M architectures) and of d_model 2048 (the paper's 1.5B), SwiGLU's output projection also
-with its gate product folded in (against the product kernel + cuBLAS), each timed in CUDA
+"""Batch-1 and -2 projections: the Triton matrix-vector kernel (`small_batch_linear`), alone
+and chained by PDL as a decode step runs it, against cuBLAS (`F.linear`) in the same run, at
+the projection shapes of d_model-512 models (the search's 31M architectures), of d_model 1024
+and of d_model 2048 (the paper's 1.5B), SwiGLU's output projection also with its gate product
+folded in (against the product kernel + cuBLAS), one and two input rows, each timed in CUDA
 graphs of consecutive calls with the weight L2-resident ("hot": one weight) and not ("cold":
-the calls cycle through copies larger than L2 together, as a model's layers do); then the latency
-objective's batch-1 decode step (`hybrid.search.latency.measure`) of four architectures
-with the kernel switched off and on, two passes each.
+the calls cycle through copies larger than L2 together, as a model's layers do); then the
+latency objective's batch-1 and batch-2 decode steps (`hybrid.search.latency.measure`) of
+four architectures with the kernel switched off and on, two passes each.
 
     python experiments/bench/small_batch_linear.py [--out results.json]
 """
@@ -31,6 +32,7 @@ from common import (
     switched_latency,
 )
 
+import hybrid.kernels.dependent_launch as dl
 import hybrid.kernels.small_batch_linear as sbl
 from hybrid.kernels.norms import swiglu
 from hybrid.search.latency import LatencyRequest
@@ -45,6 +47,10 @@ SHAPES = {  # label: (output features, input features)
     "attention out, d 512": (512, 512),
     "head (bytes), d 512": (256, 512),
     "head (50,257), d 512": (50257, 512),
+    "Mamba-3 in_proj, d 1024": (4448, 1024),
+    "Mamba-3 out_proj, d 1024": (1024, 2048),
+    "SwiGLU in, d 1024": (5504, 1024),
+    "SwiGLU out, d 1024": (1024, 2752),
     "Mamba-3 in_proj, d 2048": (8800, 2048),
     "SwiGLU in, d 2048": (8192, 2048),
     "SwiGLU out, d 2048": (2048, 4096),
@@ -59,51 +65,60 @@ def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
     rows = []
     cases = [(label, shape, False) for label, shape in SHAPES.items()]
     cases += [(label, shape, True) for label, shape in GATED.items()]
-    for label, (n, k), gated in cases:
+    for (label, (n, k), gated), n_rows, cold in itertools.product(cases, (1, 2), (False, True)):
         peer = (lambda h, w: F.linear(swiglu(h), w)) if gated else F.linear
         kernel = functools.partial(sbl.gemv, gated=gated)
-        for cold in (False, True):
-            copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
-            weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
-                       for _ in range(copies)]  # fmt: skip
-            x = torch.randn(1, 2 * k if gated else k, device=device, dtype=torch.bfloat16)
-            row = {"shape": label, "features": n, "k": k, "l2": "cold" if cold else "hot"}
-            for name, fn in (("cublas", peer), ("kernel", kernel)):
-                cycle = itertools.cycle(weights)
-                timing = graphed_step_timing(
-                    lambda fn=fn, cycle=cycle, x=x: fn(x, next(cycle)), device,
-                    steps=max(GRAPH_STEPS, copies),
-                )  # fmt: skip
-                row[f"{name}_us"] = 1e3 * timing.median_ms
-            row["speedup"] = row["cublas_us"] / row["kernel_us"]
-            row["kernel_pct_copy"] = 100 * n * k * 2 / row["kernel_us"] / 1e3 / copy_gbs
-            rows.append(row)
-            print(f"{label:<28}{n:>7}{k:>6}{row['l2']:>6}{row['cublas_us']:>10.2f}"
-                  f"{row['kernel_us']:>10.2f}{row['speedup']:>8.2f}x"
-                  f"{row['kernel_pct_copy']:>8.0f}%", flush=True)  # fmt: skip
-            del weights
+        copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+                   for _ in range(copies)]  # fmt: skip
+        x = torch.randn(n_rows, 2 * k if gated else k, device=device, dtype=torch.bfloat16)
+        row = {"shape": label, "features": n, "k": k, "rows": n_rows, "l2": "cold" if cold
+               else "hot", "taken": n_rows == 1 or sbl.two_rows_pay(weights[0])}  # fmt: skip
+        for name, fn, chained in (("cublas", peer, False), ("kernel", kernel, False),
+                                  ("chained", kernel, True)):  # fmt: skip
+            dl.ENABLED = chained
+            cycle = itertools.cycle(weights)
+            timing = graphed_step_timing(
+                lambda fn=fn, cycle=cycle, x=x: fn(x, next(cycle)), device,
+                steps=max(GRAPH_STEPS, copies),
+            )  # fmt: skip
+            row[f"{name}_us"] = 1e3 * timing.median_ms
+        dl.ENABLED = True
+        row["speedup"] = row["cublas_us"] / row["chained_us"]
+        row["kernel_pct_copy"] = 100 * n * k * 2 / row["kernel_us"] / 1e3 / copy_gbs
+        rows.append(row)
+        print(f"{label:<28}{n:>7}{k:>6}{n_rows:>5}{row['l2']:>6}{row['cublas_us']:>10.2f}"
+              f"{row['kernel_us']:>10.2f}{row['chained_us']:>10.2f}{row['speedup']:>8.2f}x"
+              f"{row['kernel_pct_copy']:>8.0f}%{'' if row['taken'] else '  (not taken)'}",
+              flush=True)  # fmt: skip
+        del weights
     return rows
 
 
 def model_rows(device: torch.device) -> list[dict]:
-    request = LatencyRequest("decode", 1, 2048)
-    return [
-        switched_latency(label, config, request, device, lambda on: setattr(sbl, "ENABLED", on))
-        for label, config in decode_architectures().items()
-    ]
+    rows = []
+    for batch in (1, 2):
+        print(f"\nbatch-{batch} decode step (latency objective, context 2048), µs: kernel off ×2, "
+              f"on ×2")  # fmt: skip
+        print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
+        request = LatencyRequest("decode", batch, 2048)
+        rows += [
+            switched_latency(label, config, request, device, lambda on: setattr(sbl, "ENABLED", on))
+            for label, config in decode_architectures().items()
+        ]
+    return rows
 
 
 def main() -> None:
     if (bench := cuda_bench(__doc__.splitlines()[0])) is None:
         return
     args, device, peak = bench
-    print(f"device: {describe_device(device)}; {peak}; bf16, one input row, µs per call from "
-          f"graphs of consecutive calls")  # fmt: skip
-    print(f"{'projection':<28}{'N':>7}{'K':>6}{'L2':>6}{'cuBLAS':>10}{'kernel':>10}"
-          f"{'speedup':>9}{'% copy':>9}")  # fmt: skip
+    print(f"device: {describe_device(device)}; {peak}; bf16, µs per call from graphs of "
+          f"consecutive calls; chained: by PDL; speedup: cuBLAS / chained; % copy: kernel; "
+          f"(not taken): rows `takes` leaves to cuBLAS")  # fmt: skip
+    print(f"{'projection':<28}{'N':>7}{'K':>6}{'rows':>5}{'L2':>6}{'cuBLAS':>10}{'kernel':>10}"
+          f"{'chained':>10}{'speedup':>9}{'% copy':>9}")  # fmt: skip
     kernels = kernel_rows(device, peak.copy_gbs)
-    print("\nbatch-1 decode step (latency objective, context 2048), µs: kernel off ×2, on ×2")
-    print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
     models = model_rows(device)
     if args.out:
         args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":

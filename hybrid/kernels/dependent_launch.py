@@ -15,11 +15,12 @@ visible. The kernels that chain this way follow two rules:
 
 Launches chain only into a CUDA graph being captured (the latency objective, `hybrid
 bench`, graphed generation), where the host's launch cost is not replayed, and only for one
-token row: there the projections are Triton kernels too (`small_batch_linear`), so the whole
-step is one chain. On an H100 that took the latency objective's batch-1 decode step of 31M
-models 24-28% shorter; at batch 2-64, where cuBLAS runs the projections between the chained
-kernels, it gained nothing (0.99-1.03x), so those stay unchained (BENCHMARKS.md, "Chained
-decode kernels"). HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
+or two token rows: there the projections are Triton kernels too (`small_batch_linear`), so
+the whole step is one chain. On an H100 that took the latency objective's decode step of
+31M models 23-28% shorter at batch 1; at batch 2-64, with cuBLAS running the projections
+between the chained kernels, it gained nothing (0.99-1.03x), and with the projections taking
+two rows the batch-2 step is 26-30% shorter (BENCHMARKS.md, "Chained decode kernels").
+HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
 MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
-MAX_ROWS = 2  # token rows of a chained launch
+MAX_ROWS = 2  # token rows of a chained launch (small_batch_linear.MAX_ROWS)
 
 
 @functools.cache
@@ -63,7 +64,7 @@ def planned(device: torch.device) -> str:
         return "none (HYBRID_PDL=0)"
     if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
         return "none (programmatic dependent launch needs compute capability 9.0)"
-    return "programmatic dependent launch at batch 1 in CUDA graphs"
+    return f"programmatic dependent launch at batch 1-{MAX_ROWS} in CUDA graphs"
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""y = x·Wᵀ for one input row (a batch-1 decode step), as a Triton matrix-vector kernel.
+"""y = x·Wᵀ for one or two input rows (a batch-1 or -2 decode step), as a Triton
+matrix-vector kernel.
 
 At batch 1 every projection of a decode step (Mamba-3's in_proj and out_proj, attention's qkv
 and output, SwiGLU's two, the head) is a matrix-vector product, and cuBLAS took 3.2-4.8 us for
@@ -10,9 +11,11 @@ wider outputs take 16 rows a program; SwiGLU's output projection forms silu(gate
 its input row itself (`swiglu_linear`). On an H100 that is 1.25-1.72x cuBLAS at d_model 512
 (1.59-1.85x against the product kernel + cuBLAS for SwiGLU's) and 1.06-1.33x at 2048, and
 the batch-1 decode step of 31M models 19-21% shorter (BENCHMARKS.md, "Small-batch linear").
-With two rows it lost at d_model 2048 (0.62-0.79x), so more rows, autograd, autocast and the
-CPU stay on `F.linear`. So do eager calls: the kernel is taken while a CUDA graph is being
-captured (the latency objective, graphed generation), where only device time is replayed.
+Two rows pay where both share what a program loads (`two_rows_pay`); with the step's kernels
+chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 26-30% shorter. More
+rows, autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is
+taken while a CUDA graph is being captured (the latency objective, graphed generation), where
+only device time is replayed.
 Eagerly a batch-1 step is bound by the host, and Triton's launcher costs more of it than
 cuBLAS's (54 against 20 us a call on the H100 host).
 """
@@ -31,8 +34,9 @@ from hybrid.devices import on_input_device
 from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
 from hybrid.kernels.norms import swiglu
 
-MAX_ROWS = 2  # input rows the kernel takes; two only for weights up to TWO_ROW_BYTES
-TWO_ROW_BYTES = 8 << 20
+MAX_ROWS = 2  # input rows the kernel takes; two only where `two_rows_pay`
+MAX_BK = 512  # weight columns a program reads per step
+TWO_ROW_BYTES = 4 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # HYBRID_SMALL_BATCH_LINEAR=0 keeps every call on F.linear (the benchmark's A/B switch)
 ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
@@ -86,20 +90,28 @@ def tiling(features: int, k: int) -> tuple[int, int, bool]:
     2048 (14.1 against 16.0 us with 8). A BN-16 tile held across the PDL wait took the kernel
     from 96 to 122 registers, so only BN-4 tiles are preloaded."""
     bn = 4 if features <= 4096 else 16
-    return bn, min(512, triton.next_power_of_2(k)), bn == 4
+    return bn, min(MAX_BK, triton.next_power_of_2(k)), bn == 4
+
+
+def two_rows_pay(weight: Tensor) -> bool:
+    """Where two rows beat cuBLAS (H100, chained, weights in or out of L2): rows read in one
+    step, whose weights both rows share (d_model 512: 1.31-2.08x, the 50,257-wide head 1.23x),
+    or weights up to 4 MB (out_proj at d_model 1024, 2,048 wide: 1.05-1.10x); wider rows of
+    more bytes are read once a row and lost (d_model 1024's in_proj 0.86x, 2048's 0.62-0.90x)."""
+    return weight.shape[1] <= MAX_BK or weight.numel() * weight.element_size() <= TWO_ROW_BYTES
 
 
 def takes(x: Tensor, weight: Tensor) -> bool:
-    """Whether `small_batch_linear` runs the kernel: one row on CUDA inside a CUDA-graph
-    capture, nothing to differentiate, no autocast, one floating dtype, a contiguous weight and
-    input rows."""
+    """Whether `small_batch_linear` runs the kernel: one row (two where `two_rows_pay`) on
+    CUDA inside a CUDA-graph capture, nothing to differentiate, no autocast, one floating
+    dtype, a contiguous weight and input rows."""
     rows = x.numel() // max(x.shape[-1], 1)
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (
         ENABLED
         and x.is_cuda
         and torch.cuda.is_current_stream_capturing()
-        and 0 < rows <= (MAX_ROWS if weight.numel() * weight.element_size() <= TWO_ROW_BYTES else 1)
+        and 0 < rows <= (MAX_ROWS if two_rows_pay(weight) else 1)
         and not grad
         and not torch.is_autocast_enabled(x.device.type)
         and x.dtype == weight.dtype
@@ -116,7 +128,7 @@ def planned_backend(device: torch.device) -> str:
         return f"F.linear (device is {device.type})"
     if not ENABLED:
         return "cublas prefill / cublas decode (HYBRID_SMALL_BATCH_LINEAR=0)"
-    return "cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1 in CUDA graphs)"
+    return "cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1-2 in CUDA graphs)"
 
 
 def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
