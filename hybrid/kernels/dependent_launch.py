@@ -16,10 +16,10 @@ visible. The kernels that chain this way follow two rules:
 Launches chain only into a CUDA graph being captured (the latency objective, `hybrid
 bench`, graphed generation), where the host's launch cost is not replayed, and only for one
 or two token rows: there the projections are Triton kernels too (`small_batch_linear`), so
-the whole step is one chain. On an H100 that took the latency objective's decode step of
-31M models 23-28% shorter at batch 1; at batch 2-64, with cuBLAS running the projections
-between the chained kernels, it gained nothing (0.99-1.03x), and with the projections taking
-two rows the batch-2 step is 26-30% shorter (BENCHMARKS.md, "Chained decode kernels").
+the whole step is one chain. On an H100 chaining took the latency objective's decode step
+of 31M models 24-28% shorter at batch 1 and 19-22% at batch 2; at batches 2-64 with cuBLAS
+running the projections between the chained kernels it had gained nothing (0.99-1.03x), so
+larger batches stay unchained (BENCHMARKS.md, "Chained decode kernels").
 HYBRID_PDL=0 turns it off (the benchmark's A/B switch).
 """
 

@@ -12,7 +12,7 @@ its input row itself (`swiglu_linear`). On an H100 that is 1.25-1.72x cuBLAS at 
 (1.59-1.85x against the product kernel + cuBLAS for SwiGLU's) and 1.06-1.33x at 2048, and
 the batch-1 decode step of 31M models 19-21% shorter (BENCHMARKS.md, "Small-batch linear").
 Two rows pay where both share what a program loads (`two_rows_pay`); with the step's kernels
-chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 26-30% shorter. More
+chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter. More
 rows, autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is
 taken while a CUDA graph is being captured (the latency objective, graphed generation), where
 only device time is replayed.
