@@ -36,12 +36,27 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
 MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
+MIN_CUDA = (12, 3)  # CUDA graphs capture programmatic launches from 12.3 on
 MAX_ROWS = 2  # token rows of a chained launch (small_batch_linear.MAX_ROWS)
 
 
+def _cuda_version() -> tuple[int, ...]:
+    """The CUDA version torch was built with, (0,) for none."""
+    return tuple(int(part) for part in (torch.version.cuda or "0").split(".")[:2])
+
+
 @functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
+def _reason_not(index: int) -> str | None:
+    """Why device `index` cannot chain launches, or None."""
+    if torch.cuda.get_device_capability(index) < MIN_CAPABILITY:
+        return "programmatic dependent launch needs compute capability 9.0"
+    if _cuda_version() < MIN_CUDA:
+        return f"graphs capture programmatic launches from CUDA 12.3 (torch: {torch.version.cuda})"
+    return None
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def chained(t: Tensor, rows: int) -> bool:
@@ -52,7 +67,7 @@ def chained(t: Tensor, rows: int) -> bool:
         and rows <= MAX_ROWS
         and t.is_cuda
         and torch.cuda.is_current_stream_capturing()
-        and _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        and _reason_not(_device_index(t.device)) is None
     )
 
 
@@ -62,8 +77,8 @@ def planned(device: torch.device) -> str:
         return f"none (device is {device.type})"
     if not ENABLED:
         return "none (HYBRID_PDL=0)"
-    if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
-        return "none (programmatic dependent launch needs compute capability 9.0)"
+    if (reason := _reason_not(_device_index(device))) is not None:
+        return f"none ({reason})"
     return f"programmatic dependent launch at batch 1-{MAX_ROWS} in CUDA graphs"
 
 
