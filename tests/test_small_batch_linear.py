@@ -10,7 +10,13 @@ from helpers import run_interpreted
 
 from hybrid.config import ModelConfig
 from hybrid.kernels.norms import swiglu
-from hybrid.kernels.small_batch_linear import small_batch_linear, swiglu_linear, takes, tiling
+from hybrid.kernels.small_batch_linear import (
+    _loads_early,
+    small_batch_linear,
+    swiglu_linear,
+    takes,
+    tiling,
+)
 from hybrid.layers.linear import Linear
 from hybrid.model import HybridLM
 
@@ -23,8 +29,9 @@ def test_kernel_matches_linear_under_the_interpreter():
 def test_tiling_covers_narrow_outputs_with_many_programs():
     # 4 rows a program up to 4,096 features (a 512-wide output is 128 programs), 16 beyond;
     # only the 4-row tiles load their first step before the PDL wait
-    assert tiling(512, 1024) == (4, 512, True) and tiling(4096, 512) == (4, 512, True)
-    assert tiling(8800, 2048) == (16, 512, False)
+    assert tiling(512, 1024) == (4, 512) and tiling(4096, 512) == (4, 512)
+    assert tiling(8800, 2048) == (16, 512)
+    assert _loads_early(True, 4) and not _loads_early(True, 16) and not _loads_early(False, 4)
     # one K step where K is at most 512, as a power of two
     assert tiling(256, 50)[1] == 64 and tiling(256, 16)[1] == 16
 

@@ -84,15 +84,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.c
         tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-def tiling(features: int, k: int) -> tuple[int, int, bool]:
-    """(BN, BK, whether a chained launch loads the first step before its wait) from an H100
-    sweep of BN 4/8/16 × BK 256/512 with the weights out of L2: BN 4 won every output up to
-    3,152 features, 16 the 8,800-wide in_proj at d_model 2048 (14.1 against 16.0 us with 8).
-    A BN-16 tile held across the PDL wait took the kernel from 96 to 122 registers, so only
-    BN-4 tiles load early; unchained, the first step stays in the loop (peeled out of it, the
-    gated kernel lost 9-16%)."""
-    bn = 4 if features <= 4096 else 16
-    return bn, min(MAX_BK, triton.next_power_of_2(k)), bn == 4
+def tiling(features: int, k: int) -> tuple[int, int]:
+    """(BN, BK) from an H100 sweep of BN 4/8/16 × BK 256/512 with the weights out of L2: BN
+    4 won every output up to 3,152 features, 16 the 8,800-wide in_proj at d_model 2048 (14.1
+    against 16.0 us with 8)."""
+    return (4 if features <= 4096 else 16), min(MAX_BK, triton.next_power_of_2(k))
 
 
 def two_rows_pay(weight: Tensor) -> bool:
@@ -133,10 +129,12 @@ def planned_backend(device: torch.device) -> str:
     return "cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1-2 in CUDA graphs)"
 
 
-def _loads_early(chained_launch: bool, small_tile: bool) -> bool:
+def _loads_early(chained_launch: bool, bn: int) -> bool:
     """Whether the first weight step is loaded before the PDL wait (PRELOAD): for chained
-    4-row tiles (`tiling`). The interpreter check also runs that path unchained."""
-    return chained_launch and small_tile
+    4-row tiles only. A 16-row tile held across the wait took the kernel from 96 to 122
+    registers; unchained, the first step stays in the loop (peeled out of it, the gated
+    kernel lost 9-16%). The interpreter check also runs that path unchained."""
+    return chained_launch and bn == 4
 
 
 def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -154,11 +152,11 @@ def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     out = _new_output((rows.shape[0], n), x)
-    bn, bk, early = tiling(n, k)
+    bn, bk = tiling(n, k)
     pdl = chained(x, rows.shape[0])
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
-        GATED=gated, PDL=pdl, PRELOAD=_loads_early(pdl, early), num_warps=4, launch_pdl=pdl,
+        GATED=gated, PDL=pdl, PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 

@@ -39,7 +39,7 @@ def main() -> int:
     for (dtype, tolerance), (n, k, rows), early in itertools.product(
         TOLERANCE.items(), CASES, (False, True)
     ):
-        sbl._loads_early = (lambda pdl, small: small) if early else unchained
+        sbl._loads_early = (lambda pdl, bn: unchained(True, bn)) if early else unchained
         weight = torch.randn(n, k, dtype=dtype) / k**0.5
         wide = torch.randn(rows, 2 * k + 3, dtype=dtype)
         x = wide[:, 3 : k + 3]  # a row stride of 2k + 3 elements
