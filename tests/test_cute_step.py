@@ -89,18 +89,26 @@ for arch in ("sm_80", "sm_86"):
 """
 
 
+def _ptx_script_output(script: str, tmp_path: Path) -> str:
+    """stdout of a compile script reading the kernel's PTX: in a subprocess, since the DSL
+    reads CUTE_DSL_KEEP_PTX (the PTX named by the checks) once; in a scratch directory, since
+    it also writes that PTX to a file in the working one."""
+    done = subprocess.run(
+        [sys.executable, "-c", script.format(tests=str(Path(__file__).parent))],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"}, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @needs_cutlass
 def test_kernel_compiles_for_ampere(tmp_path):
     """The step needs compute capability 8.0 (`unsupported_reason`), not Hopper, so `auto`
-    picks it on Ampere too: SISO and MIMO compile for sm_80 and sm_86 (run on an H100 only).
-    In a subprocess, since the DSL reads CUTE_DSL_KEEP_PTX (the PTX named by the check) once;
-    in a scratch directory, since it also writes that PTX to a file in the working one."""
-    script = AMPERE_COMPILE.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=tmp_path, env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"},
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["sm_80", "sm_80", "sm_86", "sm_86"]
+    picks it on Ampere too: SISO and MIMO compile for sm_80 and sm_86 (run on an H100 only)."""
+    assert _ptx_script_output(AMPERE_COMPILE, tmp_path).split() == [
+        "sm_80", "sm_80", "sm_86", "sm_86"
+    ]  # fmt: skip
 
 
 CHAINED_COMPILE = """
@@ -120,13 +128,10 @@ for chained in (False, True):
 def test_chained_kernel_waits_before_any_load(tmp_path):
     """Launched by PDL (inside a CUDA graph on sm_90), the step waits for its predecessor
     before its first global load (hybrid/kernels/dependent_launch.py); unchained it has no
-    griddepcontrol at all. PTX read as in the Ampere check."""
-    script = CHAINED_COMPILE.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=tmp_path, env={**os.environ, "CUTE_DSL_KEEP_PTX": "1"},
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["False False False", "True True True"]
+    griddepcontrol at all."""
+    assert _ptx_script_output(CHAINED_COMPILE, tmp_path).splitlines() == [
+        "False False False", "True True True"
+    ]  # fmt: skip
 
 
 @needs_cutlass
