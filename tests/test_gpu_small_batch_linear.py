@@ -1,6 +1,7 @@
 """The batch-1 projection kernel on CUDA (marker `gpu`; skipped without a CUDA device): which
-calls it takes, its results against float64 with a poisoned output buffer, and a model's
-graphed decode step with it against the same step on cuBLAS."""
+calls it takes, its results against float64 with poisoned output buffers (plain, with
+SwiGLU's gate product, with a block's norm and residual add), and a model's graphed decode
+step with it against the same step on cuBLAS with the norms as kernels of their own."""
 
 from __future__ import annotations
 
@@ -50,20 +51,31 @@ SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("form", ["plain", "gated", "normed", "normed x + δ"])
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, gated, rows):
+def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, form, rows):
     monkeypatch.setattr(
         sbl, "_new_output", lambda shape, like: poisoned(shape, like.device, like.dtype)
     )
     weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
-    x = torch.randn(rows, 1, 2 * k if gated else k, device=CUDA, dtype=dtype)
+    x = torch.randn(rows, 1, 2 * k if form == "gated" else k, device=CUDA, dtype=dtype)
     expected = x.double()
-    if gated:  # silu(gate) ⊙ up, rounded to the dtype as the product kernel stores it
+    if form == "gated":  # silu(gate) ⊙ up, rounded to the dtype as the product kernel stores it
         gate, up = expected.chunk(2, dim=-1)
         expected = (F.silu(gate) * up).to(dtype).double()
-    out = sbl.gemv(x, weight, gated=gated)
+    if form.startswith("normed"):  # RMSNorm(x + δ)·w, the sum rounded to the dtype
+        delta = torch.randn_like(x) if form.endswith("δ") else None
+        scale = 1 + torch.rand(k, device=CUDA, dtype=dtype)
+        summed, out = sbl.normed_gemv(x, delta, scale, 1e-5, weight)
+        if delta is not None:
+            expected = (expected + delta.double()).to(dtype)
+        assert torch.equal(summed, expected)
+        expected = summed.double()
+        rms = torch.rsqrt(expected.pow(2).mean(-1, keepdim=True) + 1e-5)
+        expected = expected * rms * scale.double()
+    else:
+        out = sbl.gemv(x, weight, gated=form == "gated")
     assert out.shape == (rows, 1, n)
     assert rel_err(out, F.linear(expected, weight.double())) < tol
 
@@ -72,10 +84,13 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
     torch.manual_seed(0)
     model = HybridLM(small_hybrid_config(), device=CUDA, dtype=torch.bfloat16).eval()
     prompt = torch.randint(0, 512, (1, 40), device=CUDA)
-    calls = []
-    gemv = sbl.gemv
+    calls, normed_calls = [], []
+    gemv, normed_gemv = sbl.gemv, sbl.normed_gemv
     monkeypatch.setattr(
         sbl, "gemv", lambda x, w, gated=False: calls.append(gated) or gemv(x, w, gated)
+    )
+    monkeypatch.setattr(
+        sbl, "normed_gemv", lambda x, d, *a: normed_calls.append(d) or normed_gemv(x, d, *a)
     )
     logits = {}
     for enabled in (False, True):
@@ -85,7 +100,10 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
             step = model.graphed_step(cache, 1)  # captured as `generate(cuda_graph=True)` does
             model(prompt, cache, last_only=True)
             logits[enabled] = step(prompt[:, -1]).float().clone()
-    # captured once with the kernel: every projection of the 3 mixers, 3 SwiGLUs (the output
-    # one with its gate product) and the head
-    assert len(calls) == 2 * 3 + 2 * 3 + 1 and sum(calls) == 3
+    # captured once with the kernel: every block's norm with its layer's first projection and
+    # the final norm with the head (the first block's without a residual add), then the
+    # output projections of the 3 mixers and 3 SwiGLUs (those with their gate product)
+    assert len(normed_calls) == 3 + 3 + 1 and normed_calls[0] is None
+    assert all(d is not None for d in normed_calls[1:])
+    assert len(calls) == 3 + 3 and sum(calls) == 3
     assert rel_err(logits[True], logits[False]) < 1e-2

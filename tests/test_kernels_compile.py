@@ -36,6 +36,9 @@ INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_sta
                 "pos_ptr", "chunk_seq_ptr", "seqlens_ptr"}  # fmt: skip
 LOADS_WEIGHTS_FIRST = {"_norm_fwd_kernel"}  # before its PDL wait; the projections: PRELOAD
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
+GEMV = {"BN": 16, "BK": 512, "GATED": False, "NORMED": False, "HAS_DELTA": False, "PDL": False,
+        "PRELOAD": False}  # fmt: skip
+GEMV_BF16 = {"x_ptr", "w_ptr", "y_ptr"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
     (segment_cumsum._segment_cumsum_kernel,
@@ -143,13 +146,15 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
       "HAS_MIMO": False, "HAS_NORM": False, "PDL": False},
      {"x_ptr", "z_ptr", "b_ptr", "c_ptr", "st_ssm_ptr", "st_k_ptr", "st_x_ptr", "out_ptr"}),
     (small_batch_linear._gemv_kernel,  # bf16, SwiGLU's product folded in
-     {"ROWS": 1, "BN": 4, "BK": 512, "GATED": True, "PDL": True, "PRELOAD": True},
-     {"x_ptr", "w_ptr", "y_ptr"}),
+     {**GEMV, "ROWS": 1, "BN": 4, "GATED": True, "PDL": True, "PRELOAD": True}, GEMV_BF16),
+    (small_batch_linear._gemv_kernel, {**GEMV, "ROWS": 2, "PDL": True}, GEMV_BF16),
     (small_batch_linear._gemv_kernel,
-     {"ROWS": 2, "BN": 16, "BK": 512, "GATED": False, "PDL": True, "PRELOAD": False},
-     {"x_ptr", "w_ptr", "y_ptr"}),
-    (small_batch_linear._gemv_kernel,
-     {"ROWS": 2, "BN": 4, "BK": 64, "GATED": False, "PDL": False, "PRELOAD": True}, set()),
+     {**GEMV, "ROWS": 2, "BN": 4, "BK": 64, "PRELOAD": True}, set()),
+    (small_batch_linear._gemv_kernel,  # a block's norm and residual add folded in
+     {**GEMV, "ROWS": 1, "BN": 4, "NORMED": True, "HAS_DELTA": True, "PDL": True,
+      "PRELOAD": True}, GEMV_BF16 | {"d_ptr", "res_ptr", "nw_ptr"}),
+    (small_batch_linear._gemv_kernel,  # the first block's norm: no residual add
+     {**GEMV, "ROWS": 2, "NORMED": True, "PDL": True}, GEMV_BF16 | {"nw_ptr"}),
 ]  # fmt: skip
 
 

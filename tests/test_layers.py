@@ -73,6 +73,9 @@ def test_forward_backward_and_step_decode(kind, config):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
     assert x.grad.abs().sum() > 0
 
+    # what the model folds its norm into: a bias-free projection of the layer's input
+    projection = layer.step_projection()
+    assert projection is None or (projection.bias is None and projection.in_features == D_MODEL)
     with torch.no_grad():
         prefix = 4
         cache = layer.allocate_cache(2, 16, device=x.device, dtype=x.dtype)
@@ -173,7 +176,7 @@ def test_attention_matches_explicit_softmax_with_gqa():
     layer = build(LayerSpec("attention", AttentionConfig(n_heads=4, n_kv_heads=2)), D_MODEL)
     x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
     layer = layer.double()
-    q, k, v = layer._split_qkv(x)
+    q, k, v = layer._split_qkv(layer.qkv(x))
     pos = torch.arange(7)
     q, k = rope_rotate(q, pos, 10000.0), rope_rotate(k, pos, 10000.0)
     k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)

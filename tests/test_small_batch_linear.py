@@ -1,6 +1,7 @@
 """The batch-1 projection kernel (`small_batch_linear`): what it computes (under the Triton
 interpreter), its tiling rule, and that the model's projections keep nn.Linear's parameters
-and, off CUDA, its results."""
+and, off CUDA, its results (with a block's norm folded in: those of the norm and then the
+projection)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import torch.nn.functional as F
 from helpers import run_interpreted
 
 from hybrid.config import ModelConfig
-from hybrid.kernels.norms import swiglu
+from hybrid.kernels.norms import add_rms_norm, swiglu
 from hybrid.kernels.small_batch_linear import (
     _loads_early,
+    add_rms_norm_linear,
+    fold_pays,
     small_batch_linear,
     swiglu_linear,
     takes,
@@ -36,6 +39,16 @@ def test_tiling_covers_narrow_outputs_with_many_programs():
     assert tiling(256, 50)[1] == 64 and tiling(256, 16)[1] == 16
 
 
+def test_norms_fold_into_one_step_rows_of_four_row_tiles():
+    # d_model 512's in-projections, not its 50,257-wide head nor d_model 1024's in_proj
+    folds = {
+        shape: fold_pays(torch.empty(shape))
+        for shape in [(2384, 512), (4096, 512), (4097, 512), (768, 513)]
+    }
+    assert folds == {(2384, 512): True, (4096, 512): True, (4097, 512): False,
+                     (768, 513): False}  # fmt: skip
+
+
 def test_off_cuda_it_is_linear():
     weight = torch.randn(37, 50)
     x = torch.randn(1, 50)
@@ -43,6 +56,11 @@ def test_off_cuda_it_is_linear():
     assert torch.equal(small_batch_linear(x, weight), F.linear(x, weight))
     h = torch.randn(1, 100)
     assert torch.equal(swiglu_linear(h, weight), F.linear(swiglu(h), weight))
+    scale = torch.rand(50) + 0.5
+    for delta in (None, torch.randn(1, 50)):
+        summed, normed = add_rms_norm(x, delta, scale, 1e-5)
+        folded = add_rms_norm_linear(x, delta, scale, 1e-5, weight)
+        assert torch.equal(folded[0], summed) and torch.equal(folded[1], F.linear(normed, weight))
 
 
 def test_model_projections_keep_linear_parameters():

@@ -12,8 +12,11 @@ its input row itself (`swiglu_linear`). On an H100 that is 1.25-1.72x cuBLAS at 
 (1.59-1.85x against the product kernel + cuBLAS for SwiGLU's) and 1.06-1.33x at 2048, and
 the batch-1 decode step of 31M models 19-21% shorter (BENCHMARKS.md, "Small-batch linear").
 Two rows pay where both share what a program loads (`two_rows_pay`); with the step's kernels
-chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter. More
-rows, autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is
+chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter. A
+block's residual add and RMSNorm fold into the projection that follows them
+(`add_rms_norm_linear`: one kernel a block fewer) where the row is read in one step by 4-row
+tiles (`fold_pays`), which took the batch-1 step of 31M models 6-13% shorter. More rows,
+autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is
 taken while a CUDA graph is being captured (the latency objective, graphed generation), where
 only device time is replayed.
 Eagerly a batch-1 step is bound by the host, and Triton's launcher costs more of it than
@@ -30,9 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid.devices import on_input_device
+from hybrid.devices import autocast_dtype, on_input_device
 from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
-from hybrid.kernels.norms import swiglu
+from hybrid.kernels.launch_args import pointer_or
+from hybrid.kernels.norms import add_rms_norm, swiglu
 
 MAX_ROWS = 2  # input rows the kernel takes; two only where `two_rows_pay`
 MAX_BK = 512  # weight columns a program reads per step
@@ -40,47 +44,85 @@ TWO_ROW_BYTES = 4 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # HYBRID_SMALL_BATCH_LINEAR=0 keeps every call on F.linear (the benchmark's A/B switch)
 ENABLED = os.environ.get("HYBRID_SMALL_BATCH_LINEAR", "1") != "0"
+# HYBRID_FOLD_NORMS=0 keeps the blocks' norms as kernels of their own (`add_rms_norm_linear`)
+FOLD_NORMS = os.environ.get("HYBRID_FOLD_NORMS", "1") != "0"
 
 
 @triton.jit
-def _partial(x_ptr, w, ks, kmask, K, GATED: tl.constexpr):
-    """One BK step's sums of the BN rows in w against input row x_ptr. GATED: the input row
-    is SwiGLU's [gate | up] (2K wide) and enters as silu(gate) ⊙ up, rounded to the row's
-    dtype as the separate product kernel stores it."""
+def _residual(x_ptr, d_ptr, ks, kmask, HAS_DELTA: tl.constexpr):
+    """x + δ over ks, rounded to x's dtype as the residual stream stores it."""
     x = tl.load(x_ptr + ks, mask=kmask, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(d_ptr + ks, mask=kmask, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _partial(x_ptr, d_ptr, nw_ptr, res_ptr, w, ks, kmask, K, stored, GATED: tl.constexpr,
+             NORMED: tl.constexpr, HAS_DELTA: tl.constexpr):  # fmt: skip
+    """One BK step of the input row x_ptr against the BN rows in w: their sums and, NORMED,
+    the row's squares. GATED: the input row is SwiGLU's [gate | up] (2K wide) and enters as
+    silu(gate) ⊙ up, rounded to the row's dtype as the separate product kernel stores it.
+    NORMED: it is r = x + δ (δ where HAS_DELTA; columns below `stored` are written to
+    res_ptr) and enters as r·nw, whose sums the caller scales by 1/rms(r) at the end."""
+    if NORMED:
+        r = _residual(x_ptr, d_ptr, ks, kmask, HAS_DELTA)
+        if HAS_DELTA:
+            tl.store(res_ptr + ks, r, mask=ks < stored)
+        r = r.to(tl.float32)
+        x = r * tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+        squares = tl.sum(r * r, 0)  # a scalar: a [BK] sum across steps cost 30 registers
+    else:
+        x = tl.load(x_ptr + ks, mask=kmask, other=0.0)
+        squares = 0.0
     if GATED:
         gate = x.to(tl.float32)
         up = tl.load(x_ptr + K + ks, mask=kmask, other=0.0).to(tl.float32)
         x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
-    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1), squares
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, N, SX, SY, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+def _gemv_kernel(x_ptr, d_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, K, N, SX, SD, SR, SY, eps,
+                 ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
+                 NORMED: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr,
                  PRELOAD: tl.constexpr):  # fmt: skip
     """Program: BN output features of every input row; float32 sums over K in BK-wide steps.
-    PRELOAD: the first step's weights are loaded before waiting for the kernel that wrote x
-    (PDL), and shared by the rows."""
+    NORMED: the rows are the residual stream x (+ δ, the last block's output, HAS_DELTA),
+    normalised by RMSNorm with weight nw: since 1/rms is one scalar a row, the sums of r·nw
+    and of r² are taken in the same pass and the sums scaled at the end (no pass over the
+    row before the product); program 0 stores r = x + δ at res_ptr. PRELOAD: the first
+    step's weights are loaded before waiting for the kernel that wrote x (PDL), and shared by
+    the rows."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     rows = cols.to(tl.int64)[:, None] * K
     ks = tl.arange(0, BK)
+    stored = tl.where(tl.program_id(0) == 0, K, 0)  # residual columns this program stores
     if PRELOAD:
         first = tl.load(w_ptr + rows + ks[None, :], mask=cmask[:, None] & (ks < K)[None, :],
                         other=0.0)  # fmt: skip
     wait_for_predecessor(PDL)
     for m in tl.static_range(ROWS):
+        x_row, d_row, res_row = x_ptr + m * SX, d_ptr + m * SD, res_ptr + m * SR
         if PRELOAD:
-            acc = _partial(x_ptr + m * SX, first, ks, ks < K, K, GATED)
+            acc, squares = _partial(x_row, d_row, nw_ptr, res_row, first, ks, ks < K, K, stored,
+                                    GATED, NORMED, HAS_DELTA)  # fmt: skip
         else:
-            acc = tl.zeros([BN], tl.float32)
+            acc, squares = tl.zeros([BN], tl.float32), 0.0
         for k0 in range(BK if PRELOAD else 0, K, BK):
             kk = k0 + ks
             kmask = kk < K
             w = tl.load(w_ptr + rows + kk[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0)  # fmt: skip
-            acc += _partial(x_ptr + m * SX, w, kk, kmask, K, GATED)
+            sums, step_squares = _partial(x_row, d_row, nw_ptr, res_row, w, kk, kmask, K,
+                                          stored, GATED, NORMED, HAS_DELTA)  # fmt: skip
+            acc += sums
+            if NORMED:
+                squares += step_squares
+        if NORMED:
+            acc *= tl.rsqrt(squares / K + eps)
         tl.store(y_ptr + m * SY + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -126,7 +168,11 @@ def planned_backend(device: torch.device) -> str:
         return f"F.linear (device is {device.type})"
     if not ENABLED:
         return "cublas prefill / cublas decode (HYBRID_SMALL_BATCH_LINEAR=0)"
-    return "cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1-2 in CUDA graphs)"
+    norms = "block norms folded in up to 512 inputs" if FOLD_NORMS else "HYBRID_FOLD_NORMS=0"
+    return (
+        f"cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1-2 in CUDA graphs; "
+        f"{norms})"
+    )
 
 
 def _loads_early(chained_launch: bool, bn: int) -> bool:
@@ -142,23 +188,55 @@ def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t as (rows, last dim) with unit column stride (a view where it can be)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(rows: Tensor, weight: Tensor, *, gated: bool = False, delta: Tensor | None = None,
+            residual: Tensor | None = None, norm_weight: Tensor | None = None,
+            eps: float = 0.0) -> Tensor:  # fmt: skip
+    """The kernel over input rows (M, K) -> (M, N); with norm_weight the rows are normalised
+    first (`_gemv_kernel`'s NORMED) and x + δ is stored in residual."""
+    weight = weight.contiguous()  # the kernel reads rows of K (no copy where they are)
+    n, k = weight.shape
+    out = _new_output((rows.shape[0], n), rows)
+    bn, bk = tiling(n, k)
+    pdl = chained(rows, rows.shape[0])
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        rows, pointer_or(delta, rows), pointer_or(residual, rows), pointer_or(norm_weight, rows),
+        weight, out, k, n, rows.stride(0), 0 if delta is None else delta.stride(0),
+        0 if residual is None else residual.stride(0), out.stride(0), eps, ROWS=rows.shape[0],
+        BN=bn, BK=bk, GATED=gated, NORMED=norm_weight is not None, HAS_DELTA=delta is not None,
+        PDL=pdl, PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
+
+
 @on_input_device
 def gemv(x: Tensor, weight: Tensor, gated: bool = False) -> Tensor:
     """x (..., K) · weight (N, K)ᵀ -> (..., N) by the kernel, whatever the row count (the
     CPU tests run it under TRITON_INTERPRET=1); `gated`: x is (..., 2K) [gate | up] and
     silu(gate) ⊙ up is multiplied instead."""
-    weight = weight.contiguous()  # the kernel reads rows of K (no copy where they are)
-    n, k = weight.shape
-    rows = x.reshape(-1, x.shape[-1])
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    out = _new_output((rows.shape[0], n), x)
-    bn, bk = tiling(n, k)
-    pdl = chained(x, rows.shape[0])
-    _gemv_kernel[(triton.cdiv(n, bn),)](
-        rows, weight, out, k, n, rows.stride(0), out.stride(0), ROWS=rows.shape[0], BN=bn, BK=bk,
-        GATED=gated, PDL=pdl, PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
-    )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n)
+    return _launch(_rows(x), weight, gated=gated).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@on_input_device
+def normed_gemv(
+    x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(r, RMSNorm(r)·norm_weight · weightᵀ) for r = x + δ (x itself where δ is None) by the
+    kernel, whatever the row count: a block's pre-norm folded into its layer's first
+    projection. r is rounded to x's dtype, as `add_rms_norm` stores it; the normalised row
+    stays float32 (`add_rms_norm` rounds it to the dtype before the projection reads it)."""
+    rows = _rows(x)
+    deltas = None if delta is None else _rows(delta)
+    residual = None if delta is None else _new_output(rows.shape, rows)
+    out = _launch(rows, weight, delta=deltas, residual=residual,
+                  norm_weight=norm_weight.contiguous(), eps=eps)  # fmt: skip
+    summed = x if residual is None else residual.reshape(x.shape)
+    return summed, out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def small_batch_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -173,3 +251,42 @@ def swiglu_linear(h: Tensor, weight: Tensor) -> Tensor:
     if takes(h, weight) and h.shape[-1] == 2 * weight.shape[1]:
         return gemv(h, weight, gated=True)
     return F.linear(swiglu(h), weight)
+
+
+def fold_pays(weight: Tensor) -> bool:
+    """Where the norm folded into the projection beat the norm kernel + projection (H100,
+    chained): rows read in one step (K ≤ 512) into 4-row tiles (≤ 4,096 outputs), one row
+    0.63-0.95x, two rows 0.63-0.96x with the weights out of L2 (a 31M model's 62 MB are)
+    and 0.79-1.12x in it; elsewhere it lost, 1.02-1.32x at one row (the head at d_model 512,
+    every in-projection at 1024 and 2048): there the norm's loads and its cross-warp sum
+    are not hidden behind weights loaded before the PDL wait, and a 16-row tile went from
+    96 to 126 registers (4 programs an SM instead of 5)."""
+    n, k = weight.shape
+    return k <= MAX_BK and tiling(n, k)[0] == 4
+
+
+def _folds(x: Tensor, delta: Tensor | None, norm_weight: Tensor | None, weight: Tensor) -> bool:
+    """Whether `add_rms_norm_linear` takes `normed_gemv`: where `takes` says so for the
+    normalised rows and `fold_pays`, δ shaped and typed as x, and a weight for the norm."""
+    return (
+        FOLD_NORMS
+        and fold_pays(weight)
+        and norm_weight is not None
+        and norm_weight.shape == (x.shape[-1],)
+        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype
+                               and delta.stride(-1) == 1))
+        and takes(x, weight)
+    )  # fmt: skip
+
+
+def add_rms_norm_linear(
+    x: Tensor, delta: Tensor | None, norm_weight: Tensor | None, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A pre-norm block's entry: (r, F.linear(RMSNorm(r)·norm_weight, weight)) for r = x + δ
+    (x where δ is None), as `add_rms_norm` then `small_batch_linear` compute them; where
+    `takes` and `fold_pays` say so, in one kernel (`normed_gemv`), which saves the norm's
+    kernel (a chained one cost 0.3-0.8 us of a ~128 us batch-1 step, once per block)."""
+    if _folds(x, delta, norm_weight, weight):
+        return normed_gemv(x, delta, norm_weight, eps, weight)
+    summed, normed = add_rms_norm(x, delta, norm_weight, eps, autocast_dtype(x))
+    return summed, small_batch_linear(normed, weight)

@@ -245,8 +245,12 @@ class Attention(Layer):
         )
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        batch, length, _ = x.shape
-        q, k, v = self._split_qkv(x)
+        return self._attend(self.qkv(x), cache)
+
+    def _attend(self, qkv: Tensor, cache: KVCache | None) -> Tensor:
+        """The layer from its qkv projection (Bt, T, width) on."""
+        batch, length, _ = qkv.shape
+        q, k, v = self._split_qkv(qkv)
         if cache is not None and length == 1:
             out = self._decode(q, k, v, cache)
         else:
@@ -301,10 +305,10 @@ class Attention(Layer):
         cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
         return q
 
-    def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(Bt, T, d) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""
+    def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projection (Bt, T, width) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""
         q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
         return (
             q.unflatten(-1, (self.n_heads, self.head_dim)),
             k.unflatten(-1, (self.kv_heads, self.head_dim)),
@@ -338,8 +342,11 @@ class Attention(Layer):
         )
         return out.transpose(1, 2)
 
-    def step(self, x: Tensor, cache: KVCache) -> Tensor:
-        return self.forward(x.unsqueeze(1), cache).squeeze(1)
+    def step_projection(self) -> Linear:
+        return self.qkv
+
+    def step_projected(self, projected: Tensor, cache: KVCache) -> Tensor:
+        return self._attend(projected.unsqueeze(1), cache).squeeze(1)
 
     def flops_per_token(self, seq_len: int) -> int:
         d_model = self.qkv.in_features

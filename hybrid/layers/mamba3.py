@@ -246,7 +246,12 @@ class Mamba3(Layer):
         if padding:
             dtype = autocast_dtype(weight) or weight.dtype
             weight = PaddedWeight.apply(weight, padding, dtype)
-        projected = small_batch_linear(x, weight)
+        return self._split_inputs(small_batch_linear(x, weight), padding)
+
+    def _split_inputs(
+        self, projected: Tensor, padding: int = 0
+    ) -> tuple[Mamba3Inputs, ProjectionGrads | None]:
+        """`project`'s split of the in_proj output into the named inputs."""
         pieces, grads = split_projection(projected, {**self._split, "padding": padding})
         heads = (self.n_heads, self.config.headdim)
         bc = (self.rank, self.config.ngroups, self.config.d_state)
@@ -289,8 +294,11 @@ class Mamba3(Layer):
             cache.copy_(final)
         return self.out_proj(out.flatten(-2))
 
-    def step(self, x: Tensor, cache: Mamba3State) -> Tensor:
-        inputs, _ = self.project(x)
+    def step_projection(self) -> Linear:
+        return self.in_proj
+
+    def step_projected(self, projected: Tensor, cache: Mamba3State) -> Tensor:
+        inputs, _ = self._split_inputs(projected)
         out = mamba3_step(inputs, self.weights(), self.options, cache, self.config.decode_backend)
         return self.out_proj(out.flatten(-2))
 

@@ -34,7 +34,22 @@ class Layer(nn.Module):
         raise NotImplementedError
 
     def step(self, x: Tensor, cache: Any) -> Tensor:
-        """One token (Bt, d_model) -> (Bt, d_model), advancing `cache` in place."""
+        """One token (Bt, d_model) -> (Bt, d_model), advancing `cache` in place. By default
+        `step_projected` after `step_projection`; a layer without one overrides this."""
+        projection = self.step_projection()
+        if projection is None:
+            raise NotImplementedError
+        return self.step_projected(projection(x), cache)
+
+    def step_projection(self) -> nn.Linear | None:
+        """The bias-free projection `step` applies to its input first, or None. Where there
+        is one, `HybridLM` calls `step_projected` with it applied instead of `step`: at batch
+        1-2 the block's norm then runs inside the projection's kernel (`add_rms_norm_linear`)
+        instead of as a kernel of its own."""
+        return None
+
+    def step_projected(self, projected: Tensor, cache: Any) -> Tensor:
+        """`step` from `step_projection()(x)` (Bt, out_features) on."""
         raise NotImplementedError
 
     def allocate_cache(

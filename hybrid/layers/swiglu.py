@@ -44,10 +44,13 @@ class SwiGLU(Layer):
         self.w_out.is_residual_out = True
 
     def forward(self, x: Tensor, cache: None = None) -> Tensor:
-        return swiglu_linear(self.w_in(x), self.w_out.weight)
+        return self.step_projected(self.w_in(x))
 
-    def step(self, x: Tensor, cache: None = None) -> Tensor:
-        return self.forward(x)
+    def step_projection(self) -> Linear:
+        return self.w_in
+
+    def step_projected(self, projected: Tensor, cache: None = None) -> Tensor:
+        return swiglu_linear(projected, self.w_out.weight)
 
     def flops_per_token(self, seq_len: int) -> int:
         return 2 * 3 * self.w_in.in_features * self.hidden

@@ -4,9 +4,10 @@ and float16 operands; output widths that are and are not multiples of a program'
 both sides of the BN switch (4 rows a program up to 4,096 features, 16 beyond), input widths
 below, at and above one BK step, one and three input rows, an input row read from a wider
 tensor (its stride), and an output buffer poisoned with NaN (an unwritten element shows);
-each also with SwiGLU's gated input (silu(gate) ⊙ up of a [gate | up] row); all of it with
-the first weight step in the loop and, as chained launches of 4-row tiles load it, before
-it (PRELOAD)."""
+each also with SwiGLU's gated input (silu(gate) ⊙ up of a [gate | up] row) and with the
+row normalised first (`normed_gemv`: RMSNorm(x + δ)·w, with and without δ, whose sum must
+come back exactly and in full); all of it with the first weight step in the loop and, as
+chained launches of 4-row tiles load it, before it (PRELOAD)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ CASES = [  # output features, input features, rows
 ]
 
 
+def normed_error(x: torch.Tensor, weight: torch.Tensor, with_delta: bool) -> float:
+    """`normed_gemv`'s relative error against float64 (its sum r = x + δ must be exact)."""
+    delta = torch.randn_like(x) if with_delta else None
+    scale = 1 + torch.rand(x.shape[-1], dtype=x.dtype)
+    eps = 1e-5
+    summed, out = sbl.normed_gemv(x, delta, scale, eps, weight)
+    r = x if delta is None else (x.double() + delta.double()).to(x.dtype)
+    if not torch.equal(summed, r):
+        return float("inf")
+    r = r.double()
+    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
+    return rel_err(out, F.linear(normed, weight.double()))
+
+
 def main() -> int:
     sbl._new_output = lambda shape, like: poisoned(shape, like.device, like.dtype)
     unchained = sbl._loads_early
@@ -55,6 +70,10 @@ def main() -> int:
         error = rel_err(sbl.gemv(h, weight, gated=True), expected)
         print(f"{'':<14} gated: {error:.1e}")
         worst = max(worst, error / tolerance)
+        for with_delta in (False, True):
+            error = normed_error(x, weight, with_delta)
+            print(f"{'':<14} normed{' x + δ' if with_delta else ''}: {error:.1e}")
+            worst = max(worst, error / tolerance)
     return interpreted_verdict(worst, 1.0)  # the worst error over its dtype's tolerance
 
 
