@@ -6,6 +6,7 @@ the latency objective's A/B of a kernel path switched off and on."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from hybrid.graphs import capture_cuda_graph
 from hybrid.search.latency import LatencyRequest, measure
 
 GRAPH_STEPS = 10  # consecutive calls per graph in graphed_step_timing
+COLD_BYTES = 120e6  # weight copies a "cold" projection cycles through: more than an H100's L2
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,23 @@ def graphed_step_timing(
     return Timing(timing.median_ms / steps, timing.iqr_ms / steps)
 
 
+def weight_copies(n: int, k: int, cold: bool, device: torch.device) -> list[torch.Tensor]:
+    """bf16 (n, k) projection weights to time against: one, which stays in L2 across calls
+    ("hot"), or ("cold") enough copies that calls cycling through them read more than an
+    H100's 50 MB L2 together, as a model's layers do."""
+    copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
+    return [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+
+
+def cycled_us(
+    call: Callable[[torch.Tensor], object], weights: list[torch.Tensor], device: torch.device
+) -> float:
+    """µs per `call(weight)` from a CUDA graph of consecutive calls cycling through weights."""
+    cycle = itertools.cycle(weights)
+    steps = max(GRAPH_STEPS, len(weights))
+    return 1e3 * graphed_step_timing(lambda: call(next(cycle)), device, steps=steps).median_ms
+
+
 @dataclass(frozen=True)
 class Ceilings:
     matmul_tflops: float  # bf16 (CUDA) or fp32 (CPU), 2·n³ per product
@@ -187,3 +206,24 @@ def switched_latency(
     print(f"{label:<30}{cells}{ratio:>9.3f}", flush=True)
     return {"model": label, "request": str(request), "off_us": times[False],
             "on_us": times[True], "ratio": ratio}  # fmt: skip
+
+
+def switched_decode_rows(
+    architectures: dict[str, ModelConfig],
+    switch: Callable[[bool], None],
+    what: str,
+    device: torch.device,
+) -> list[dict]:
+    """`switched_latency` rows of the latency objective's batch-1 and batch-2 decode steps at
+    context 2048 for each architecture, under a header naming what is switched."""
+    rows = []
+    for batch in (1, 2):
+        print(f"\nbatch-{batch} decode step (latency objective, context 2048), µs: {what} off "
+              f"×2, on ×2")  # fmt: skip
+        print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
+        request = LatencyRequest("decode", batch, 2048)
+        rows += [
+            switched_latency(label, config, request, device, switch)
+            for label, config in architectures.items()
+        ]
+    return rows

@@ -24,18 +24,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    GRAPH_STEPS,
     cuda_bench,
+    cycled_us,
     decode_architectures,
     describe_device,
-    graphed_step_timing,
-    switched_latency,
+    switched_decode_rows,
+    weight_copies,
 )
 
 import hybrid.kernels.dependent_launch as dl
 import hybrid.kernels.small_batch_linear as sbl
 from hybrid.kernels.norms import swiglu
-from hybrid.search.latency import LatencyRequest
 
 SHAPES = {  # label: (output features, input features)
     "Mamba-3 in_proj, d 512": (2384, 512),
@@ -58,7 +57,6 @@ SHAPES = {  # label: (output features, input features)
 # SwiGLU's output projection fed its [gate | up] row: cuBLAS after the separate product kernel
 # against the kernel forming silu(gate) ⊙ up itself (`swiglu_linear`)
 GATED = {"SwiGLU product + out, d 512": (512, 1376), "SwiGLU product + out, d 2048": (2048, 4096)}
-COLD_BYTES = 120e6  # weight copies a cold row cycles through: more than an H100's 50 MB L2
 
 
 def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
@@ -68,21 +66,14 @@ def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
     for (label, (n, k), gated), n_rows, cold in itertools.product(cases, (1, 2), (False, True)):
         peer = (lambda h, w: F.linear(swiglu(h), w)) if gated else F.linear
         kernel = functools.partial(sbl.gemv, gated=gated)
-        copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
-        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
-                   for _ in range(copies)]  # fmt: skip
+        weights = weight_copies(n, k, cold, device)
         x = torch.randn(n_rows, 2 * k if gated else k, device=device, dtype=torch.bfloat16)
         row = {"shape": label, "features": n, "k": k, "rows": n_rows, "l2": "cold" if cold
                else "hot", "taken": n_rows == 1 or sbl.two_rows_pay(weights[0])}  # fmt: skip
         for name, fn, chained in (("cublas", peer, False), ("kernel", kernel, False),
                                   ("chained", kernel, True)):  # fmt: skip
             dl.ENABLED = chained
-            cycle = itertools.cycle(weights)
-            timing = graphed_step_timing(
-                lambda fn=fn, cycle=cycle, x=x: fn(x, next(cycle)), device,
-                steps=max(GRAPH_STEPS, copies),
-            )  # fmt: skip
-            row[f"{name}_us"] = 1e3 * timing.median_ms
+            row[f"{name}_us"] = cycled_us(functools.partial(fn, x), weights, device)
         dl.ENABLED = True
         row["speedup"] = row["cublas_us"] / row["chained_us"]
         row["kernel_pct_copy"] = 100 * n * k * 2 / row["kernel_us"] / 1e3 / copy_gbs
@@ -95,18 +86,8 @@ def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
     return rows
 
 
-def model_rows(device: torch.device) -> list[dict]:
-    rows = []
-    for batch in (1, 2):
-        print(f"\nbatch-{batch} decode step (latency objective, context 2048), µs: kernel off ×2, "
-              f"on ×2")  # fmt: skip
-        print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
-        request = LatencyRequest("decode", batch, 2048)
-        rows += [
-            switched_latency(label, config, request, device, lambda on: setattr(sbl, "ENABLED", on))
-            for label, config in decode_architectures().items()
-        ]
-    return rows
+def switch(on: bool) -> None:
+    sbl.ENABLED = on
 
 
 def main() -> None:
@@ -119,7 +100,7 @@ def main() -> None:
     print(f"{'projection':<28}{'N':>7}{'K':>6}{'rows':>5}{'L2':>6}{'cuBLAS':>10}{'kernel':>10}"
           f"{'chained':>10}{'speedup':>9}{'% copy':>9}")  # fmt: skip
     kernels = kernel_rows(device, peak.copy_gbs)
-    models = model_rows(device)
+    models = switched_decode_rows(decode_architectures(), switch, "kernel", device)
     if args.out:
         args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
                                         peak.copy_gbs, "kernels": kernels, "models": models},
