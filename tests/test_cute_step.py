@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,9 @@ def test_chained_kernel_waits_before_any_load(tmp_path):
 def test_occupancy_hint_and_rank_chunks():
     """64 registers a thread are asked for where a thread holds <= 32 state values and R <= 4
     (the benchmark's shapes; 48 for a bf16 SISO step of 256 threads), 80 for R > 4 with a
-    bf16 state at 256 threads, nowhere else; y partials are reduced in rank chunks only where
-    there are many of them and few state values (P128 N64 R8 fp32)."""
+    bf16 state at 256 threads, nowhere else, and only where the grid outnumbers the SMs; y
+    partials are reduced in rank chunks only where there are many of them and few state
+    values (P128 N64 R8 fp32)."""
     from hybrid.kernels.mamba3_step_cute_kernel import Mamba3StepKernel
 
     def kernel(headdim, d_state, rank, state_dtype):
@@ -157,6 +159,10 @@ def test_occupancy_hint_and_rank_chunks():
         assert kernel(128, 256, 8, dtype).RC == 8  # 64 state values a thread: one chunk
     assert kernel(128, 64, 8, torch.float32).RC == 4
     assert kernel(128, 64, 8, torch.bfloat16).RC == 8
+    # a grid of at most one CTA an SM (batch 1): no hint at all
+    few = replace(_config((64, 128, 4, "halves", False, torch.float32, torch.bfloat16, 1, 16)),
+                  many_ctas=False)  # fmt: skip
+    assert Mamba3StepKernel(few).min_ctas == 0
 
 
 @needs_cutlass
@@ -217,8 +223,6 @@ def test_vector_width_follows_dtype_and_alignment():
     cfg = _config(CASES[0])
     assert cfg.ssm_align == 16 and cfg.vector == 4 and cfg.lanes_per_row == 32
     assert _config(CASES[1]).vector == 8
-    from dataclasses import replace
-
     assert replace(cfg, ssm_align=8).vector == 2  # a state view off a 16-byte boundary
 
 

@@ -142,7 +142,19 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
         ssm_align=_alignment(state.ssm),
         token_strides=tuple(t.stride(0) for t in token),
         chained=chained(state.ssm, token.x.shape[0]),
+        many_ctas=_more_ctas_than_sms(state.ssm, token.x.shape[0] * n_heads),
     )
+
+
+def _more_ctas_than_sms(t: Tensor, ctas: int) -> bool:
+    """Whether a grid of `ctas` CTAs on t's device outnumbers its SMs (assumed off CUDA: the
+    offline compiles of the CPU tests)."""
+    return not t.is_cuda or ctas > _sm_count(t.device.index)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.cache

@@ -89,6 +89,10 @@ class StepConfig:
     token_strides: tuple[int, ...]
     # launched with programmatic dependent launch (hybrid/kernels/dependent_launch.py)
     chained: bool = False
+    # the grid has more CTAs than the device has SMs: only then can the occupancy hint
+    # (registers traded for resident CTAs) pay; with at most one CTA an SM it only cost
+    # registers (H100, batch 1: the chained decode step of a 31M `M-` x 8 122.4 -> 105.2 us)
+    many_ctas: bool = True
 
     @property
     def vector(self) -> int:
@@ -150,13 +154,13 @@ class Mamba3StepKernel:
         # on an H100, one more CTA whose state loads overlap the others' serial prologues;
         # at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us). R > 4 with a bf16 state at
         # 256 threads fits 80 without spilling (3 CTAs; left alone, ptxas took 88 at P64 N128
-        # R8: 2 CTAs, 186 -> 226 us)
+        # R8: 2 CTAs, 186 -> 226 us). Only for grids of more CTAs than SMs (`many_ctas`)
         small = self.RB * self.E <= 32
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
         if self.R > 4:
             small = small and cfg.ssm_bytes == 2 and self.NT == 256
             registers = 80
-        self.min_ctas = 65536 // (registers * self.NT) if small else 0
+        self.min_ctas = 65536 // (registers * self.NT) if small and cfg.many_ctas else 0
 
     @cute.jit
     def __call__(
