@@ -137,11 +137,11 @@ def test_chained_kernel_waits_before_any_load(tmp_path):
 
 @needs_cutlass
 def test_occupancy_hint_and_rank_chunks():
-    """64 registers a thread are asked for where a thread holds <= 32 state values and R <= 4
-    (the benchmark's shapes; 48 for a bf16 SISO step of 256 threads), 80 for R > 4 with a
-    bf16 state at 256 threads, nowhere else, and only where the grid outnumbers the SMs; y
-    partials are reduced in rank chunks only where there are many of them and few state
-    values (P128 N64 R8 fp32)."""
+    """For a bf16 state, 64 registers a thread are asked for where a thread holds <= 32 state
+    values and R <= 4 (the benchmark's shapes; 48 for a SISO step of 256 threads), 80 for
+    R > 4 at 256 threads, nowhere else, and only where the grid outnumbers the SMs; for an
+    fp32 state never; y partials are reduced in rank chunks only where there are many of
+    them and few state values (P128 N64 R8 fp32)."""
     from hybrid.kernels.mamba3_step_cute_kernel import Mamba3StepKernel
 
     def kernel(headdim, d_state, rank, state_dtype):
@@ -152,17 +152,18 @@ def test_occupancy_hint_and_rank_chunks():
         for d_state in (64, 128):
             for rank in (1, 2, 4):
                 k = kernel(64, d_state, rank, dtype)
-                five = dtype == torch.bfloat16 and rank == 1 and k.NT == 256  # 48 registers
-                assert k.min_ctas == (5 if five else 65536 // (64 * k.NT)) and rank == k.RC
+                five = rank == 1 and k.NT == 256  # 48 registers
+                hinted = 5 if five else 65536 // (64 * k.NT)
+                assert k.min_ctas == (hinted if dtype == torch.bfloat16 else 0) and rank == k.RC
         assert kernel(128, 64, 8, dtype).min_ctas == (3 if dtype == torch.bfloat16 else 0)
         assert kernel(128, 256, 8, dtype).min_ctas == 0
         assert kernel(128, 256, 8, dtype).RC == 8  # 64 state values a thread: one chunk
     assert kernel(128, 64, 8, torch.float32).RC == 4
     assert kernel(128, 64, 8, torch.bfloat16).RC == 8
     # a grid of at most one CTA an SM (batch 1): no hint at all
-    few = replace(_config((64, 128, 4, "halves", False, torch.float32, torch.bfloat16, 1, 16)),
-                  many_ctas=False)  # fmt: skip
-    assert Mamba3StepKernel(few).min_ctas == 0
+    many = _config((64, 128, 4, "halves", False, torch.bfloat16, torch.bfloat16, 1, 16))
+    assert Mamba3StepKernel(many).min_ctas == 4
+    assert Mamba3StepKernel(replace(many, many_ctas=False)).min_ctas == 0
 
 
 @needs_cutlass

@@ -91,7 +91,8 @@ class StepConfig:
     chained: bool = False
     # the grid has more CTAs than the device has SMs: only then can the occupancy hint
     # (registers traded for resident CTAs) pay; with at most one CTA an SM it only cost
-    # registers (H100, batch 1: the chained decode step of a 31M `M-` x 8 122.4 -> 105.2 us)
+    # registers (H100, batch 1: a 31M `M-` x 8's chained decode step with a bf16 state
+    # 123.4 -> 103.8 us)
     many_ctas: bool = True
 
     @property
@@ -147,18 +148,20 @@ class Mamba3StepKernel:
         self.RC = self.R
         if self.RB * self.E <= Y_PARTS:
             self.RC = max(1, min(self.R, max(Y_PARTS, self.T) // self.RB))
-        # occupancy hint: 64 registers a thread (4 CTAs of 256 threads / 8 of 128 per SM)
-        # where that barely spills (<= 32 state values a thread and R <= 4: 0-28 B at the
-        # benchmark's shapes); none elsewhere (larger shapes would spill kilobytes). A bf16
-        # SISO step of 256 threads fits 48 (5 CTAs, 8 B of spill at P64 N128: 113 -> 109 us
-        # on an H100, one more CTA whose state loads overlap the others' serial prologues;
-        # at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3 us). R > 4 with a bf16 state at
-        # 256 threads fits 80 without spilling (3 CTAs; left alone, ptxas took 88 at P64 N128
-        # R8: 2 CTAs, 186 -> 226 us). Only for grids of more CTAs than SMs (`many_ctas`)
-        small = self.RB * self.E <= 32
+        # occupancy hint, for a bf16 state on grids of more CTAs than SMs (`many_ctas`): 64
+        # registers a thread (4 CTAs of 256 threads / 8 of 128 per SM) where that barely
+        # spills (<= 32 state values a thread and R <= 4); none elsewhere (larger shapes
+        # would spill kilobytes). A bf16 SISO step of 256 threads fits 48 (5 CTAs, 8 B of
+        # spill at P64 N128: 113 -> 109 us on an H100, one more CTA whose state loads overlap
+        # the others' serial prologues; at 128 threads, P64 N64, 48 was slower: 61.0 -> 62.3
+        # us). R > 4 with a bf16 state at 256 threads fits 80 without spilling (3 CTAs; left
+        # alone, ptxas took 88 at P64 N128 R8: 2 CTAs, 186 -> 226 us). Without it a bf16 step
+        # at batch 128 lost up to 28% (N128 R2 100.0 -> 128.4 us); an fp32 one gained up to 7%
+        # (N64 R4 109.4 -> 101.4 us, N128 R4 205.3 -> 197.7), so an fp32 state takes none
+        small = self.RB * self.E <= 32 and cfg.ssm_bytes == 2
         registers = 48 if cfg.ssm_bytes == 2 and self.R == 1 and self.NT == 256 else 64
         if self.R > 4:
-            small = small and cfg.ssm_bytes == 2 and self.NT == 256
+            small = small and self.NT == 256
             registers = 80
         self.min_ctas = 65536 // (registers * self.NT) if small and cfg.many_ctas else 0
 
