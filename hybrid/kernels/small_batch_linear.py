@@ -72,7 +72,7 @@ def _partial(x_ptr, d_ptr, nw_ptr, res_ptr, w, ks, kmask, K, stored, GATED: tl.c
             tl.store(res_ptr + ks, r, mask=ks < stored)
         r = r.to(tl.float32)
         x = r * tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-        squares = tl.sum(r * r, 0)  # a scalar: a [BK] sum across steps cost 30 registers
+        squares = tl.sum(r * r, 0)
     else:
         x = tl.load(x_ptr + ks, mask=kmask, other=0.0)
         squares = 0.0
@@ -257,10 +257,12 @@ def fold_pays(weight: Tensor) -> bool:
     """Where the norm folded into the projection beat the norm kernel + projection (H100,
     chained): rows read in one step (K ≤ 512) into 4-row tiles (≤ 4,096 outputs), one row
     0.63-0.95x, two rows 0.63-0.96x with the weights out of L2 (a 31M model's 62 MB are)
-    and 0.79-1.12x in it; elsewhere it lost, 1.02-1.32x at one row (the head at d_model 512,
-    every in-projection at 1024 and 2048): there the norm's loads and its cross-warp sum
-    are not hidden behind weights loaded before the PDL wait, and a 16-row tile went from
-    96 to 126 registers (4 programs an SM instead of 5)."""
+    and 0.79-1.12x in it. Elsewhere it did not pay: the 50,257-wide head 0.99-1.03x at one
+    row and 1.07-1.16x at two, the in-projections at d_model 1024 and 2048 0.97-1.32x at one
+    row (losing wherever the weights sat in L2) and up to 1.49x at two, a d_model-2048
+    hybrid's step 1.04-1.09x. There the norm's loads and its cross-warp sum are not hidden
+    behind weights loaded before the PDL wait, and a 16-row tile went from 96 to 126
+    registers (4 programs an SM instead of 5)."""
     n, k = weight.shape
     return k <= MAX_BK and tiling(n, k)[0] == 4
 
@@ -273,10 +275,9 @@ def _folds(x: Tensor, delta: Tensor | None, norm_weight: Tensor | None, weight: 
         and fold_pays(weight)
         and norm_weight is not None
         and norm_weight.shape == (x.shape[-1],)
-        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype
-                               and delta.stride(-1) == 1))
+        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
         and takes(x, weight)
-    )  # fmt: skip
+    )
 
 
 def add_rms_norm_linear(
