@@ -17,6 +17,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from hybrid.devices import multiprocessors
 from hybrid.kernels.dependent_launch import chained
 from hybrid.kernels.launch_args import token_major
 from hybrid.kernels.mamba3_common import (
@@ -149,12 +150,7 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
 def _more_ctas_than_sms(t: Tensor, ctas: int) -> bool:
     """Whether a grid of `ctas` CTAs on t's device outnumbers its SMs (assumed off CUDA: the
     offline compiles of the CPU tests)."""
-    return not t.is_cuda or ctas > _sm_count(t.device.index)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return not t.is_cuda or ctas > multiprocessors(t.device)
 
 
 @functools.cache
