@@ -23,7 +23,7 @@ def test_split_kv_kernel_matches_attention_under_the_interpreter():
 
 def test_splits_fill_the_sms_without_cutting_below_the_minimum():
     sms = 132
-    # batch 1, 2 KV heads, 4k cache: 132 splits wanted, 32 of 128 keys fit
+    # batch 1, 2 KV heads, 4k cache: 132 splits wanted, 64 of 64 keys fit
     assert split_count(2, 4096, sms) == 4096 // MIN_SPLIT_KEYS
     # a long cache: as many as fill the SMs PROGRAMS_PER_SM times, at most MAX_SPLITS
     assert split_count(4, 1 << 20, sms) == PROGRAMS_PER_SM * sms // 4
@@ -32,6 +32,8 @@ def test_splits_fill_the_sms_without_cutting_below_the_minimum():
     assert split_count(128 * 8, 32768, sms) == 2
     assert split_count(1, MIN_SPLIT_KEYS, sms) == 1
     assert split_count(1, 10, sms) == 1
+    # sized first: no split is left empty (2,058 keys: 33 of 64, not 16 of 192 with 5 empty)
+    assert split_count(2, 2058, sms) == 33
 
 
 def test_head_dims_the_kernel_takes():
