@@ -32,7 +32,7 @@ def test_splits_fill_the_sms_without_cutting_below_the_minimum():
     assert split_count(128 * 8, 32768, sms) == 2
     assert split_count(1, MIN_SPLIT_KEYS, sms) == 1
     assert split_count(1, 10, sms) == 1
-    # sized first: no split is left empty (2,058 keys: 33 of 64, not 16 of 192 with 5 empty)
+    # sized first: no split wholly past the capacity (2,058: 33 of 64, not 16 of 192, 5 past)
     assert split_count(2, 2058, sms) == 33
 
 

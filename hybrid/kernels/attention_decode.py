@@ -158,13 +158,13 @@ def split_count(batch_kv_heads: int, capacity: int, sms: int) -> int:
     """Splits of the context: each split sized first, as the capacity over enough programs
     to cover the SMs PROGRAMS_PER_SM times (at least 2), rounded up to whole key blocks and
     at least MIN_SPLIT_KEYS; then as many splits as cover the capacity, at most MAX_SPLITS.
-    Sizing first leaves no split empty: counting first and rounding each split's size up
-    left 5 of 16 empty at a capacity of 2,058 (16 × 192 keys), and the combine reads every
-    one. H100, bf16, graphed, µs, one layer at batch 1, 8/2 heads, D 64: capacity 2,058
-    5.37 → 4.49 (33 splits of 64 keys), 4,106 5.38 → 4.63, 8,202 6.76 → 5.45, 32,778 9.07
-    → 9.07; batch 4, 4,106: 7.56 → 7.26. Where the batch alone fills the SMs 2 splits
-    still beat 1 (batch 128 × 4 KV heads, 8k: 766.7 → 707.2; × 8 KV heads, 2k: 202.5 →
-    189.9) and more lose (16: 735.0, 212.2)."""
+    Sized first, no split lies wholly past the capacity unless MAX_SPLITS caps the count:
+    counted first, with each split's size rounded up, 5 of 16 did at a capacity of 2,058 (16
+    × 192 keys), and the combine reads every one. H100, bf16, graphed, µs, one layer at
+    batch 1, 8/2 heads, D 64: capacity 2,058 5.37 → 4.49 (33 splits of 64 keys), 4,106 5.38
+    → 4.63, 8,202 6.76 → 5.45, 32,778 9.07 → 9.07; batch 4, 4,106: 7.56 → 7.26. Where the
+    batch alone fills the SMs 2 splits still beat 1 (batch 128 × 4 KV heads, 8k: 766.7 →
+    707.2; × 8 KV heads, 2k: 202.5 → 189.9) and more lose (16: 735.0, 212.2)."""
     wanted = max(2, triton.cdiv(PROGRAMS_PER_SM * sms, batch_kv_heads))
     keys = triton.cdiv(triton.cdiv(capacity, wanted), BLOCK_KEYS) * BLOCK_KEYS
     return max(1, min(triton.cdiv(capacity, max(keys, MIN_SPLIT_KEYS)), MAX_SPLITS))
