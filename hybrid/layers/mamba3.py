@@ -232,16 +232,14 @@ class Mamba3(Layer):
             out_norm=self.norm.weight.view(self.n_heads, -1) if self.norm is not None else None,
         )
 
-    def project(
-        self, x: Tensor, aligned: bool = False
-    ) -> tuple[Mamba3Inputs, ProjectionGrads | None]:
-        """in_proj and split; works with or without a token axis before d_model. aligned
-        (sequences, not decode steps, whose matmul is a matrix-vector product that a copy
-        of the weight would only slow down) pads the weight with zero rows for the matmul
-        (`PROJECTION_ALIGNMENT`): the parameter keeps mamba_ssm's shape, and the split's
-        views skip the padding columns. Also returns the split's gradient buffer, which
-        the Triton backward kernels write into (`split_projection`; None without autograd)."""
-        padding = self._padding if aligned else 0
+    def project(self, x: Tensor) -> tuple[Mamba3Inputs, ProjectionGrads | None]:
+        """in_proj and split for sequences (a decode step's matmul is a matrix-vector product
+        that a copy of the weight would only slow down: `step_projected` splits in_proj's
+        plain output): the weight is padded with zero rows for the matmul
+        (`PROJECTION_ALIGNMENT`), the parameter keeps mamba_ssm's shape, and the split's
+        views skip the padding columns. Also returns the split's gradient buffer, which the
+        Triton backward kernels write into (`split_projection`; None without autograd)."""
+        padding = self._padding
         weight = self.in_proj.weight
         if padding:
             dtype = autocast_dtype(weight) or weight.dtype
@@ -279,7 +277,7 @@ class Mamba3(Layer):
         )
 
     def forward(self, x: Tensor, cache: Mamba3State | None = None) -> Tensor:
-        inputs, grads = self.project(x, aligned=True)
+        inputs, grads = self.project(x)
         out, final = mamba3_scan(
             inputs,
             self.weights(),
