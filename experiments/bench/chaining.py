@@ -9,7 +9,6 @@ batch-1 projections alone, the kernel most of a step consists of.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from common import (
     describe_device,
     graphed_step_timing,
     switched_latency,
+    write_results,
 )
 
 import hybrid.kernels.dependent_launch as dl
@@ -73,10 +73,7 @@ def main() -> None:
             models.append(switched_latency(label, config, request, device, switch))
     print()
     chain = projection_chain(device)
-    if args.out:
-        args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
-                                        peak.copy_gbs, "models": models, "chain": chain},
-                                       indent=1))  # fmt: skip
+    write_results(args, device, peak, models=models, chain=chain)
 
 
 if __name__ == "__main__":

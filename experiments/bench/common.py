@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -168,6 +169,16 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def write_results(
+    args: argparse.Namespace, device: torch.device, peak: Ceilings, **parts: object
+) -> None:
+    """A CUDA-only benchmark's --out JSON (where asked for): the device, the copy bandwidth
+    measured in the run and the benchmark's parts."""
+    if args.out:
+        record = {"device": describe_device(device), "copy_gbs": peak.copy_gbs, **parts}
+        args.out.write_text(json.dumps(record, indent=1))
 
 
 def decode_architectures() -> dict[str, ModelConfig]:

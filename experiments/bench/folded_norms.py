@@ -13,7 +13,6 @@ the four 31M architectures and a d_model-2048 5:1 hybrid.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from common import (
     describe_device,
     switched_decode_rows,
     weight_copies,
+    write_results,
 )
 
 import hybrid.kernels.small_batch_linear as sbl
@@ -104,10 +104,7 @@ def main() -> None:
     kernels = kernel_rows(device)
     architectures = {**decode_architectures(), "(M-x5 *-) x 2, d 2048": wide_hybrid()}
     models = switched_decode_rows(architectures, fold, "fold", device)
-    if args.out:
-        args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
-                                        peak.copy_gbs, "kernels": kernels, "models": models},
-                                       indent=1))  # fmt: skip
+    write_results(args, device, peak, kernels=kernels, models=models)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from common import (
     describe_device,
     switched_decode_rows,
     weight_copies,
+    write_results,
 )
 
 import hybrid.kernels.dependent_launch as dl
@@ -101,10 +101,7 @@ def main() -> None:
           f"{'chained':>10}{'speedup':>9}{'% copy':>9}")  # fmt: skip
     kernels = kernel_rows(device, peak.copy_gbs)
     models = switched_decode_rows(decode_architectures(), switch, "kernel", device)
-    if args.out:
-        args.out.write_text(json.dumps({"device": describe_device(device), "copy_gbs":
-                                        peak.copy_gbs, "kernels": kernels, "models": models},
-                                       indent=1))  # fmt: skip
+    write_results(args, device, peak, kernels=kernels, models=models)
 
 
 if __name__ == "__main__":
