@@ -7,6 +7,7 @@ checked on the GPU (tests/test_gpu_cute_step.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,21 +119,99 @@ sys.path.insert(0, {tests!r})
 from dataclasses import replace
 from test_cute_step import CASES, _config
 from hybrid.kernels.mamba3_step_cute import compiled_step
-for chained in (False, True):
-    ptx = compiled_step(replace(_config(CASES[1]), chained=chained), "sm_90a").__ptx__
-    wait, load = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
-    print(wait >= 0, 0 <= wait < load, "griddepcontrol.launch_dependents" in ptx)
+for case in (CASES[0], CASES[1]):
+    for chained, early in ((False, False), (True, False), (True, True)):
+        cfg = replace(_config(case), chained=chained, early_state=early)
+        print(compiled_step(cfg, "sm_90a").__ptx__)
+        print("@@@")
 """
+TOKEN_PARAMS = set(range(8))  # x, z, b, c, dt, a, trap, angle: written by in_proj
+STATE_PARAM = 19  # st_ssm
+
+
+def _loaded_params(ptx: str) -> list[set[int]]:
+    """For each ld.global in `ptx` (in order), the kernel parameters its address derives
+    from: every definition of a register is followed back to `ld.param` (conservatively,
+    all of a register's definitions in the text count)."""
+    sources: dict[str, set[str]] = {}
+    params: dict[str, int] = {}
+    loads = []
+    for line in ptx.splitlines():
+        line = line.split("//")[0].strip().rstrip(";")
+        if not line or line.endswith(":") or " " not in line:
+            continue
+        op, rest = line.split(None, 1)
+        operands = re.findall(r"%[a-z]+\d+", rest)
+        if op.startswith("ld.param") and (found := re.search(r"_param_(\d+)", rest)):
+            params[operands[0]] = int(found.group(1))
+        elif op.startswith("ld.global"):
+            address = re.search(r"\[(%[a-z]+\d+)", rest).group(1)
+            loads.append(address)
+        elif operands and not op.startswith(("st.", "bra", "@", "setp")):
+            sources.setdefault(operands[0], set()).update(operands[1:])
+
+    def reach(reg: str, seen: set[str]) -> set[int]:
+        if reg in params:
+            return {params[reg]}
+        if reg in seen:
+            return set()
+        seen.add(reg)
+        return set().union(*(reach(src, seen) for src in sources.get(reg, ())))
+
+    return [reach(address, set()) for address in loads]
 
 
 @needs_cutlass
-def test_chained_kernel_waits_before_any_load(tmp_path):
+def test_chained_kernel_waits_before_what_its_predecessor_may_write(tmp_path):
     """Launched by PDL (inside a CUDA graph on sm_90), the step waits for its predecessor
-    before its first global load (hybrid/kernels/dependent_launch.py); unchained it has no
-    griddepcontrol at all."""
-    assert _ptx_script_output(CHAINED_COMPILE, tmp_path).splitlines() == [
-        "False False False", "True True True"
-    ]  # fmt: skip
+    before its first global load (hybrid/kernels/dependent_launch.py), unless its layer
+    promised that the predecessor (in_proj) does not write the state (`early_state`): then it
+    loads before the wait only what in_proj cannot have written (the state's first row
+    batch, the cached k, x, γ and angles, weights) and every token input after it.
+    Unchained it has no griddepcontrol at all."""
+    ptxs = _ptx_script_output(CHAINED_COMPILE, tmp_path).split("@@@")[:-1]
+    assert len(ptxs) == 6
+    for plain, chained, early in (ptxs[0:3], ptxs[3:6]):
+        assert "griddepcontrol" not in plain
+        for ptx in (chained, early):
+            assert "griddepcontrol.launch_dependents" in ptx.split("griddepcontrol.wait", 1)[1]
+        assert "ld.global" not in chained.split("griddepcontrol.wait", 1)[0]
+        before, after = early.split("griddepcontrol.wait", 1)
+        first, every = _loaded_params(before), _loaded_params(before + "\n" + after)
+        assert first and all(len(p) == 1 for p in every), first  # each load traced to one
+        assert not set().union(*first) & TOKEN_PARAMS
+        assert STATE_PARAM in set().union(*first)
+        assert set().union(*every[len(first) :]) >= TOKEN_PARAMS
+
+
+def test_state_loads_early_only_when_the_layer_promises(monkeypatch):
+    """The state is loaded before the PDL wait only on a chained launch whose caller
+    promised the predecessor does not write it (`state_settled`): a Mamba-3 layer's step,
+    which follows its in_proj, promises; `mamba3_step` by default (steps of one state back
+    to back, as the decode benchmark graphs them) does not."""
+    import hybrid.kernels.mamba3_step_cute as cute_step
+    import hybrid.layers.mamba3 as layer_module
+
+    token, weights, state, options = _call(*CASES[0])
+    tensors = _launch_tensors(token, weights, state, torch.empty_like(token.x))
+    for is_chained in (False, True):
+        monkeypatch.setattr(cute_step, "chained", lambda t, rows, c=is_chained: c)
+        for settled in (False, True):
+            cfg = step_config(token, weights, options, state, tensors, settled)
+            assert cfg.chained == is_chained and cfg.early_state == (is_chained and settled)
+        assert not step_config(token, weights, options, state, tensors).early_state
+
+    promised = []
+
+    def fake_step(*args, state_settled=False, **kwargs):
+        promised.append(state_settled)
+        return torch.zeros(args[0].x.shape)
+
+    monkeypatch.setattr(layer_module, "mamba3_step", fake_step)
+    layer = layer_module.Mamba3(64, Mamba3Config(d_state=16, headdim=16))
+    cache = layer.allocate_cache(2, 8, device=torch.device("cpu"), dtype=torch.float32)
+    layer.step(torch.randn(2, 64), cache)
+    assert promised == [True]
 
 
 @needs_cutlass

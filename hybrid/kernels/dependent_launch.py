@@ -6,9 +6,11 @@ launched with PDL (compute capability 9.0+) may start while its predecessor stil
 `griddepcontrol.wait` holds it until the predecessor has completed and its writes are
 visible. The kernels that chain this way follow two rules:
 
-- before the wait they load only weights, which no kernel of a step writes (optimizer
-  updates are ordinary launches, and an ordinary launch waits for the whole chain before
-  it); activations, caches and states are read after it;
+- before the wait they load only what their predecessor cannot have written: weights,
+  which no kernel of a step writes (optimizer updates are ordinary launches, and an
+  ordinary launch waits for the whole chain before it), and, in the CuTe Mamba-3 step its
+  layer calls right after in_proj (`state_settled`), the layer's own state and cache, which
+  only that layer's previous step writes; activations are read after it;
 - they signal `launch_dependents` right after their wait, so a kernel runs ahead of its
   immediate predecessor only, never of an earlier one: what a load before the wait may
   read has one kernel to be checked against, not the chain.

@@ -109,16 +109,23 @@ def mamba3_step(
     options: Mamba3Options,
     state: Mamba3State,
     backend: str = "auto",
+    state_settled: bool = False,
 ) -> Tensor:
-    """Advance `state` in place by one token (inputs without a token axis); returns o (Bt, H, P)."""
+    """Advance `state` in place by one token (inputs without a token axis); returns o (Bt, H, P).
+
+    `state_settled` promises that the kernel launched just before this step does not write
+    `state` (a layer's step follows its in_proj): a chained CuTe step then loads the state
+    before waiting for that kernel. Two steps of one state back to back must not promise it."""
     chosen = decode_backend(token, state, backend)
     if chosen == "torch":
         out, new_state = mamba3_reference_step(token, weights, options, state)
         state.copy_(new_state)
         return out
-    if chosen == "cute":
-        from hybrid.kernels.mamba3_step_cute import mamba3_step_cute as kernel
-    else:
-        from hybrid.kernels.mamba3_step_triton import mamba3_step_triton as kernel
     with on_device(state.ssm.device):
-        return kernel(token, weights, options, state)
+        if chosen == "cute":
+            from hybrid.kernels.mamba3_step_cute import mamba3_step_cute
+
+            return mamba3_step_cute(token, weights, options, state, state_settled)
+        from hybrid.kernels.mamba3_step_triton import mamba3_step_triton
+
+        return mamba3_step_triton(token, weights, options, state)

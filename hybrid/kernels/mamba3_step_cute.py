@@ -118,12 +118,19 @@ def _launch_tensors(token: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3St
     )
 
 
-def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Options,
-                state: Mamba3State, tensors: tuple[Tensor, ...]):  # fmt: skip
+def step_config(
+    token: Mamba3Inputs,
+    weights: Mamba3Weights,
+    options: Mamba3Options,
+    state: Mamba3State,
+    tensors: tuple[Tensor, ...],
+    state_settled: bool = False,
+):
     """The compile key of a call (see mamba3_step_cute_kernel.StepConfig)."""
     from hybrid.kernels.mamba3_step_cute_kernel import StepConfig
 
     _, n_heads, headdim = token.x.shape
+    is_chained = chained(state.ssm, token.x.shape[0])
     return StepConfig(
         heads=n_heads,
         headdim=headdim,
@@ -142,7 +149,8 @@ def step_config(token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Opti
         ssm_bytes=state.ssm.element_size(),
         ssm_align=_alignment(state.ssm),
         token_strides=tuple(t.stride(0) for t in token),
-        chained=chained(state.ssm, token.x.shape[0]),
+        chained=is_chained,
+        early_state=is_chained and state_settled,
         many_ctas=_more_ctas_than_sms(state.ssm, token.x.shape[0] * n_heads),
     )
 
@@ -183,9 +191,15 @@ def _alignments(cfg) -> list[int]:
 
 
 def mamba3_step_cute(
-    token: Mamba3Inputs, weights: Mamba3Weights, options: Mamba3Options, state: Mamba3State
+    token: Mamba3Inputs,
+    weights: Mamba3Weights,
+    options: Mamba3Options,
+    state: Mamba3State,
+    state_settled: bool = False,
 ) -> Tensor:
-    """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype."""
+    """Advance `state` in place by one token; returns o (Bt, H, P) in x's dtype.
+    `state_settled`: the kernel launched just before this one does not write `state` (see
+    `mamba3_decode.mamba3_step`)."""
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
@@ -194,7 +208,7 @@ def mamba3_step_cute(
     token = Mamba3Inputs(*(token_major(t) for t in token))  # in_proj slices: no copy
     out = torch.empty(token.x.shape, dtype=token.x.dtype, device=token.x.device)  # dense
     tensors = _launch_tensors(token, weights, state, out)
-    cfg = step_config(token, weights, options, state, tensors)
+    cfg = step_config(token, weights, options, state, tensors, state_settled)
     kernel = compiled_step(cfg)
     ptrs = [
         make_ptr(getattr(cutlass, name), t.data_ptr(), cute.AddressSpace.gmem, assumed_align=al)

@@ -42,6 +42,15 @@ SM; 0-10% faster on an H100 at the benchmark's shapes), 48 for a bf16-state SISO
 threads (5 CTAs), 80 for a bf16-state step with R > 4 at 256 threads (3 CTAs). With a bf16
 state and R > 2 the shared k/q rows are padded against bank conflicts (`_rows_layout`; H100,
 bf16: 3-10% faster at R=4/8).
+
+Chained by programmatic dependent launch (a graphed decode step at batch 1-2) and called by its
+layer (`early_state`: the kernel before it is the layer's in_proj, which cannot have written the
+state), the kernel issues before its `griddepcontrol.wait` everything in_proj cannot have
+written: the first batch of state rows, the cached k, x, γ and angles (only this layer's
+previous step writes them) and the weights; the token inputs follow the wait. The state's round
+trip then overlaps in_proj's tail (H100, the latency objective's batch-1 step of a 31M `M-` x 8:
+104.8 -> 100.3 us). Steps of one state back to back (the decode benchmark's graphs) must not:
+the second would read the state the first is still writing.
 """
 
 from __future__ import annotations
@@ -89,6 +98,9 @@ class StepConfig:
     token_strides: tuple[int, ...]
     # launched with programmatic dependent launch (hybrid/kernels/dependent_launch.py)
     chained: bool = False
+    # chained, and the kernel before this one cannot have written the state (a layer's step
+    # follows its in_proj): the state and cache are loaded before the wait
+    early_state: bool = False
     # the grid has more CTAs than the device has SMs: only then can the occupancy hint
     # (registers traded for resident CTAs) pay; with at most one CTA an SM it only cost
     # registers (H100, batch 1: a 31M `M-` x 8's chained decode step with a bf16 state
@@ -280,42 +292,36 @@ class Mamba3StepKernel:
 
         S1 = max(S, 1)
         top = NT - 1 - tid
-        if cutlass.const_expr(cfg.chained):  # every input but the weights: earlier kernels'
+        jobs = [(warp + W - 1) % W + W * m for m in range(-(-(2 * R) // W))]
+        bc = (gb, gc, gb_norm, gc_norm, gb_bias, gc_bias)
+        if cutlass.const_expr(cfg.early_state):
+            # what the kernel before this one (in_proj) cannot have written is loaded before
+            # the wait, so its round trips, the state's above all, overlap that kernel's tail:
+            # this layer's cache, which only its previous step wrote, and the weights
+            carried = self._carried_loads(gst_gamma, gst_angle, gst_k, gst_x, gmx, bi, h, tid)
+            weights_in = [self._normalise_loads(*bc, job, g, h, bi, lane, False, True)
+                          for job in jobs]  # fmt: skip
+            first = self._load_rows(gst_ssm, bh, group, lt, 0)
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
-
-        # the inputs read once per step for this (sequence, head) come from DRAM, not L2:
-        # issued before the state, so the prologue that waits on them is not queued behind it
-        dt_in = gdt[bi * self.SDT + h]
-        a_in = ga[bi * self.SA + h]
-        trap_in = gtrap[bi * self.STRAP + h]
-        gamma_prev_in = gst_gamma[bh]
-        angles_in = []  # (raw angle, accumulated angle) of this thread's angles
-        for i in cutlass.range_constexpr(-(-S // NT)):
-            s = cutlass.min(tid + NT * i, S1 - 1)
-            angles_in.append((gangle[bi * self.SANG + s], gst_angle[bh * S + s]))
-        k_prev_in = []  # the cached k, on the last threads
-        for i in cutlass.range_constexpr(-(-(R * N) // NT)):
-            idx = cutlass.min(top + NT * i, R * N - 1)
-            k_prev_in.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
-        x_in = []  # (x, cached x, z, mimo_x[:, p]) of this thread's rows, on the last threads
-        for i in cutlass.range_constexpr(-(-P // NT)):
-            p = cutlass.min(top + NT * i, P - 1)
-            mx = [gmx[(h * R + r) * P + p] for r in range(R)] if cfg.mimo else [F32(1.0)] * R
-            token_x = gx[bi * self.SX + h * P + p]
-            x_in.append((token_x, gst_x[bh * P + p], gz[bi * self.SZ + h * P + p], mx))
-
-        # B_r and C_r rows with their norm weights and biases (L2) for this warp's
-        # normalisations: issued now, so their round trip overlaps the DRAM loads instead of
-        # following them (the prologue waits on both)
-        norm_in = [
-            self._normalise_loads(gb, gc, gb_norm, gc_norm, gb_bias, gc_bias,
-                                  (warp + W - 1) % W + W * m, g, h, bi, lane)
-            for m in range(-(-(2 * R) // W))
-        ]  # fmt: skip
-
-        # then the first batch of state rows
-        first = self._load_rows(gst_ssm, bh, group, lt, 0)
+            token_in = self._token_loads(gx, gz, gdt, ga, gtrap, gangle, bi, h, tid)
+            rows_in = [self._normalise_loads(*bc, job, g, h, bi, lane, True, False) for job in jobs]
+            norm_in = [(rows[0], *w[1:]) for rows, w in zip(rows_in, weights_in, strict=True)]
+        else:
+            if cutlass.const_expr(cfg.chained):  # every input but the weights: earlier kernels'
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
+            # the inputs read once per step for this (sequence, head) come from DRAM, not L2:
+            # issued before the state, so the prologue that waits on them is not queued
+            # behind it; then B_r and C_r rows with their norm weights and biases (L2) for
+            # this warp's normalisation, so their round trip overlaps the DRAM loads instead
+            # of following them (the prologue waits on both); then the first batch of state rows
+            token_in = self._token_loads(gx, gz, gdt, ga, gtrap, gangle, bi, h, tid)
+            carried = self._carried_loads(gst_gamma, gst_angle, gst_k, gst_x, gmx, bi, h, tid)
+            norm_in = [self._normalise_loads(*bc, job, g, h, bi, lane, True, True) for job in jobs]
+            first = self._load_rows(gst_ssm, bh, group, lt, 0)
+        (dt_in, a_in, trap_in), raw_angles, token_xz = token_in
+        gamma_prev_in, cached_angles, k_prev_in, cached_x = carried
 
         smem = cutlass.memory.SmemAllocator()
         # k_r and q_r interleaved: normalisation job j = 2r + (0 for B, 1 for C) writes row j
@@ -351,16 +357,15 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-S // NT)):
             s = tid + NT * i
             if s < S:
-                theta = F32(math.pi) * _tanh(angles_in[i][0].to(F32))
-                phi = angles_in[i][1].to(F32) + delta * theta
+                theta = F32(math.pi) * _tanh(raw_angles[i].to(F32))
+                phi = cached_angles[i].to(F32) + delta * theta
                 phi = phi - F32(TWO_PI) * cute.math.floor(phi / F32(TWO_PI))
                 s_cs[0, s] = cute.math.cos(phi)
                 s_cs[1, s] = cute.math.sin(phi)
                 gst_angle[bh * S + s] = phi.to(gst_angle.element_type)
         # each B_r and C_r on its own warp where there are enough (warp 0 has the angles):
         # the normalisations are the prologue's longest chains and run side by side
-        for m, loaded in enumerate(norm_in):
-            job = (warp + W - 1) % W + W * m
+        for job, loaded in zip(jobs, norm_in, strict=True):
             if job < 2 * R:
                 self._normalise(loaded, s_kq, job, lane)
         # the cached k and the x rows from the last warps first, clear of the angle and
@@ -372,13 +377,13 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(-(-P // NT)):
             p = top + NT * i
             if p < P:
-                xv = x_in[i][0].to(F32)
-                xp = x_in[i][1].to(F32)
-                gst_x[bh * P + p] = x_in[i][0].to(gst_x.element_type)
+                xv = token_xz[i][0].to(F32)
+                xp = cached_x[i][0].to(F32)
+                gst_x[bh * P + p] = token_xz[i][0].to(gst_x.element_type)
                 s_xz[0, p] = xv  # for phase D: no global load after the state update
-                s_xz[1, p] = x_in[i][2].to(F32)
+                s_xz[1, p] = token_xz[i][1].to(F32)
                 for r in cutlass.range_constexpr(R):
-                    s_u[r, p] = prev_coeff * x_in[i][3][r].to(F32) * xp
+                    s_u[r, p] = prev_coeff * cached_x[i][1][r].to(F32) * xp
         cute.arch.sync_threads()
 
         # phase B: rotate each pair (x0, x1) of k and q in place; then the cache's k
@@ -549,39 +554,75 @@ class Mamba3StepKernel:
             pieces.append((p, valid, s_xz[0, p], s_xz[1, p], w_norm, mxs, mzs, mos))
         return pieces
 
+    def _token_loads(self, gx, gz, gdt, ga, gtrap, gangle, bi, h, tid):
+        """What in_proj wrote for this (sequence, head), as stored: (raw Δ, A, λ), this
+        thread's raw angles, and (x, z) of its rows (on the last threads: p = NT-1-tid+NT·i);
+        indices past the end read the last valid one."""
+        P, S, NT = self.P, self.S, self.NT
+        top = NT - 1 - tid
+        coeffs = (gdt[bi * self.SDT + h], ga[bi * self.SA + h], gtrap[bi * self.STRAP + h])
+        angles = [gangle[bi * self.SANG + cutlass.min(tid + NT * i, max(S, 1) - 1)]
+                  for i in range(-(-S // NT))]  # fmt: skip
+        xz = []
+        for i in range(-(-P // NT)):
+            p = cutlass.min(top + NT * i, P - 1)
+            xz.append((gx[bi * self.SX + h * P + p], gz[bi * self.SZ + h * P + p]))
+        return coeffs, angles, xz
+
+    def _carried_loads(self, gst_gamma, gst_angle, gst_k, gst_x, gmx, bi, h, tid):
+        """What only this layer's previous step wrote (and weights), as stored, for the same
+        threads as `_token_loads`: (γ_prev, the accumulated angles, the cached k_r on the
+        last threads, (cached x, mimo_x[:, p]) of the rows)."""
+        cfg, H, P, N, R, S, NT = self.cfg, self.H, self.P, self.N, self.R, self.S, self.NT
+        bh = bi * H + h
+        top = NT - 1 - tid
+        angles = [gst_angle[bh * S + cutlass.min(tid + NT * i, max(S, 1) - 1)]
+                  for i in range(-(-S // NT))]  # fmt: skip
+        k_prev = []
+        for i in range(-(-(R * N) // NT)):
+            idx = cutlass.min(top + NT * i, R * N - 1)
+            k_prev.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
+        x_prev = []
+        for i in range(-(-P // NT)):
+            p = cutlass.min(top + NT * i, P - 1)
+            mx = [gmx[(h * R + r) * P + p] for r in range(R)] if cfg.mimo else [F32(1.0)] * R
+            x_prev.append((gst_x[bh * P + p], mx))
+        return gst_gamma[bh], angles, k_prev, x_prev
+
     @cute.jit
-    def _normalise_loads(self, gb, gc, gb_norm, gc_norm, gb_bias, gc_bias, job, g, h, bi, lane):
-        """Normalisation `job` (2r: B_r, 2r+1: C_r; none when job >= 2R): this lane's
-        (value, weight, bias) for n = lane + 32·j, as loaded (in B's element types). Nothing
-        here waits on a load: converted inside the branch, the first value stalled each warp
-        before the state loads after it were issued (one L2 round trip on every CTA's chain)."""
-        N, R = self.N, self.R
-        count = -(-N // 32)
+    def _normalise_loads(
+        self, gb, gc, gb_norm, gc_norm, gb_bias, gc_bias, job, g, h, bi, lane,
+        rows: cutlass.Constexpr[bool], weights: cutlass.Constexpr[bool],
+    ):  # fmt: skip
+        """Normalisation `job`'s (2r: B_r, 2r+1: C_r; none when job >= 2R) raw row (`rows`)
+        and norm weight and bias (`weights`) at this lane's columns n = lane + 32·j, as
+        loaded (in B's element types); zeros for a part not asked for. Nothing here waits
+        on a load: converted inside the branch, the first value stalled each warp before the
+        state loads after it were issued (one L2 round trip on every CTA's chain)."""
+        N, R, G = self.N, self.R, self.G
         types = (gb.element_type, gb_norm.element_type, gb_bias.element_type)
-        loaded = tuple([kind(0.0)] * count for kind in types)
+        loaded = tuple([kind(0.0)] * -(-N // 32) for kind in types)
         for r in cutlass.range_constexpr(R):
-            if job == 2 * r:
-                loaded = self._row_loads(gb, gb_norm, gb_bias, bi * self.SB, r, g, h, lane)
-            if job == 2 * r + 1:
-                c_loaded = self._row_loads(gc, gc_norm, gc_bias, bi * self.SC, r, g, h, lane)
-                loaded = tuple(
-                    [v.to(kind) for v in vs] for kind, vs in zip(types, c_loaded, strict=True)
-                )
+            for side, (gv, gw, gbias, row0) in enumerate(
+                ((gb, gb_norm, gb_bias, bi * self.SB), (gc, gc_norm, gc_bias, bi * self.SC))
+            ):
+                if job == 2 * r + side:
+                    parts = list(loaded)
+                    if cutlass.const_expr(rows):
+                        parts[0] = self._columns(gv, row0 + (r * G + g) * N, lane)
+                    if cutlass.const_expr(weights):
+                        parts[1] = self._columns(gw, 0, lane)
+                        parts[2] = self._columns(gbias, (h * R + r) * N, lane)
+                    loaded = tuple(
+                        [v.to(kind) for v in vs] for kind, vs in zip(types, parts, strict=True)
+                    )
         return loaded
 
-    def _row_loads(self, gv, gw, gbias, row0, r, g, h, lane):
-        """Row r of B or C (raw; the sequence's values at row0), its norm weight and bias at
-        this lane's columns, as stored; lanes past N read column N-1 (`_normalise` zeroes
-        their values)."""
-        N, R, G = self.N, self.R, self.G
-        base = row0 + (r * G + g) * N
-        values, weights, biases = [], [], []
-        for j in range(-(-N // 32)):
-            n = cutlass.min(lane + 32 * j, N - 1)
-            values.append(gv[base + n])
-            weights.append(gw[n])
-            biases.append(gbias[(h * R + r) * N + n])
-        return values, weights, biases
+    def _columns(self, gv, base, lane):
+        """gv[base + n] for this lane's columns n = lane + 32·j, as stored; lanes past N read
+        column N-1 (`_normalise` zeroes their values)."""
+        N = self.N
+        return [gv[base + cutlass.min(lane + 32 * j, N - 1)] for j in range(-(-N // 32))]
 
     @cute.jit
     def _normalise(self, loaded, dst, job, lane):

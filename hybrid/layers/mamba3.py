@@ -297,7 +297,9 @@ class Mamba3(Layer):
 
     def step_projected(self, projected: Tensor, cache: Mamba3State) -> Tensor:
         inputs, _ = self._split_inputs(projected)
-        out = mamba3_step(inputs, self.weights(), self.options, cache, self.config.decode_backend)
+        # in_proj ran just before: it does not write the state (the kernel may load it early)
+        out = mamba3_step(inputs, self.weights(), self.options, cache, self.config.decode_backend,
+                          state_settled=True)  # fmt: skip
         return self.out_proj(out.flatten(-2))
 
     def flops_per_token(self, seq_len: int) -> int:
