@@ -232,21 +232,21 @@ def test_fa4_decode_matches_sdpa_decode_at_ragged_lengths(heads, kv_heads, head_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("batch", "heads", "kv_heads", "head_dim", "splits"),
-    [(1, 8, 2, 64, None), (1, 16, 4, 128, 7), (8, 16, 4, 128, None), (8, 12, 12, 64, 1),
-     (3, 6, 2, 32, 3)],
+    ("batch", "heads", "kv_heads", "head_dim", "splits", "capacity"),
+    [(1, 8, 2, 64, None, 4100), (1, 16, 4, 128, 7, 4100), (8, 16, 4, 128, None, 4100),
+     (8, 12, 12, 64, 1, 4100), (3, 6, 2, 32, 3, 4100), (1, 8, 2, 64, None, 32778)],
 )  # fmt: skip
 def test_split_kv_decode_matches_attention_at_ragged_lengths(
-    batch, heads, kv_heads, head_dim, splits, dtype
+    batch, heads, kv_heads, head_dim, splits, capacity, dtype
 ):
     """The split-KV kernel against float64 softmax attention over each sequence's filled
     positions (those past it hold NaN: never read), split counts as the device picks them
-    (None: 64+ at batch 1) and forced. fp32 to 1e-5; bf16 to 1e-2 (p rounded to bf16 before
-    its product with v, as every flash kernel does)."""
+    (None: 64+ at batch 1; 128, capped, at 32,778, the last 25 past the capacity) and
+    forced. fp32 to 1e-5; bf16 to 1e-2 (p rounded to bf16 before its product with v, as
+    every flash kernel does)."""
     from hybrid.kernels.attention_decode import split_kv_decode
 
     torch.manual_seed(0)
-    capacity = 4100
     lengths = torch.randint(1, capacity + 1, (batch,))
     lengths[0] = capacity
     k, v = (torch.randn(batch, kv_heads, capacity, head_dim, device=CUDA) for _ in range(2))

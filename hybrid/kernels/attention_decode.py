@@ -164,7 +164,12 @@ def split_count(batch_kv_heads: int, capacity: int, sms: int) -> int:
     batch 1, 8/2 heads, D 64: capacity 2,058 5.37 → 4.49 (33 splits of 64 keys), 4,106 5.38
     → 4.63, 8,202 6.76 → 5.45, 32,778 9.07 → 9.07; batch 4, 4,106: 7.56 → 7.26. Where the
     batch alone fills the SMs 2 splits still beat 1 (batch 128 × 4 KV heads, 8k: 766.7 →
-    707.2; × 8 KV heads, 2k: 202.5 → 189.9) and more lose (16: 735.0, 212.2)."""
+    707.2; × 8 KV heads, 2k: 202.5 → 189.9) and more lose (16: 735.0, 212.2). Where the cap
+    leaves splits past the capacity (at 16,394 keys 42 of 128 × 192, at 32,778 25 of 128 ×
+    320), counting again from the capped size (86 and 103 splits) gained nothing: the
+    latency objective's batch-1 step of `*-` × 8 1.024× / 1.005× / 1.001× at 16k / 32k / 64k,
+    `M-*-` × 4 1.013× / 1.005× / 0.988× (H100): a split past a sequence's length stores an
+    empty partial and ends."""
     wanted = max(2, triton.cdiv(PROGRAMS_PER_SM * sms, batch_kv_heads))
     keys = triton.cdiv(triton.cdiv(capacity, wanted), BLOCK_KEYS) * BLOCK_KEYS
     return max(1, min(triton.cdiv(capacity, max(keys, MIN_SPLIT_KEYS)), MAX_SPLITS))
