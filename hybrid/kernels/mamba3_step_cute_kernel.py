@@ -49,7 +49,7 @@ state), the kernel issues before its `griddepcontrol.wait` everything in_proj ca
 written: the first batch of state rows, the cached k, x, γ and angles (only this layer's
 previous step writes them) and the weights; the token inputs follow the wait. The state's round
 trip then overlaps in_proj's tail (H100, the latency objective's batch-1 step of a 31M `M-` x 8:
-104.8 -> 100.3 us). Steps of one state back to back (the decode benchmark's graphs) must not:
+104.7 -> 100.6 us). Steps of one state back to back (the decode benchmark's graphs) must not:
 the second would read the state the first is still writing.
 """
 
