@@ -10,7 +10,7 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +117,19 @@ def weight_copies(n: int, k: int, cold: bool, device: torch.device) -> list[torc
     H100's 50 MB L2 together, as a model's layers do."""
     copies = min(400, max(2, int(COLD_BYTES // (n * k * 2)))) if cold else 1
     return [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+
+
+def projection_cases(
+    shapes: dict[str, tuple[int, int]], device: torch.device
+) -> Iterator[tuple[str, int, int, int, list[torch.Tensor], dict]]:
+    """The projection benches' cases: each (output features, input features) shape at one
+    and two token rows, weights in L2 ("hot") and not ("cold"), as (label, n, k, rows,
+    `weight_copies`, the row's leading keys). A case's copies are freed once the next case's
+    exist (≤ 2 × 120 MB)."""
+    for (label, (n, k)), rows, cold in itertools.product(shapes.items(), (1, 2), (False, True)):
+        weights = weight_copies(n, k, cold, device)
+        yield label, n, k, rows, weights, {"shape": label, "features": n, "k": k, "rows": rows,
+                                           "l2": "cold" if cold else "hot"}  # fmt: skip
 
 
 def cycled_us(

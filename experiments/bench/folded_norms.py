@@ -12,7 +12,6 @@ the four 31M architectures and a d_model-2048 5:1 hybrid.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +26,8 @@ from common import (
     cycled_us,
     decode_architectures,
     describe_device,
+    projection_cases,
     switched_decode_rows,
-    weight_copies,
     write_results,
 )
 
@@ -72,13 +71,11 @@ def fold(on: bool) -> None:
 
 def kernel_rows(device: torch.device) -> list[dict]:
     rows = []
-    for (label, (n, k)), n_rows, cold in itertools.product(SHAPES.items(), (1, 2), (False, True)):
-        weights = weight_copies(n, k, cold, device)
+    for label, n, k, n_rows, weights, row in projection_cases(SHAPES, device):
         x, delta = (torch.randn(n_rows, k, device=device, dtype=torch.bfloat16) for _ in "xd")
         scale = 1 + torch.rand(k, device=device, dtype=torch.bfloat16)
         taken = (n_rows == 1 or sbl.two_rows_pay(weights[0])) and sbl.fold_pays(weights[0])
-        row = {"shape": label, "features": n, "k": k, "rows": n_rows, "taken": taken,
-               "l2": "cold" if cold else "hot"}  # fmt: skip
+        row["taken"] = taken
         for name, call in paths(x, delta, scale).items():
             row[f"{name}_us"] = cycled_us(call, weights, device)
         row["folded_vs_separate"] = row["folded_us"] / row["separate_us"]
@@ -87,7 +84,6 @@ def kernel_rows(device: torch.device) -> list[dict]:
               f"{row['separate_us']:>10.2f}{row['folded_us']:>10.2f}"
               f"{row['folded_vs_separate']:>9.3f}{'' if taken else '  (not folded)'}",
               flush=True)  # fmt: skip
-        del weights
     return rows
 
 

@@ -14,7 +14,6 @@ four architectures with the kernel switched off and on, two passes each.
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from common import (
     cycled_us,
     decode_architectures,
     describe_device,
+    projection_cases,
     switched_decode_rows,
-    weight_copies,
     write_results,
 )
 
@@ -61,15 +60,12 @@ GATED = {"SwiGLU product + out, d 512": (512, 1376), "SwiGLU product + out, d 20
 
 def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
     rows = []
-    cases = [(label, shape, False) for label, shape in SHAPES.items()]
-    cases += [(label, shape, True) for label, shape in GATED.items()]
-    for (label, (n, k), gated), n_rows, cold in itertools.product(cases, (1, 2), (False, True)):
+    for label, n, k, n_rows, weights, row in projection_cases({**SHAPES, **GATED}, device):
+        gated = label in GATED
         peer = (lambda h, w: F.linear(swiglu(h), w)) if gated else F.linear
         kernel = functools.partial(sbl.gemv, gated=gated)
-        weights = weight_copies(n, k, cold, device)
         x = torch.randn(n_rows, 2 * k if gated else k, device=device, dtype=torch.bfloat16)
-        row = {"shape": label, "features": n, "k": k, "rows": n_rows, "l2": "cold" if cold
-               else "hot", "taken": n_rows == 1 or sbl.two_rows_pay(weights[0])}  # fmt: skip
+        row["taken"] = n_rows == 1 or sbl.two_rows_pay(weights[0])
         for name, fn, chained in (("cublas", peer, False), ("kernel", kernel, False),
                                   ("chained", kernel, True)):  # fmt: skip
             dl.ENABLED = chained
@@ -82,7 +78,6 @@ def kernel_rows(device: torch.device, copy_gbs: float) -> list[dict]:
               f"{row['kernel_us']:>10.2f}{row['chained_us']:>10.2f}{row['speedup']:>8.2f}x"
               f"{row['kernel_pct_copy']:>8.0f}%{'' if row['taken'] else '  (not taken)'}",
               flush=True)  # fmt: skip
-        del weights
     return rows
 
 
