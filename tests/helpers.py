@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,35 @@ def small_hybrid_config(pattern: str = "M-*-M-", decode_backend: str = "auto") -
         mamba3={"d_state": 64, "headdim": 64, "mimo_rank": 2, "decode_backend": decode_backend},
         attention={"n_heads": 4, "n_kv_heads": 2, "head_dim": 64},
     )
+
+
+def ptx_load_params(ptx: str) -> list[set[int]]:
+    """For each ld.global in `ptx` (in order), the kernel parameters (by index) its address
+    derives from: every definition of a register is followed back to `ld.param`
+    (conservatively, all of a register's definitions in the text count). Reads the PTX of
+    the CuTe DSL and of Triton (predicated instructions, braced vector operands)."""
+    sources: dict[str, set[str]] = {}
+    params: dict[str, int] = {}
+    loads = []
+    for line in ptx.splitlines():
+        line = re.sub(r"^@!?%p\d+\s+", "", line.split("//")[0].strip()).rstrip(";").strip()
+        if not line or line.endswith(":") or len(line.split(None, 1)) < 2:
+            continue
+        op, rest = line.split(None, 1)
+        operands = re.findall(r"%[a-z]+\d+", rest)
+        if op.startswith("ld.param") and (found := re.search(r"_param_(\d+)", rest)):
+            params[operands[0]] = int(found.group(1))
+        elif op.startswith("ld.global"):
+            loads.append(re.search(r"\[\s*(%[a-z]+\d+)", rest).group(1))
+        elif operands and not op.startswith(("st.", "bra", "setp")):
+            sources.setdefault(operands[0], set()).update(operands[1:])
+
+    def reach(reg: str, seen: set[str]) -> set[int]:
+        if reg in params:
+            return {params[reg]}
+        if reg in seen:
+            return set()
+        seen.add(reg)
+        return set().union(*(reach(src, seen) for src in sources.get(reg, ())))
+
+    return [reach(address, set()) for address in loads]

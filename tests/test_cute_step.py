@@ -7,7 +7,6 @@ checked on the GPU (tests/test_gpu_cute_step.py)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_inputs, random_state, random_weights
+from helpers import ptx_load_params, random_inputs, random_state, random_weights
 
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options
 from hybrid.kernels.mamba3_decode import (
@@ -129,38 +128,6 @@ TOKEN_PARAMS = set(range(8))  # x, z, b, c, dt, a, trap, angle: written by in_pr
 STATE_PARAM = 19  # st_ssm
 
 
-def _loaded_params(ptx: str) -> list[set[int]]:
-    """For each ld.global in `ptx` (in order), the kernel parameters its address derives
-    from: every definition of a register is followed back to `ld.param` (conservatively,
-    all of a register's definitions in the text count)."""
-    sources: dict[str, set[str]] = {}
-    params: dict[str, int] = {}
-    loads = []
-    for line in ptx.splitlines():
-        line = line.split("//")[0].strip().rstrip(";")
-        if not line or line.endswith(":") or " " not in line:
-            continue
-        op, rest = line.split(None, 1)
-        operands = re.findall(r"%[a-z]+\d+", rest)
-        if op.startswith("ld.param") and (found := re.search(r"_param_(\d+)", rest)):
-            params[operands[0]] = int(found.group(1))
-        elif op.startswith("ld.global"):
-            address = re.search(r"\[(%[a-z]+\d+)", rest).group(1)
-            loads.append(address)
-        elif operands and not op.startswith(("st.", "bra", "@", "setp")):
-            sources.setdefault(operands[0], set()).update(operands[1:])
-
-    def reach(reg: str, seen: set[str]) -> set[int]:
-        if reg in params:
-            return {params[reg]}
-        if reg in seen:
-            return set()
-        seen.add(reg)
-        return set().union(*(reach(src, seen) for src in sources.get(reg, ())))
-
-    return [reach(address, set()) for address in loads]
-
-
 @needs_cutlass
 def test_chained_kernel_waits_before_what_its_predecessor_may_write(tmp_path):
     """Launched by PDL (inside a CUDA graph on sm_90), the step waits for its predecessor
@@ -177,7 +144,7 @@ def test_chained_kernel_waits_before_what_its_predecessor_may_write(tmp_path):
             assert "griddepcontrol.launch_dependents" in ptx.split("griddepcontrol.wait", 1)[1]
         assert "ld.global" not in chained.split("griddepcontrol.wait", 1)[0]
         before, after = early.split("griddepcontrol.wait", 1)
-        first, every = _loaded_params(before), _loaded_params(before + "\n" + after)
+        first, every = ptx_load_params(before), ptx_load_params(before + "\n" + after)
         assert first and all(len(p) == 1 for p in every), first  # each load traced to one
         assert not set().union(*first) & TOKEN_PARAMS
         assert STATE_PARAM in set().union(*first)

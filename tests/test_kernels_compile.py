@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import triton
+from helpers import ptx_load_params
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -196,6 +197,10 @@ def test_kernel_compiles_for_sm90(kernel, constexprs, bf16):
     assert 0 <= wait < ptx.find("griddepcontrol.launch_dependents")
     preloads = constexprs.get("PRELOAD", fn.__name__ in LOADS_WEIGHTS_FIRST)
     assert (ptx.find("ld.global") < wait) == preloads
+    # each load before the wait reads the weight, no other pointer
+    names = [name for name, kind in signature.items() if kind != "constexpr"]
+    early = {names[i] for loaded in ptx_load_params(ptx[:wait]) for i in loaded}
+    assert {name for name in early if name.endswith("_ptr")} <= {"w_ptr"}, early
 
 
 H100_SHARED_MEMORY = 232_448  # bytes a block may opt in to on sm_90 (227 KiB)
