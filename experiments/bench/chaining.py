@@ -20,7 +20,7 @@ from common import (
     decode_architectures,
     describe_device,
     graphed_step_timing,
-    switched_latency,
+    switched_decode_rows,
     write_results,
 )
 
@@ -28,8 +28,8 @@ import hybrid.kernels.dependent_launch as dl
 from hybrid.kernels.small_batch_linear import gemv
 from hybrid.search.latency import LatencyRequest
 
-REQUESTS = [LatencyRequest("decode", 1, 2048), LatencyRequest("decode", 1, 8192),
-            LatencyRequest("decode", 2, 2048)]  # fmt: skip
+REQUESTS = (LatencyRequest("decode", 1, 2048), LatencyRequest("decode", 1, 8192),
+            LatencyRequest("decode", 2, 2048))  # fmt: skip
 CHAIN = [(2384, 512), (512, 1024), (2752, 512), (512, 1376)] * 8  # (out, in): d_model 512
 
 
@@ -65,12 +65,7 @@ def main() -> None:
         return
     args, device, peak = bench
     print(f"device: {describe_device(device)}; {peak}; bf16; {dl.planned(device)}")
-    models = []
-    for request in REQUESTS:
-        print(f"\n{request.kind} batch {request.batch}, length {request.length}: µs, chaining "
-              f"off ×2, on ×2, on/off")  # fmt: skip
-        for label, config in decode_architectures().items():
-            models.append(switched_latency(label, config, request, device, switch))
+    models = switched_decode_rows(decode_architectures(), switch, "chaining", device, REQUESTS)
     print()
     chain = projection_chain(device)
     write_results(args, device, peak, models=models, chain=chain)

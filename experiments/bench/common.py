@@ -237,15 +237,19 @@ def switched_decode_rows(
     switch: Callable[[bool], None],
     what: str,
     device: torch.device,
+    requests: tuple[LatencyRequest, ...] = (
+        LatencyRequest("decode", 1, 2048),
+        LatencyRequest("decode", 2, 2048),
+    ),
 ) -> list[dict]:
-    """`switched_latency` rows of the latency objective's batch-1 and batch-2 decode steps at
-    context 2048 for each architecture, under a header naming what is switched."""
+    """`switched_latency` rows of the latency objective's decode steps (by default batch 1
+    and 2 at context 2048) for each architecture, under a header per request naming what is
+    switched."""
     rows = []
-    for batch in (1, 2):
-        print(f"\nbatch-{batch} decode step (latency objective, context 2048), µs: {what} off "
-              f"×2, on ×2")  # fmt: skip
+    for request in requests:
+        print(f"\nbatch-{request.batch} decode step (latency objective, context "
+              f"{request.length}), µs: {what} off ×2, on ×2")  # fmt: skip
         print(f"{'model':<30}{'off':>9}{'off':>9}{'on':>9}{'on':>9}{'on/off':>9}")
-        request = LatencyRequest("decode", batch, 2048)
         rows += [
             switched_latency(label, config, request, device, switch)
             for label, config in architectures.items()
