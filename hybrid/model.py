@@ -15,7 +15,7 @@ from hybrid.config import ModelConfig
 from hybrid.devices import autocast_dtype, on_device
 from hybrid.graphs import capture_cuda_graph
 from hybrid.kernels.norms import add_rms_norm
-from hybrid.kernels.small_batch_linear import add_rms_norm_linear
+from hybrid.kernels.small_batch_linear import add_rms_norm_linear, embed_rms_norm_linear
 from hybrid.layers import build
 from hybrid.layers.linear import Linear
 from hybrid.layers.norms import RMSNorm
@@ -82,34 +82,46 @@ class HybridLM(nn.Module):
         if cache is not None:
             self._check_room(cache, tokens.shape[1])
         caches = [None] * len(self.blocks) if cache is None else cache.layers
-        x, out = self._run_blocks(self.embedding(tokens), caches)
+        x, out = self._run_blocks(tokens, caches)
         if cache is not None:
             cache.seqlen += tokens.shape[1]
         if last_only:
             x, out = x[:, -1:], out[:, -1:]
         return self._head(x, out)
 
-    def _run_blocks(self, x: Tensor, caches: list, decode: bool = False) -> tuple[Tensor, Tensor]:
-        """The blocks over the embedded tokens x: each layer's forward, or its decode `step`.
+    def _run_blocks(
+        self, tokens: Tensor, caches: list, decode: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The blocks over the embedded tokens: each layer's forward, or its decode `step`.
         Each residual add is fused into the next norm (`add_rms_norm`; in a decode step an add
         kernel a block is ~1.4 µs of a ~300 µs step at batch 1 on an H100). In a decode step
         a layer with a `step_projection` gets its input projected with the norm in that
         projection's kernel where it can (`add_rms_norm_linear`: one norm kernel a block
-        fewer). Returns the residual stream up to the last block and that block's output,
-        which the head's norm adds. Under autocast the norms write the autocast dtype: every
-        layer's first operation on its input is a projection that autocast casts to it
-        anyway, and written so by the norm kernel the cast costs no kernel of its own either
-        way (graphed training +6.8% at 21M on an H100: BENCHMARKS.md); else the stream's
-        dtype (None)."""
-        out = None
-        normed_dtype = autocast_dtype(x)
+        fewer), and the first block's kernel gathers the embedding rows itself
+        (`embed_rms_norm_linear`: no embedding kernel). Returns the residual stream up to the
+        last block and that block's output, which the head's norm adds. Under autocast the
+        norms write the autocast dtype: every layer's first operation on its input is a
+        projection that autocast casts to it anyway, and written so by the norm kernel the
+        cast costs no kernel of its own either way (graphed training +6.8% at 21M on an H100:
+        BENCHMARKS.md); else the stream's dtype (None)."""
+        x = out = None
+        normed_dtype = autocast_dtype(self.embedding.weight)
         for block, layer_cache in zip(self.blocks, caches, strict=True):
             layer, norm = block.layer, block.norm
             projection = layer.step_projection() if decode else None
             if projection is not None:
-                x, projected = add_rms_norm_linear(x, out, norm.weight, norm.eps, projection.weight)
+                if x is None:
+                    x, projected = embed_rms_norm_linear(
+                        self.embedding.weight, tokens, norm.weight, norm.eps, projection.weight
+                    )
+                else:
+                    x, projected = add_rms_norm_linear(
+                        x, out, norm.weight, norm.eps, projection.weight
+                    )
                 out = layer.step_projected(projected, layer_cache)
                 continue
+            if x is None:
+                x = self.embedding(tokens)
             x, normed = add_rms_norm(x, out, norm.weight, norm.eps, normed_dtype)
             out = layer.step(normed, layer_cache) if decode else layer(normed, layer_cache)
         return x, out
@@ -155,7 +167,7 @@ class HybridLM(nn.Module):
     def step(self, token: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence (Bt,) -> next-token logits (Bt, vocab)."""
         self._check_room(cache, 1)
-        x, out = self._run_blocks(self.embedding(token), cache.layers, decode=True)
+        x, out = self._run_blocks(token, cache.layers, decode=True)
         cache.seqlen += 1
         return self._head(x, out)
 

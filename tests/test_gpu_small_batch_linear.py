@@ -1,6 +1,7 @@
 """The batch-1 projection kernel on CUDA (marker `gpu`; skipped without a CUDA device): which
 calls it takes, its results against float64 with poisoned output buffers (plain, with
-SwiGLU's gate product, with a block's norm and residual add), and a model's graphed decode
+SwiGLU's gate product, with a block's norm and residual add, with the first block's norm of
+rows gathered from the embedding), and a model's graphed decode
 step with it against the same step on cuBLAS with the norms as kernels of their own."""
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("form", ["plain", "gated", "normed", "normed x + δ"])
+@pytest.mark.parametrize("form", ["plain", "gated", "normed", "normed x + δ", "normed gathered"])
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, form, rows):
@@ -67,10 +68,16 @@ def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, form, rows):
     if form.startswith("normed"):  # RMSNorm(x + δ)·w, the sum rounded to the dtype
         delta = torch.randn_like(x) if form.endswith("δ") else None
         scale = 1 + torch.rand(k, device=CUDA, dtype=dtype)
-        summed, out = sbl.normed_gemv(x, delta, scale, 1e-5, weight)
+        if form.endswith("gathered"):  # x: rows of an embedding table
+            table = torch.randn(1000, k, device=CUDA, dtype=dtype)
+            tokens = torch.randint(0, 1000, (rows, 1), device=CUDA)
+            summed, out = sbl.embedding_normed_gemv(table, tokens, scale, 1e-5, weight)
+            expected = table[tokens].double()
+        else:
+            summed, out = sbl.normed_gemv(x, delta, scale, 1e-5, weight)
         if delta is not None:
             expected = (expected + delta.double()).to(dtype)
-        assert torch.equal(summed, expected)
+        assert torch.equal(summed.double(), expected)
         expected = summed.double()
         rms = torch.rsqrt(expected.pow(2).mean(-1, keepdim=True) + 1e-5)
         expected = expected * rms * scale.double()
@@ -84,13 +91,16 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
     torch.manual_seed(0)
     model = HybridLM(small_hybrid_config(), device=CUDA, dtype=torch.bfloat16).eval()
     prompt = torch.randint(0, 512, (1, 40), device=CUDA)
-    calls, normed_calls = [], []
-    gemv, normed_gemv = sbl.gemv, sbl.normed_gemv
+    calls, normed_calls, gathers = [], [], []
+    gemv, normed_gemv, gathered = sbl.gemv, sbl.normed_gemv, sbl.embedding_normed_gemv
     monkeypatch.setattr(
         sbl, "gemv", lambda x, w, gated=False: calls.append(gated) or gemv(x, w, gated)
     )
     monkeypatch.setattr(
         sbl, "normed_gemv", lambda x, d, *a: normed_calls.append(d) or normed_gemv(x, d, *a)
+    )
+    monkeypatch.setattr(
+        sbl, "embedding_normed_gemv", lambda t, tok, *a: gathers.append(tok) or gathered(t, tok, *a)
     )
     logits = {}
     for enabled in (False, True):
@@ -101,9 +111,10 @@ def test_graphed_decode_step_matches_cublas(monkeypatch):
             model(prompt, cache, last_only=True)
             logits[enabled] = step(prompt[:, -1]).float().clone()
     # captured once with the kernel: every block's norm with its layer's first projection and
-    # the final norm with the head (the first block's without a residual add), then the
-    # output projections of the 3 mixers and 3 SwiGLUs (those with their gate product)
-    assert len(normed_calls) == 3 + 3 + 1 and normed_calls[0] is None
-    assert all(d is not None for d in normed_calls[1:])
+    # the final norm with the head (the first block's gathering the embedding rows, the
+    # others with a residual add), then the output projections of the 3 mixers and 3
+    # SwiGLUs (those with their gate product)
+    assert len(gathers) == 1 and len(normed_calls) == 3 + 3 - 1 + 1
+    assert all(d is not None for d in normed_calls)
     assert len(calls) == 3 + 3 and sum(calls) == 3
     assert rel_err(logits[True], logits[False]) < 1e-2

@@ -34,11 +34,11 @@ INT8_POINTERS = {"last_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
-                "pos_ptr", "chunk_seq_ptr", "seqlens_ptr"}  # fmt: skip
+                "pos_ptr", "chunk_seq_ptr", "seqlens_ptr", "tok_ptr"}  # fmt: skip
 LOADS_WEIGHTS_FIRST = {"_norm_fwd_kernel"}  # before its PDL wait; the projections: PRELOAD
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
-GEMV = {"BN": 16, "BK": 512, "GATED": False, "NORMED": False, "HAS_DELTA": False, "PDL": False,
-        "PRELOAD": False}  # fmt: skip
+GEMV = {"BN": 16, "BK": 512, "GATED": False, "NORMED": False, "HAS_DELTA": False,
+        "GATHER": False, "PDL": False, "PRELOAD": False}  # fmt: skip
 GEMV_BF16 = {"x_ptr", "w_ptr", "y_ptr"}
 
 CASES = [  # (kernel, constexprs, bf16 pointers)
@@ -156,6 +156,9 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
       "PRELOAD": True}, GEMV_BF16 | {"d_ptr", "res_ptr", "nw_ptr"}),
     (small_batch_linear._gemv_kernel,  # the first block's norm: no residual add
      {**GEMV, "ROWS": 2, "NORMED": True, "PDL": True}, GEMV_BF16 | {"nw_ptr"}),
+    (small_batch_linear._gemv_kernel,  # ... its rows gathered from the embedding table
+     {**GEMV, "ROWS": 1, "BN": 4, "NORMED": True, "GATHER": True, "PDL": True, "PRELOAD": True},
+     GEMV_BF16 | {"nw_ptr", "res_ptr"}),
 ]  # fmt: skip
 
 

@@ -60,15 +60,15 @@ def _residual(x_ptr, d_ptr, ks, kmask, HAS_DELTA: tl.constexpr):
 
 @triton.jit
 def _partial(x_ptr, d_ptr, nw_ptr, res_ptr, w, ks, kmask, K, stored, GATED: tl.constexpr,
-             NORMED: tl.constexpr, HAS_DELTA: tl.constexpr):  # fmt: skip
+             NORMED: tl.constexpr, HAS_DELTA: tl.constexpr, STORES: tl.constexpr):  # fmt: skip
     """One BK step of the input row x_ptr against the BN rows in w: their sums and, NORMED,
     the row's squares. GATED: the input row is SwiGLU's [gate | up] (2K wide) and enters as
     silu(gate) ⊙ up, rounded to the row's dtype as the separate product kernel stores it.
-    NORMED: it is r = x + δ (δ where HAS_DELTA; columns below `stored` are written to
-    res_ptr) and enters as r·nw, whose sums the caller scales by 1/rms(r) at the end."""
+    NORMED: it is r = x + δ (δ where HAS_DELTA; with STORES, columns below `stored` are
+    written to res_ptr) and enters as r·nw, whose sums the caller scales by 1/rms(r)."""
     if NORMED:
         r = _residual(x_ptr, d_ptr, ks, kmask, HAS_DELTA)
-        if HAS_DELTA:
+        if STORES:
             tl.store(res_ptr + ks, r, mask=ks < stored)
         r = r.to(tl.float32)
         x = r * tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
@@ -84,17 +84,18 @@ def _partial(x_ptr, d_ptr, nw_ptr, res_ptr, w, ks, kmask, K, stored, GATED: tl.c
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, d_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, K, N, SX, SD, SR, SY, eps,
-                 ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
-                 NORMED: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr,
-                 PRELOAD: tl.constexpr):  # fmt: skip
+def _gemv_kernel(x_ptr, d_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, tok_ptr, K, N, SX, SD, SR, SY,
+                 eps, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GATED: tl.constexpr, NORMED: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 GATHER: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):  # fmt: skip
     """Program: BN output features of every input row; float32 sums over K in BK-wide steps.
     NORMED: the rows are the residual stream x (+ δ, the last block's output, HAS_DELTA),
     normalised by RMSNorm with weight nw: since 1/rms is one scalar a row, the sums of r·nw
     and of r² are taken in the same pass and the sums scaled at the end (no pass over the
-    row before the product); program 0 stores r = x + δ at res_ptr. PRELOAD: the first
-    step's weights are loaded before waiting for the kernel that wrote x (PDL), and shared by
-    the rows."""
+    row before the product); program 0 stores r = x + δ at res_ptr. GATHER: row m is row
+    tok[m] of the table x_ptr (row stride SX), the first block's embedding, which program 0
+    stores at res_ptr as the residual stream. PRELOAD: the first step's weights are loaded
+    before waiting for the kernel that wrote x (PDL), and shared by the rows."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     rows = cols.to(tl.int64)[:, None] * K
@@ -106,9 +107,11 @@ def _gemv_kernel(x_ptr, d_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, K, N, SX, SD, SR, 
     wait_for_predecessor(PDL)
     for m in tl.static_range(ROWS):
         x_row, d_row, res_row = x_ptr + m * SX, d_ptr + m * SD, res_ptr + m * SR
+        if GATHER:
+            x_row = x_ptr + tl.load(tok_ptr + m).to(tl.int64) * SX
         if PRELOAD:
             acc, squares = _partial(x_row, d_row, nw_ptr, res_row, first, ks, ks < K, K, stored,
-                                    GATED, NORMED, HAS_DELTA)  # fmt: skip
+                                    GATED, NORMED, HAS_DELTA, HAS_DELTA or GATHER)  # fmt: skip
         else:
             acc, squares = tl.zeros([BN], tl.float32), 0.0
         for k0 in range(BK if PRELOAD else 0, K, BK):
@@ -117,7 +120,8 @@ def _gemv_kernel(x_ptr, d_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, K, N, SX, SD, SR, 
             w = tl.load(w_ptr + rows + kk[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0)  # fmt: skip
             sums, step_squares = _partial(x_row, d_row, nw_ptr, res_row, w, kk, kmask, K,
-                                          stored, GATED, NORMED, HAS_DELTA)  # fmt: skip
+                                          stored, GATED, NORMED, HAS_DELTA,
+                                          HAS_DELTA or GATHER)  # fmt: skip
             acc += sums
             if NORMED:
                 squares += step_squares
@@ -145,7 +149,12 @@ def takes(x: Tensor, weight: Tensor) -> bool:
     """Whether `small_batch_linear` runs the kernel: one row (two where `two_rows_pay`) on
     CUDA inside a CUDA-graph capture, nothing to differentiate, no autocast, one floating
     dtype, a contiguous weight and input rows."""
-    rows = x.numel() // max(x.shape[-1], 1)
+    return _takes_rows(x.numel() // max(x.shape[-1], 1), x, weight)
+
+
+def _takes_rows(rows: int, x: Tensor, weight: Tensor) -> bool:
+    """`takes` for `rows` input rows of x's device, dtype and column stride (x may be the
+    table they are gathered from)."""
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (
         ENABLED
@@ -196,20 +205,23 @@ def _rows(t: Tensor) -> Tensor:
 
 def _launch(rows: Tensor, weight: Tensor, *, gated: bool = False, delta: Tensor | None = None,
             residual: Tensor | None = None, norm_weight: Tensor | None = None,
-            eps: float = 0.0) -> Tensor:  # fmt: skip
+            eps: float = 0.0, tokens: Tensor | None = None) -> Tensor:  # fmt: skip
     """The kernel over input rows (M, K) -> (M, N); with norm_weight the rows are normalised
-    first (`_gemv_kernel`'s NORMED) and x + δ is stored in residual."""
+    first (`_gemv_kernel`'s NORMED) and x + δ is stored in residual. With tokens (M,) the
+    rows are those rows of the table `rows` (GATHER)."""
     weight = weight.contiguous()  # the kernel reads rows of K (no copy where they are)
     n, k = weight.shape
-    out = _new_output((rows.shape[0], n), rows)
+    m = rows.shape[0] if tokens is None else tokens.numel()
+    out = _new_output((m, n), rows)
     bn, bk = tiling(n, k)
-    pdl = chained(rows, rows.shape[0])
+    pdl = chained(rows, m)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, pointer_or(delta, rows), pointer_or(residual, rows), pointer_or(norm_weight, rows),
-        weight, out, k, n, rows.stride(0), 0 if delta is None else delta.stride(0),
-        0 if residual is None else residual.stride(0), out.stride(0), eps, ROWS=rows.shape[0],
-        BN=bn, BK=bk, GATED=gated, NORMED=norm_weight is not None, HAS_DELTA=delta is not None,
-        PDL=pdl, PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
+        weight, out, pointer_or(tokens, rows), k, n, rows.stride(0),
+        0 if delta is None else delta.stride(0), 0 if residual is None else residual.stride(0),
+        out.stride(0), eps, ROWS=m, BN=bn, BK=bk, GATED=gated, NORMED=norm_weight is not None,
+        HAS_DELTA=delta is not None, GATHER=tokens is not None, PDL=pdl,
+        PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -237,6 +249,23 @@ def normed_gemv(
                   norm_weight=norm_weight.contiguous(), eps=eps)  # fmt: skip
     summed = x if residual is None else residual.reshape(x.shape)
     return summed, out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@on_input_device
+def embedding_normed_gemv(
+    table: Tensor, tokens: Tensor, norm_weight: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`normed_gemv` of the embedding rows table[tokens] (tokens (...,)), gathered by the
+    kernel: (x (..., K), RMSNorm(x)·norm_weight · weightᵀ (..., N)), x written by the kernel
+    as the residual stream that the next block adds to."""
+    flat = tokens.reshape(-1)
+    residual = _new_output((flat.numel(), table.shape[1]), table)
+    out = _launch(table, weight, residual=residual, norm_weight=norm_weight.contiguous(),
+                  eps=eps, tokens=flat)  # fmt: skip
+    return (
+        residual.reshape(*tokens.shape, table.shape[1]),
+        out.reshape(*tokens.shape, weight.shape[0]),
+    )
 
 
 def small_batch_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -271,12 +300,20 @@ def _folds(x: Tensor, delta: Tensor | None, norm_weight: Tensor | None, weight: 
     """Whether `add_rms_norm_linear` takes `normed_gemv`: where `takes` says so for the
     normalised rows and `fold_pays`, δ shaped and typed as x, and a weight for the norm."""
     return (
+        _norm_folds(norm_weight, x.shape[-1], weight)
+        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
+        and takes(x, weight)
+    )
+
+
+def _norm_folds(norm_weight: Tensor | None, width: int, weight: Tensor) -> bool:
+    """The fold's conditions on the norm and the projection: folding on, `fold_pays`, and a
+    norm weight as wide as the rows."""
+    return (
         FOLD_NORMS
         and fold_pays(weight)
         and norm_weight is not None
-        and norm_weight.shape == (x.shape[-1],)
-        and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
-        and takes(x, weight)
+        and norm_weight.shape == (width,)
     )
 
 
@@ -291,3 +328,19 @@ def add_rms_norm_linear(
         return normed_gemv(x, delta, norm_weight, eps, weight)
     summed, normed = add_rms_norm(x, delta, norm_weight, eps, autocast_dtype(x))
     return summed, small_batch_linear(normed, weight)
+
+
+def embed_rms_norm_linear(
+    table: Tensor, tokens: Tensor, norm_weight: Tensor | None, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The first block's entry in a decode step: (x, F.linear(RMSNorm(x)·norm_weight, weight))
+    for the embedding rows x = table[tokens], as `F.embedding` then `add_rms_norm_linear`
+    compute them; where the fold is taken, in one kernel (`embedding_normed_gemv`), which
+    saves the embedding's kernel."""
+    if (
+        _norm_folds(norm_weight, table.shape[1], weight)
+        and not tokens.is_floating_point()
+        and _takes_rows(tokens.numel(), table, weight)
+    ):
+        return embedding_normed_gemv(table, tokens, norm_weight, eps, weight)
+    return add_rms_norm_linear(F.embedding(tokens, table), None, norm_weight, eps, weight)

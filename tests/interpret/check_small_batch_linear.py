@@ -6,8 +6,10 @@ below, at and above one BK step, one and three input rows, an input row read fro
 tensor (its stride), and an output buffer poisoned with NaN (an unwritten element shows);
 each also with SwiGLU's gated input (silu(gate) ⊙ up of a [gate | up] row) and with the
 row normalised first (`normed_gemv`: RMSNorm(x + δ)·w, with and without δ, whose sum must
-come back exactly and in full); all of it with the first weight step in the loop and, as
-chained launches of 4-row tiles load it, before it (PRELOAD)."""
+come back exactly and in full) and with the rows gathered from an embedding table
+(`embedding_normed_gemv`: the first block's entry, whose rows must come back exactly); all
+of it with the first weight step in the loop and, as chained launches of 4-row tiles load
+it, before it (PRELOAD)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,20 @@ def normed_error(x: torch.Tensor, weight: torch.Tensor, with_delta: bool) -> flo
     return rel_err(out, F.linear(normed, weight.double()))
 
 
+def gathered_error(weight: torch.Tensor, rows: int) -> float:
+    """`embedding_normed_gemv`'s relative error against float64 for `rows` tokens of a
+    50-row table (the gathered rows must come back exactly)."""
+    table = torch.randn(50, weight.shape[1], dtype=weight.dtype)
+    tokens = torch.randint(0, 50, (rows,))
+    scale = 1 + torch.rand(weight.shape[1], dtype=weight.dtype)
+    gathered, out = sbl.embedding_normed_gemv(table, tokens, scale, 1e-5, weight)
+    if not torch.equal(gathered, table[tokens]):
+        return float("inf")
+    r = table[tokens].double()
+    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    return rel_err(out, F.linear(normed, weight.double()))
+
+
 def main() -> int:
     sbl._new_output = lambda shape, like: poisoned(shape, like.device, like.dtype)
     unchained = sbl._loads_early
@@ -74,6 +90,9 @@ def main() -> int:
             error = normed_error(x, weight, with_delta)
             print(f"{'':<14} normed{' x + δ' if with_delta else ''}: {error:.1e}")
             worst = max(worst, error / tolerance)
+        error = gathered_error(weight, rows)
+        print(f"{'':<14} normed, gathered: {error:.1e}")
+        worst = max(worst, error / tolerance)
     return interpreted_verdict(worst, 1.0)  # the worst error over its dtype's tolerance
 
 
