@@ -15,7 +15,9 @@ Two rows pay where both share what a program loads (`two_rows_pay`); with the st
 chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter. A
 block's residual add and RMSNorm fold into the projection that follows them
 (`add_rms_norm_linear`: one kernel a block fewer) where the row is read in one step by 4-row
-tiles (`fold_pays`), which took the batch-1 step of 31M models 6-13% shorter. More rows,
+tiles (`fold_pays`), which took the batch-1 step of 31M models 6-13% shorter; the first
+block's also gathers its rows from the embedding table (`embed_rms_norm_linear`: no
+embedding kernel, 1.2-1.7% of that step). More rows,
 autograd, autocast and the CPU stay on `F.linear`. So do eager calls: the kernel is
 taken while a CUDA graph is being captured (the latency objective, graphed generation), where
 only device time is replayed.
@@ -177,7 +179,11 @@ def planned_backend(device: torch.device) -> str:
         return f"F.linear (device is {device.type})"
     if not ENABLED:
         return "cublas prefill / cublas decode (HYBRID_SMALL_BATCH_LINEAR=0)"
-    norms = "block norms folded in up to 512 inputs" if FOLD_NORMS else "HYBRID_FOLD_NORMS=0"
+    norms = (
+        "block norms and the embedding folded in up to 512 inputs"
+        if FOLD_NORMS
+        else "HYBRID_FOLD_NORMS=0"
+    )
     return (
         f"cublas prefill / gemv decode (Triton matrix-vector kernel at batch 1-2 in CUDA graphs; "
         f"{norms})"
