@@ -263,7 +263,9 @@ def embedding_normed_gemv(
 ) -> tuple[Tensor, Tensor]:
     """`normed_gemv` of the embedding rows table[tokens] (tokens (...,)), gathered by the
     kernel: (x (..., K), RMSNorm(x)·norm_weight · weightᵀ (..., N)), x written by the kernel
-    as the residual stream that the next block adds to."""
+    as the residual stream that the next block adds to. The ids are not range-checked (a
+    check would sync the host inside a graph): they come from the model's own sampling or
+    from a prompt that the eager prefill's `F.embedding` has checked."""
     flat = tokens.reshape(-1)
     residual = _new_output((flat.numel(), table.shape[1]), table)
     out = _launch(table, weight, residual=residual, norm_weight=norm_weight.contiguous(),
