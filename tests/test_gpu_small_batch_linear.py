@@ -51,14 +51,20 @@ TOLERANCES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-
 SHAPES = [(37, 50), (2384, 512), (512, 1376), (8800, 2048), (50257, 512)]
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("form", ["plain", "gated", "normed", "normed x + δ", "normed gathered"])
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, form, rows):
+def test_kernel_matches_float64(monkeypatch, dtype, tol, n, k, form, rows, early):
+    """early: the weights loaded as a chained launch loads them, before the PDL wait (4-row
+    tiles: the whole row up to 2,048 columns), here without the chaining itself."""
     monkeypatch.setattr(
         sbl, "_new_output", lambda shape, like: poisoned(shape, like.device, like.dtype)
     )
+    if early:
+        loads_early = sbl._loads_early
+        monkeypatch.setattr(sbl, "_loads_early", lambda pdl, bn: loads_early(True, bn))
     weight = torch.randn(n, k, device=CUDA, dtype=dtype) / k**0.5
     x = torch.randn(rows, 1, 2 * k if form == "gated" else k, device=CUDA, dtype=dtype)
     expected = x.double()

@@ -13,6 +13,7 @@ from hybrid.config import ModelConfig
 from hybrid.kernels.norms import add_rms_norm, swiglu
 from hybrid.kernels.small_batch_linear import (
     _loads_early,
+    _preloaded_columns,
     add_rms_norm_linear,
     fold_pays,
     small_batch_linear,
@@ -37,6 +38,10 @@ def test_tiling_covers_narrow_outputs_with_many_programs():
     assert _loads_early(True, 4) and not _loads_early(True, 16) and not _loads_early(False, 4)
     # one K step where K is at most 512, as a power of two
     assert tiling(256, 50)[1] == 64 and tiling(256, 16)[1] == 16
+    # a tile loaded before the wait holds its whole row, up to 2,048 columns
+    assert _preloaded_columns(1024, 512) == 1024 and _preloaded_columns(1376, 512) == 2048
+    assert _preloaded_columns(512, 512) == 512 and _preloaded_columns(50, 64) == 64
+    assert _preloaded_columns(2752, 512) == 512
 
 
 def test_norms_fold_into_one_step_rows_of_four_row_tiles():

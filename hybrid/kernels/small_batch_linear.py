@@ -12,7 +12,10 @@ its input row itself (`swiglu_linear`). On an H100 that is 1.25-1.72x cuBLAS at 
 (1.59-1.85x against the product kernel + cuBLAS for SwiGLU's) and 1.06-1.33x at 2048, and
 the batch-1 decode step of 31M models 19-21% shorter (BENCHMARKS.md, "Small-batch linear").
 Two rows pay where both share what a program loads (`two_rows_pay`); with the step's kernels
-chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter. A
+chained (hybrid/kernels/dependent_launch.py) that took the batch-2 step 27-30% shorter, and
+4-row tiles holding their whole weight row across the PDL wait (`_preloaded_columns`, up to
+2,048 columns: out_proj and SwiGLU's output projection had loaded all but their first 512
+after it) a further 10-14% at batch 2 and 3-5% at batch 1. A
 block's residual add and RMSNorm fold into the projection that follows them
 (`add_rms_norm_linear`: one kernel a block fewer) where the row is read in one step by 4-row
 tiles (`fold_pays`), which took the batch-1 step of 31M models 6-13% shorter; the first
@@ -42,6 +45,7 @@ from hybrid.kernels.norms import add_rms_norm, swiglu
 
 MAX_ROWS = 2  # input rows the kernel takes; two only where `two_rows_pay`
 MAX_BK = 512  # weight columns a program reads per step
+MAX_PRELOAD_K = 2048  # weight columns a chained 4-row tile may hold across its PDL wait
 TWO_ROW_BYTES = 4 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # HYBRID_SMALL_BATCH_LINEAR=0 keeps every call on F.linear (the benchmark's A/B switch)
@@ -191,11 +195,22 @@ def planned_backend(device: torch.device) -> str:
 
 
 def _loads_early(chained_launch: bool, bn: int) -> bool:
-    """Whether the first weight step is loaded before the PDL wait (PRELOAD): for chained
-    4-row tiles only. A 16-row tile held across the wait took the kernel from 96 to 122
-    registers; unchained, the first step stays in the loop (peeled out of it, the gated
-    kernel lost 9-16%). The interpreter check also runs that path unchained."""
+    """Whether the first weight step (`_preloaded_columns`: the whole row where it can) is
+    loaded before the PDL wait (PRELOAD): for chained 4-row tiles only. A 16-row tile held
+    across the wait took the kernel from 96 to 122 registers; unchained, the first step
+    stays in the loop (peeled out of it, the gated kernel lost 9-16%). The interpreter
+    check also runs that path unchained."""
     return chained_launch and bn == 4
+
+
+def _preloaded_columns(k: int, bk: int) -> int:
+    """BK of a tile loaded before the PDL wait: the whole row where it has at most
+    MAX_PRELOAD_K columns, so that no weight is left to load after the wait. H100, the
+    latency objective's decode step, first 512 columns -> whole row: batch 1 0.953-0.969x,
+    batch 2 0.860-0.899x at d_model 512, 0.936-0.950x at 1024 (BENCHMARKS.md, "Chained
+    decode kernels"). Offline ptxas (Triton 3.6): 109-128 registers at one row, 207-242 at
+    two, no spill, at 2,048 columns; 4,096 spill at two rows."""
+    return max(bk, triton.next_power_of_2(k)) if k <= MAX_PRELOAD_K else bk
 
 
 def _new_output(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -221,13 +236,16 @@ def _launch(rows: Tensor, weight: Tensor, *, gated: bool = False, delta: Tensor 
     out = _new_output((m, n), rows)
     bn, bk = tiling(n, k)
     pdl = chained(rows, m)
+    preload = _loads_early(pdl, bn)
+    if preload:
+        bk = _preloaded_columns(k, bk)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         rows, pointer_or(delta, rows), pointer_or(residual, rows), pointer_or(norm_weight, rows),
         weight, out, pointer_or(tokens, rows), k, n, rows.stride(0),
         0 if delta is None else delta.stride(0), 0 if residual is None else residual.stride(0),
         out.stride(0), eps, ROWS=m, BN=bn, BK=bk, GATED=gated, NORMED=norm_weight is not None,
         HAS_DELTA=delta is not None, GATHER=tokens is not None, PDL=pdl,
-        PRELOAD=_loads_early(pdl, bn), num_warps=4, launch_pdl=pdl,
+        PRELOAD=preload, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
