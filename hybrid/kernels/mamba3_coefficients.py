@@ -61,7 +61,7 @@ def _coef_fwd_kernel(
 ):  # fmt: skip
     rows, heads, rmask, th, ih, mask, ts, ia, smask = _tile(tl.program_id(0), T, H, S, SH, SA,
                                                             BT, HP, SP)  # fmt: skip
-    bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
+    bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)
     delta, lam, _ = _delta_lambda(dt_ptr, trap_ptr, ih, mask, bias)
     a, _ = a_coefficient(tl.load(a_ptr + ih, mask=mask, other=0.0).to(tl.float32), a_floor,
                           HEAVY_TAIL)  # fmt: skip
@@ -94,7 +94,7 @@ def _coef_bwd_kernel(
     rows, heads, rmask, th, ih, mask, _, ia, smask = _tile(pid, T, H, S, SH, SA, BT, HP, SP)
     oh = rows[:, None] * SDH + heads[None, :]
     angles = tl.arange(0, SP)
-    bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0)
+    bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)
     delta, lam, dsoftplus = _delta_lambda(dt_ptr, trap_ptr, ih, mask, bias)
     a, da_draw = a_coefficient(tl.load(a_ptr + ih, mask=mask, other=0.0).to(tl.float32),
                                 a_floor, HEAVY_TAIL)  # fmt: skip
@@ -202,6 +202,6 @@ def mamba3_coefficients(
         dt, a, trap = (t.contiguous() for t in (dt, a, trap))
     return Mamba3Coefficients.apply(
         dt, a, trap, token_major(angle),
-        dt_bias.float().contiguous(), angle0.float().contiguous() if angle0 is not None else None,
+        dt_bias.contiguous(), angle0.float().contiguous() if angle0 is not None else None,
         table, options.a_activation == "heavy_tail", options.a_floor, grads,
     )  # fmt: skip

@@ -42,7 +42,7 @@ def _rank_terms(y_ptr, z, mz_ptr, w, rows, tmask, h, H, r,
     """Rank r of one head: y, its 1/rms, the normalised value, z̃ = mimo_z ⊙ z, σ(z̃)."""
     yh = tl.load(y_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
                  mask=tmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    zt = z * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :] if HAS_MIMO else z
+    zt = z * tl.load(mz_ptr + (h * R + r) * P + offs).to(tl.float32)[None, :] if HAS_MIMO else z
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(yh * yh, 1) / P + eps)
         normed = yh * rstd[:, None] * w[None, :]
@@ -78,7 +78,7 @@ def _gate_fwd_kernel(
                                             BT, offs, eps, HAS_MIMO, HAS_NORM)  # fmt: skip
         gated = normed * zt * sig
         if HAS_MIMO:
-            gated = gated * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
+            gated = gated * tl.load(mo_ptr + (h * R + r) * P + offs).to(tl.float32)[None, :]
         acc += gated
     tl.store(out_ptr + io, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
@@ -95,12 +95,12 @@ def _rank_backward(r, dz, dw, z, dout, w, y_ptr, mz_ptr, mo_ptr, dy_ptr, dmz_ptr
     dgate = dout
     part = ((blk * H + h) * R + r) * P
     if HAS_MIMO:
-        dgate = dout * tl.load(mo_ptr + (h * R + r) * P + offs)[None, :]
+        dgate = dout * tl.load(mo_ptr + (h * R + r) * P + offs).to(tl.float32)[None, :]
         tl.store(dmo_ptr + part + offs, tl.sum(dout * normed * silu, 0))
     dzt = dgate * normed * (sig + zt * sig * (1.0 - sig))
     dnormed = dgate * silu
     if HAS_MIMO:
-        dz += dzt * tl.load(mz_ptr + (h * R + r) * P + offs)[None, :]
+        dz += dzt * tl.load(mz_ptr + (h * R + r) * P + offs).to(tl.float32)[None, :]
         tl.store(dmz_ptr + part + offs, tl.sum(dzt * z, 0))
     else:
         dz += dzt
@@ -210,7 +210,7 @@ def mamba3_gate(
     dtype."""
 
     def prepared(t: Tensor | None) -> Tensor | None:
-        return t.float().contiguous() if t is not None else None
+        return t.contiguous() if t is not None else None
 
     return Mamba3Gate.apply(
         y.contiguous(),

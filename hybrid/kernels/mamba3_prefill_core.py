@@ -131,7 +131,7 @@ def _with_skip(mix, d_ptr, h, BT: tl.constexpr, HAS_D: tl.constexpr):
     the product that is there anyway (no extra registers: in the chunk gradients, unlike
     the forward, this form cost nothing on an H100)."""
     if HAS_D:
-        mix += tl.where(_diagonal(BT), tl.load(d_ptr + h), 0.0)
+        mix += tl.where(_diagonal(BT), tl.load(d_ptr + h).to(tl.float32), 0.0)
     return mix
 
 
@@ -159,6 +159,7 @@ def _values(v_ptr, mx_ptr, tok0, ntok, rows, tokens, SV, h, H, cols, valid,
         x = tl.load(v_ptr + ((tok0 + t) * SV + h * P)[:, None] + cols[None, :],
                     mask=ok[:, None], other=0.0)  # fmt: skip
         m = tl.load(mx_ptr + ((h * R + tl.arange(0, R)) * P)[:, None] + cols[None, :])
+        m = m.to(tl.float32)  # mimo_x as stored (a bf16 model's: no conversion kernel)
         v = tl.reshape((x.to(tl.float32)[:, None, :] * m[None, :, :]).to(x.dtype), [BT, C])
     else:
         v = _stored_values(v_ptr, rows, tokens, SV, h, H, cols, valid, R, P)
@@ -372,7 +373,7 @@ def _chunk_output_kernel(
     y = tl.exp(cum)[:, None] * readout
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
     if HAS_D:  # after the product: on its diagonal, MIMO's forward was 12% slower (H100)
-        y += tl.load(d_ptr + h) * v.to(tl.float32)
+        y += tl.load(d_ptr + h).to(tl.float32) * v.to(tl.float32)
     tl.store(
         y_ptr + rows[:, None] * (H * P) + h * P + op[None, :],
         y.to(y_ptr.dtype.element_ty),
@@ -643,9 +644,9 @@ def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None, 
     or None; `table` cuts the tokens into the scan's chunks; with `grads` (v is its piece
     "x") v's gradient is written into that buffer. Returns y (T, R, H, P) (with D·x̃_r) and
     G_T (n_seq, H, P, N)."""
-    mx = mimo_x.float().contiguous() if mimo_x is not None else None
+    mx = mimo_x.contiguous() if mimo_x is not None else None
     return Mamba3CoreFunction.apply(
         q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
-        g.contiguous(), d.float().contiguous() if d is not None else None,
+        g.contiguous(), d.contiguous() if d is not None else None,
         init.contiguous() if init is not None else None, table, grads,
     )  # fmt: skip

@@ -39,7 +39,7 @@ def _values_fwd_kernel(x_ptr, w_ptr, xr_ptr, T, H, SX,
     h = tl.program_id(1)
     tmask, x_in, _, xr_offs, w_offs = _offsets(tl.program_id(0), T, H, SX, SX, h, R, P, BT)
     x = tl.load(x_ptr + x_in, mask=tmask[:, None], other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + w_offs)
+    w = tl.load(w_ptr + w_offs).to(tl.float32)
     xr = x[:, None, :] * w[None, :, :]
     tl.store(xr_ptr + xr_offs, xr.to(xr_ptr.dtype.element_ty), mask=tmask[:, None, None])
 
@@ -51,7 +51,7 @@ def _values_bwd_kernel(x_ptr, w_ptr, dxr_ptr, dx_ptr, dw_ptr, T, H, SX, SDX,
     h = tl.program_id(1)
     tmask, x_in, dx_offs, xr_offs, w_offs = _offsets(pid, T, H, SX, SDX, h, R, P, BT)
     x = tl.load(x_ptr + x_in, mask=tmask[:, None], other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + w_offs)
+    w = tl.load(w_ptr + w_offs).to(tl.float32)
     dxr = tl.load(dxr_ptr + xr_offs, mask=tmask[:, None, None], other=0.0).to(tl.float32)
     dx = tl.sum(dxr * w[None, :, :], 1)
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])

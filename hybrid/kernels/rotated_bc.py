@@ -93,7 +93,8 @@ def _angles(phi_ptr, tokens, h, H, S, tmask, N: tl.constexpr):
 def _write_rotated(n, w, bias_ptr, dst_ptr, bias_row, out, cos, sin, tmask,
                    BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):  # fmt: skip
     """One head's rows: rotate (n̂·w + bias) by φ and store them in the output dtype."""
-    a, b = _split_pairs(n * w + tl.load(bias_ptr + bias_row)[None, :], BT, N, PAIRWISE)
+    bias = tl.load(bias_ptr + bias_row).to(tl.float32)  # as stored
+    a, b = _split_pairs(n * w + bias[None, :], BT, N, PAIRWISE)
     rotated = _join_pairs(a * cos - b * sin, a * sin + b * cos, BT, N, PAIRWISE)
     tl.store(dst_ptr + out, rotated.to(dst_ptr.dtype.element_ty), mask=tmask[:, None])
 
@@ -129,7 +130,8 @@ def _unrotate(n, w, bias_ptr, d_ptr, dbias_ptr, grad, bias_row, partial, cos, si
               BT: tl.constexpr, N: tl.constexpr, PAIRWISE: tl.constexpr):  # fmt: skip
     """One head's dq (or dk): its dφ share, the pre-rotation gradient (split into pair
     halves) and the bias partial over this block's tokens."""
-    pa, pb = _split_pairs(n * w + tl.load(bias_ptr + bias_row)[None, :], BT, N, PAIRWISE)
+    bias = tl.load(bias_ptr + bias_row).to(tl.float32)
+    pa, pb = _split_pairs(n * w + bias[None, :], BT, N, PAIRWISE)
     d = tl.load(d_ptr + grad, mask=tmask[:, None], other=0.0).to(tl.float32)
     da, db = _split_pairs(d, BT, N, PAIRWISE)
     # the rotated pair is (pa c − pb s, pa s + pb c); dφ = −da·rot_b + db·rot_a
@@ -321,6 +323,6 @@ def rotated_bc(
     are its pieces "b" and "c") their gradients are written into that buffer."""
     return RotatedBC.apply(
         token_major(b), token_major(c), b_norm.contiguous(), c_norm.contiguous(),
-        b_bias.float().contiguous(), c_bias.float().contiguous(), phi.float().contiguous(),
+        b_bias.contiguous(), c_bias.contiguous(), phi.float().contiguous(),
         eps, rotation == "pairwise", out_dtype, grads,
     )  # fmt: skip
