@@ -1,6 +1,8 @@
 """Run under TRITON_INTERPRET=1 (by tests/test_triton_prefill.py): the fused RMSNorm, grouped
 gated RMSNorm (pre- and post-gate, with and without weight) and SwiGLU kernels against the
-PyTorch functions, forward and every gradient, float32, fresh random inputs."""
+PyTorch functions, forward and every gradient, float32, fresh random inputs; the norms'
+forward with 16 rows a program and with 2 (`forward_rows`: what a batch-1 prefill's
+few rows get), 37 rows leaving a last program short."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import interpreted_verdict, rel_err
 
+import hybrid.kernels.fused_norms as fn
 from hybrid.kernels.fused_norms import fused_add_rms_norm, fused_gated_rms_norm, fused_swiglu
 from hybrid.kernels.norms import gated_rms_norm, rms_norm
 
@@ -37,7 +40,8 @@ def _compare(name: str, fused, reference, *inputs) -> float:
     return max(errors)
 
 
-def main() -> int:
+def check_norms() -> float:
+    """Every norm form against PyTorch; the worst error over its bound times TOLERANCE."""
     worst = 0.0
     x = torch.randn(37, 48, requires_grad=True)
     z = torch.randn(37, 48, requires_grad=True)
@@ -71,6 +75,15 @@ def main() -> int:
             x, delta, w,
         )  # fmt: skip
         worst = max(worst, error * TOLERANCE / bound)
+    return worst
+
+
+def main() -> int:
+    worst = 0.0
+    for programs in (2, 32):  # one "SM" here: 16 rows a program, then 2
+        fn.PROGRAMS_PER_SM = programs
+        print(f"forward rows a program: {fn.forward_rows(37, torch.device('cpu'))}")
+        worst = max(worst, check_norms())
     h = torch.randn(5, 7, 2 * 24, requires_grad=True)
     worst = max(worst, _compare("swiglu", fused_swiglu,
                                 lambda h: F.silu(h[..., :24]) * h[..., 24:], h))  # fmt: skip
