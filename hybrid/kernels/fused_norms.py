@@ -153,11 +153,11 @@ class FusedNorm(torch.autograd.Function):
         grid = (triton.cdiv(rows, walked), dim // group_size)
         pdl = chained(x, rows)
         flags = {"HAS_GATE": z is not None, "BEFORE_GATE": before_gate,
-                 "HAS_WEIGHT": weight is not None, "ROWS": ROWS_PER_PROGRAM}  # fmt: skip
+                 "HAS_WEIGHT": weight is not None}  # fmt: skip
         _norm_fwd_kernel[grid](
             x, delta if residual else x, summed, pointer_or(z, x), pointer_or(weight, x), out,
             rows, dim, eps, GS=group_size, BLOCK=triton.next_power_of_2(group_size),
-            HAS_RESIDUAL=residual, **{**flags, "ROWS": walked}, PDL=pdl, launch_pdl=pdl,
+            HAS_RESIDUAL=residual, ROWS=walked, **flags, PDL=pdl, launch_pdl=pdl,
             enable_fp_fusion=True,
         )  # fmt: skip
         ctx.save_for_backward(summed, z, weight)
@@ -185,7 +185,7 @@ class FusedNorm(torch.autograd.Function):
             dres.contiguous() if dres is not None else x, dx, ddelta, dz, dw, rows, dim, ctx.eps,
             GS=ctx.group_size, BLOCK=triton.next_power_of_2(ctx.group_size),
             HAS_RESIDUAL=dres is not None, DELTA_GRAD=ddelta is not dx, **ctx.flags,
-            enable_fp_fusion=True,
+            ROWS=ROWS_PER_PROGRAM, enable_fp_fusion=True,
         )  # fmt: skip
         dw = dw.sum(0).to(weight.dtype) if weight is not None else None
         dz = dz.to(z.dtype) if z is not None else None
