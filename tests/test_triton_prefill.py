@@ -25,7 +25,9 @@ def test_prefill_kernels_match_the_oracle_under_the_interpreter():
 
 def test_fused_norm_and_swiglu_kernels_match_pytorch_under_the_interpreter():
     stdout = run_interpreted("check_fused_norms.py")
-    assert stdout.count("gated norm") == 4 and "swiglu" in stdout and "worst" in stdout
+    # every gated norm form at 16 and at 2 forward rows a program
+    assert stdout.count("gated norm") == 8 and "swiglu" in stdout and "worst" in stdout
+    assert "forward rows a program: 16" in stdout and "forward rows a program: 2\n" in stdout
 
 
 def test_rope_kernel_matches_pytorch_under_the_interpreter():
