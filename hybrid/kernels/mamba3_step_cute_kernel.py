@@ -554,37 +554,34 @@ class Mamba3StepKernel:
             pieces.append((p, valid, s_xz[0, p], s_xz[1, p], w_norm, mxs, mzs, mos))
         return pieces
 
+    def _slots(self, tid, count, last, top):
+        """This thread's indices into `count` entries, one every NT (from NT-1-tid on the last
+        threads where `top`, else from tid), clamped to `last`: indices past the end read
+        the last valid entry."""
+        first = self.NT - 1 - tid if top else tid
+        return [cutlass.min(first + self.NT * i, last) for i in range(-(-count // self.NT))]
+
     def _token_loads(self, gx, gz, gdt, ga, gtrap, gangle, bi, h, tid):
         """What in_proj wrote for this (sequence, head), as stored: (raw Δ, A, λ), this
-        thread's raw angles, and (x, z) of its rows (on the last threads: p = NT-1-tid+NT·i);
-        indices past the end read the last valid one."""
-        P, S, NT = self.P, self.S, self.NT
-        top = NT - 1 - tid
+        thread's raw angles, and (x, z) of its rows (on the last threads: p = NT-1-tid+NT·i)."""
+        P, S = self.P, self.S
         coeffs = (gdt[bi * self.SDT + h], ga[bi * self.SA + h], gtrap[bi * self.STRAP + h])
-        angles = [gangle[bi * self.SANG + cutlass.min(tid + NT * i, max(S, 1) - 1)]
-                  for i in range(-(-S // NT))]  # fmt: skip
-        xz = []
-        for i in range(-(-P // NT)):
-            p = cutlass.min(top + NT * i, P - 1)
-            xz.append((gx[bi * self.SX + h * P + p], gz[bi * self.SZ + h * P + p]))
+        angles = [gangle[bi * self.SANG + s] for s in self._slots(tid, S, max(S, 1) - 1, False)]
+        xz = [(gx[bi * self.SX + h * P + p], gz[bi * self.SZ + h * P + p])
+              for p in self._slots(tid, P, P - 1, True)]  # fmt: skip
         return coeffs, angles, xz
 
     def _carried_loads(self, gst_gamma, gst_angle, gst_k, gst_x, gmx, bi, h, tid):
         """What only this layer's previous step wrote (and weights), as stored, for the same
         threads as `_token_loads`: (γ_prev, the accumulated angles, the cached k_r on the
         last threads, (cached x, mimo_x[:, p]) of the rows)."""
-        cfg, H, P, N, R, S, NT = self.cfg, self.H, self.P, self.N, self.R, self.S, self.NT
+        cfg, H, P, N, R, S = self.cfg, self.H, self.P, self.N, self.R, self.S
         bh = bi * H + h
-        top = NT - 1 - tid
-        angles = [gst_angle[bh * S + cutlass.min(tid + NT * i, max(S, 1) - 1)]
-                  for i in range(-(-S // NT))]  # fmt: skip
-        k_prev = []
-        for i in range(-(-(R * N) // NT)):
-            idx = cutlass.min(top + NT * i, R * N - 1)
-            k_prev.append(gst_k[((bi * R + idx // N) * H + h) * N + idx % N])
+        angles = [gst_angle[bh * S + s] for s in self._slots(tid, S, max(S, 1) - 1, False)]
+        k_prev = [gst_k[((bi * R + idx // N) * H + h) * N + idx % N]
+                  for idx in self._slots(tid, R * N, R * N - 1, True)]  # fmt: skip
         x_prev = []
-        for i in range(-(-P // NT)):
-            p = cutlass.min(top + NT * i, P - 1)
+        for p in self._slots(tid, P, P - 1, True):
             mx = [gmx[(h * R + r) * P + p] for r in range(R)] if cfg.mimo else [F32(1.0)] * R
             x_prev.append((gst_x[bh * P + p], mx))
         return gst_gamma[bh], angles, k_prev, x_prev
