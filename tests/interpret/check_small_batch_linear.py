@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import interpreted_verdict, poisoned, rel_err
 
 import hybrid.kernels.small_batch_linear as sbl
+from hybrid.kernels.norms import rms_norm
 
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3}  # fp16: its output rounding
 CASES = [  # output features, input features, rows
@@ -44,9 +45,7 @@ def normed_error(x: torch.Tensor, weight: torch.Tensor, with_delta: bool) -> flo
     r = x if delta is None else (x.double() + delta.double()).to(x.dtype)
     if not torch.equal(summed, r):
         return float("inf")
-    r = r.double()
-    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
-    return rel_err(out, F.linear(normed, weight.double()))
+    return rel_err(out, F.linear(rms_norm(r.double(), scale.double(), eps), weight.double()))
 
 
 def gathered_error(weight: torch.Tensor, rows: int) -> float:
@@ -58,8 +57,7 @@ def gathered_error(weight: torch.Tensor, rows: int) -> float:
     gathered, out = sbl.embedding_normed_gemv(table, tokens, scale, 1e-5, weight)
     if not torch.equal(gathered, table[tokens]):
         return float("inf")
-    r = table[tokens].double()
-    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    normed = rms_norm(gathered.double(), scale.double(), 1e-5)
     return rel_err(out, F.linear(normed, weight.double()))
 
 
