@@ -12,7 +12,11 @@ import torch
 from helpers import random_inputs, random_state, random_weights, rel_err, run_interpreted
 
 from hybrid.kernels.mamba3_common import Mamba3Options
-from hybrid.kernels.mamba3_prefill_core import MIN_SEGMENT_CHUNKS, state_pass_segments
+from hybrid.kernels.mamba3_prefill_core import (
+    MIN_SEGMENT_CHUNKS,
+    MIN_SEGMENTS,
+    state_pass_segments,
+)
 from hybrid.kernels.mamba3_scan import mamba3_scan, scan_backend
 from hybrid.kernels.reference import mamba3_reference
 
@@ -20,6 +24,8 @@ from hybrid.kernels.reference import mamba3_reference
 def test_prefill_kernels_match_the_oracle_under_the_interpreter():
     stdout = run_interpreted("check_mamba3_prefill.py")
     assert stdout.count("R=") == 6 and "segment cumsum" in stdout and "worst" in stdout
+    # both paths of the chunked sums, on their own and inside the prefill cases
+    assert stdout.count("chunk-parallel") == 4 and stdout.count("one program a sequence") == 4
     assert "core with and without D" in stdout
 
 
@@ -115,9 +121,14 @@ def test_cached_device_tensors_built_under_inference_mode_serve_training():
 
 def test_state_pass_is_cut_into_segments_only_where_its_programs_leave_sms_idle():
     """Segments cost a fix-up pass over the stored states: worth it only when the walks are
-    too few to fill half the GPU (132 SMs: an H100; 128 programs ran slower segmented), and
-    never shorter than MIN_SEGMENT_CHUNKS."""
+    too few to fill half the GPU (132 SMs: an H100; 128 programs ran slower segmented),
+    never shorter than MIN_SEGMENT_CHUNKS, and at least MIN_SEGMENTS of them."""
     assert state_pass_segments(programs=128, chunks=1024, sms=132) == 1
+    segments = state_pass_segments(programs=48, chunks=32, sms=132)  # batch-1, 12 heads
+    assert segments >= MIN_SEGMENTS and 32 // segments >= MIN_SEGMENT_CHUNKS
+    assert state_pass_segments(programs=64, chunks=16, sms=132) == MIN_SEGMENTS  # 1 x 1,024
+    # 1 x 512 tokens: two segments of 4 chunks would not pay for the fix-up
+    assert state_pass_segments(programs=64, chunks=2 * MIN_SEGMENT_CHUNKS + 1, sms=132) == 1
     segments = state_pass_segments(programs=48, chunks=32, sms=132)  # batch-1, 12 heads
     assert segments > 1 and 32 // segments >= MIN_SEGMENT_CHUNKS
     assert state_pass_segments(programs=48, chunks=MIN_SEGMENT_CHUNKS + 1, sms=132) == 1

@@ -60,10 +60,11 @@ UNTUNED_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
 # loop (no spill) took it from 263 to 223 us for a 21M hybrid's layer and from 723 to 611 us
 # at 8 x 2048 tokens, 32 heads (H100, bf16, N=128; R=4 2.29 -> 2.24 ms; BENCHMARKS.md)
 GRAD_BLOCK_N = 32
-# a segmented state pass (`state_pass_segments`): programs it aims for per SM, and the
-# fewest chunks a segment walks
+# a segmented state pass (`state_pass_segments`): programs it aims for per SM, the fewest
+# chunks a segment walks, and the fewest segments worth the fix-up pass
 SEGMENT_PROGRAMS_PER_SM = 4
-MIN_SEGMENT_CHUNKS = 8
+MIN_SEGMENT_CHUNKS = 4
+MIN_SEGMENTS = 4
 
 
 def _configs() -> list[triton.Config]:
@@ -503,11 +504,16 @@ def state_pass_segments(programs: int, chunks: int, sms: int) -> int:
     those passes from 416 to 221 us and from 1,806 to 777 us, the whole prefill's kernels
     from 1,327 to 1,133 and from 4,279 to 3,291 us (H100). With more programs the fix-up's
     traffic outweighs the shorter walks: 128 programs (1 x 16384, 32 heads) were 11% slower
-    segmented (R=4: 19%), so only up to half as many programs as SMs are cut."""
+    segmented (R=4: 19%), so only up to half as many programs as SMs are cut. Segments of 4
+    chunks beat 8, and 2 segments never beat 1 (the fix-up's launch): one sequence, 16
+    heads, 64 programs, µs for 1 / 2 / 4 / 8 segments: 512 tokens 9.5 / 12.1 / 10.2 / 10.6,
+    1,024 tokens 17.2 / 19.1 / 14.2 / 14.4, 2,048 tokens 31.4 / 35.8 / 24.3 / 19.4; R=4 at
+    512 tokens (32 chunks) 31.6 / 29.6 / 20.4 / 17.8."""
     if programs > sms // 2:
         return 1
-    return max(1, min(triton.cdiv(SEGMENT_PROGRAMS_PER_SM * sms, programs),
-                      chunks // MIN_SEGMENT_CHUNKS))  # fmt: skip
+    segments = min(triton.cdiv(SEGMENT_PROGRAMS_PER_SM * sms, programs),
+                   chunks // MIN_SEGMENT_CHUNKS)  # fmt: skip
+    return segments if segments >= MIN_SEGMENTS else 1
 
 
 def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, reverse):

@@ -32,6 +32,7 @@ from helpers import (
     rel_err,
 )
 
+from hybrid.kernels import chunked_cumsum as chunked_cumsum_module
 from hybrid.kernels import mamba3_prefill_core, projection_grads, rotated_bc
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
@@ -90,28 +91,48 @@ def check_segment_cumsum() -> float:
     return worst
 
 
+class _Launches:
+    """A kernel stand-in that counts its launches (which of chunked_cumsum's paths ran)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
 def check_chunked_cumsum() -> float:
     """The chunk-parallel sums against float64 sums per sequence (sequences of one token, of
-    a partial last chunk and of more chunks than one step of the carry scan): the angles
-    (outer-product input, wrapped, with and without initial angles, increments that wrap
-    many times) and plain reverse sums."""
-    lengths, chunk = [1, 45, 300, 7], 8
-    bounds = [0, *itertools.accumulate(lengths)]
-    table = ChunkTable.build(bounds, chunk, torch.device("cpu"))
-    delta, theta = torch.rand(bounds[-1], 3) * 2, (torch.rand(bounds[-1], 5) - 0.5) * 6
-    plain = torch.randn(bounds[-1], 3, 4)
+    a partial last chunk and of more chunks than one step of the carry scan), and the
+    one-program-a-sequence sums of short sequences (chunks of a length that is not a power
+    of two): the angles (outer-product input, wrapped, with and without initial angles,
+    increments that wrap many times) and plain reverse sums."""
+    whole = _Launches(chunked_cumsum_module._sequence_sums_kernel)
+    chunked_cumsum_module._sequence_sums_kernel = whole
     worst = 0.0
-    for init in (None, torch.rand(len(lengths), 3, 5) * 6):
-        phi = chunked_cumsum((delta, theta), table, init, wrap=True)
-        inc = (delta[:, :, None] * theta[:, None, :]).double()
-        for i, piece in enumerate(inc.split(lengths)):
-            expected = piece.cumsum(0) + (init[i].double() if init is not None else 0.0)
-            worst = max(worst, angle_err(phi[bounds[i] : bounds[i + 1]], expected))
-    suffix = chunked_cumsum(plain, table, reverse=True)
-    for i, piece in enumerate(plain.double().split(lengths)):
-        expected = piece.flip(0).cumsum(0).flip(0)
-        worst = max(worst, rel_err(suffix[bounds[i] : bounds[i + 1]], expected))
-    print(f"chunked sums (chunks of {chunk}, lengths {lengths}): worst {worst:.1e}")
+    for lengths, chunk, expect_whole in (([1, 45, 300, 7], 8, False), ([1, 45, 150, 7], 6, True)):
+        whole.count = 0
+        bounds = [0, *itertools.accumulate(lengths)]
+        table = ChunkTable.build(bounds, chunk, torch.device("cpu"))
+        delta, theta = torch.rand(bounds[-1], 3) * 2, (torch.rand(bounds[-1], 5) - 0.5) * 6
+        plain = torch.randn(bounds[-1], 3, 4)
+        for init in (None, torch.rand(len(lengths), 3, 5) * 6):
+            phi = chunked_cumsum((delta, theta), table, init, wrap=True)
+            inc = (delta[:, :, None] * theta[:, None, :]).double()
+            for i, piece in enumerate(inc.split(lengths)):
+                expected = piece.cumsum(0) + (init[i].double() if init is not None else 0.0)
+                worst = max(worst, angle_err(phi[bounds[i] : bounds[i + 1]], expected))
+        suffix = chunked_cumsum(plain, table, reverse=True)
+        for i, piece in enumerate(plain.double().split(lengths)):
+            expected = piece.flip(0).cumsum(0).flip(0)
+            worst = max(worst, rel_err(suffix[bounds[i] : bounds[i + 1]], expected))
+        if (whole.count == 3) != expect_whole or whole.count not in (0, 3):
+            print(f"chunks of {chunk}: {whole.count} of 3 sums took the whole-sequence kernel")
+            worst = float("inf")
+        path = "one program a sequence" if expect_whole else "chunk-parallel"
+        print(f"{path} sums (chunks of {chunk}, lengths {lengths}): worst {worst:.1e}")
+    chunked_cumsum_module._sequence_sums_kernel = whole.kernel
     return worst
 
 
@@ -144,10 +165,12 @@ def main() -> int:
     worst = max(check_segment_cumsum(), check_chunked_cumsum(), check_core_without_d())
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
     one_segment = mamba3_prefill_core.state_pass_segments  # 1 here: no SMs to fill
+    whole_sequence = chunked_cumsum_module.WHOLE_SEQUENCE_TOKENS  # every case's: short
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
         rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
         segments = 3 if case % 2 else 1
         mamba3_prefill_core.state_pass_segments = (lambda *_: 3) if case % 2 else one_segment
+        chunked_cumsum_module.WHOLE_SEQUENCE_TOKENS = 0 if case % 2 else whole_sequence
         total = sum(lengths) if lengths else LENGTH
         batch, n_seq = (1, len(lengths)) if lengths else (2, 2)
         inputs = random_inputs(batch=batch, length=total, heads=HEADS, headdim=p, d_state=n,
@@ -198,6 +221,7 @@ def main() -> int:
             f"S={angles} P={p} N={n} "
             f"heads/program<={rotated_bc.MAX_HEADS_PER_PROGRAM} chunk={chunk} "
             f"state-pass segments<={segments} "
+            f"sums {'chunk-parallel' if case % 2 else 'one program a sequence'} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
             f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
