@@ -39,7 +39,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 ENABLED = os.environ.get("HYBRID_PDL", "1") != "0"
 MIN_CAPABILITY = (9, 0)  # griddepcontrol is sm_90 PTX
 MIN_CUDA = (12, 3)  # CUDA graphs capture programmatic launches from 12.3 on
-MAX_ROWS = 2  # token rows of a chained launch (small_batch_linear.MAX_ROWS)
+# token rows of a chained launch, and the most the matrix-vector kernel takes
+# (small_batch_linear): a chain pays where the projections are that kernel, not cuBLAS
+MAX_ROWS = 2
 
 
 def _cuda_version() -> tuple[int, ...]:

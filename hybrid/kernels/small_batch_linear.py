@@ -39,11 +39,10 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import autocast_dtype, on_input_device
-from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
+from hybrid.kernels.dependent_launch import MAX_ROWS, chained, wait_for_predecessor
 from hybrid.kernels.launch_args import pointer_or
 from hybrid.kernels.norms import add_rms_norm, swiglu
 
-MAX_ROWS = 2  # input rows the kernel takes; two only where `two_rows_pay`
 MAX_BK = 512  # weight columns a program reads per step
 MAX_PRELOAD_K = 2048  # weight columns a chained 4-row tile may hold across its PDL wait
 TWO_ROW_BYTES = 4 << 20
@@ -166,7 +165,7 @@ def _takes_rows(rows: int, x: Tensor, weight: Tensor) -> bool:
         ENABLED
         and x.is_cuda
         and torch.cuda.is_current_stream_capturing()
-        and 0 < rows <= (MAX_ROWS if two_rows_pay(weight) else 1)
+        and 0 < rows <= (MAX_ROWS if two_rows_pay(weight) else 1)  # the chained batches
         and not grad
         and not torch.is_autocast_enabled(x.device.type)
         and x.dtype == weight.dtype
