@@ -45,14 +45,16 @@ PREFIX_COLUMNS, PREFIX_WARPS = 64, 2
 CARRY_BLOCK = 32  # chunk sums per step of the carry scan (see the module docstring)
 # Short sequences (at most CARRY_BLOCK chunks, WHOLE_SEQUENCE_TOKENS tokens padded) of a
 # small batch (at most WHOLE_SEQUENCE_ELEMENTS sums) are summed by one program per sequence
-# and strip of columns (`_sequence_sums_kernel`), the strips (1 to STRIP_COLUMNS columns) as
-# wide as give about SEQUENCE_PROGRAMS programs over the batch. H100, graphs
+# and strip of columns (`_sequence_sums_kernel`), the strips (1 to STRIP_COLUMNS columns, at
+# most SEQUENCE_TILE values) as wide as give about SEQUENCE_PROGRAMS programs. H100, graphs
 # of 10 calls, us, the three kernels -> one (the sweep's best strip, 4 warps): the angles at
 # 1 x 512 tokens, 16 heads x 32, 8.7 -> 4.7 (8 columns), 4 x 512 9.7 -> 6.8 (16), but 64 x
 # 512 48.7 -> 64.2; the reverse sums of 16 heads at 1 x 512 5.8 -> 2.8 (1), 32 x 512 6.5 ->
-# 3.8 (4); of 32 heads at 64 x 1024 10.8 -> 10.3 (16).
-WHOLE_SEQUENCE_TOKENS, WHOLE_SEQUENCE_ELEMENTS = 1024, 1 << 21
+# 3.8 (4); of 32 heads at 64 x 1024 (2M sums: now the three kernels) 10.8 -> 10.3 (16
+# columns, a tile that spills).
+WHOLE_SEQUENCE_TOKENS, WHOLE_SEQUENCE_ELEMENTS = 1024, 1 << 20
 SEQUENCE_PROGRAMS, STRIP_COLUMNS, STRIP_WARPS = 64, 16, 4
+SEQUENCE_TILE = 8192  # values a program holds at most (offline ptxas: more spill)
 
 
 @triton.jit
@@ -144,7 +146,8 @@ def _sequence_sums_kernel(x_ptr, y_ptr, starts_ptr, init_ptr, out_ptr, C, YC, CH
     end = tl.load(starts_ptr + seq + 1)
     blocks = tl.arange(0, NB)
     i = tl.arange(0, BT)[None, :]
-    rows = tl.load(starts_ptr + seq).to(tl.int64) + blocks[:, None] * CHUNK + i
+    # int32 offsets (fewer registers than int64): a call here has at most 1M sums
+    rows = tl.load(starts_ptr + seq) + blocks[:, None] * CHUNK + i
     mask = col_ok[:, None, None] & ((rows < end) & (i < CHUNK))[None, :, :]
     x = _inputs(x_ptr, y_ptr, rows[None, :, :], cols[:, None, None], mask, C, YC, OUTER)
     block_sums = tl.sum(x, 2)  # (BC, NB)
@@ -196,7 +199,7 @@ def chunked_cumsum(
     if (table.longest <= CARRY_BLOCK and span <= WHOLE_SEQUENCE_TOKENS
             and tokens * columns <= WHOLE_SEQUENCE_ELEMENTS):  # fmt: skip
         strip = table.n_seq * columns // SEQUENCE_PROGRAMS
-        bc = min(widest, STRIP_COLUMNS, 1 << max(0, strip.bit_length() - 1))
+        bc = min(widest, STRIP_COLUMNS, SEQUENCE_TILE // span, 1 << max(0, strip.bit_length() - 1))
         _sequence_sums_kernel[(table.n_seq, triton.cdiv(columns, bc))](
             left, right, table.seq_starts, init if init is not None else out, out, columns,
             inner, table.chunk_tokens, NB=span // bt, BT=bt, BC=bc, OUTER=outer,
