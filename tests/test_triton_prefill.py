@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import random_inputs, random_state, random_weights, rel_err, run_interpreted
 
+from hybrid.kernels.chunk_table import ChunkTable
+from hybrid.kernels.chunked_cumsum import CARRY_BLOCK, sequence_strip
 from hybrid.kernels.mamba3_common import Mamba3Options
 from hybrid.kernels.mamba3_prefill_core import (
     MIN_SEGMENT_CHUNKS,
@@ -117,6 +119,22 @@ def test_cached_device_tensors_built_under_inference_mode_serve_training():
     for cached in (table.seq_starts, freqs):
         SavesIt.apply(x, cached).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 4.0))
+
+
+def test_short_sequences_of_a_small_batch_take_the_one_launch_sums():
+    """The angles of a batch-1 prefill (512 tokens, 16 heads x 32) are summed in one launch,
+    8 columns a program (the H100 sweep's best); a batch of 64 such sequences, or sequences
+    of more chunks than one carry scan step, take the three chunk-parallel kernels."""
+
+    def table(n_seq: int, length: int, chunk: int) -> ChunkTable:
+        return ChunkTable.build(list(range(0, n_seq * length + 1, length)), chunk, "cpu")
+
+    assert sequence_strip(table(1, 512, 64), 512, 512) == 8
+    assert sequence_strip(table(1, 512, 64), 512, 16) == 1  # the reverse log-decay sums
+    assert sequence_strip(table(32, 512, 64), 32 * 512, 16) == 8
+    assert sequence_strip(table(64, 512, 64), 64 * 512, 512) == 0  # 16M sums
+    assert sequence_strip(table(1, (CARRY_BLOCK + 1) * 16, 16), 33 * 16, 512) == 0
+    assert sequence_strip(table(1, 2048, 64), 2048, 16) == 0  # past the padded-token bound
 
 
 def test_state_pass_is_cut_into_segments_only_where_its_programs_leave_sms_idle():

@@ -169,6 +169,20 @@ def _sequence_sums_kernel(x_ptr, y_ptr, starts_ptr, init_ptr, out_ptr, C, YC, CH
     tl.store(out_ptr + rows[None, :, :] * C + cols[:, None, None], sums, mask=mask)
 
 
+def sequence_strip(table: ChunkTable, tokens: int, columns: int) -> int:
+    """Columns a program of the one-launch sums owns (`_sequence_sums_kernel`), or 0 where
+    the call takes the three chunk-parallel kernels: sequences of more than CARRY_BLOCK
+    chunks or WHOLE_SEQUENCE_TOKENS padded tokens, or more than WHOLE_SEQUENCE_ELEMENTS
+    sums (see the constants)."""
+    span = triton.next_power_of_2(table.longest) * triton.next_power_of_2(table.chunk_tokens)
+    if (table.longest > CARRY_BLOCK or span > WHOLE_SEQUENCE_TOKENS
+            or tokens * columns > WHOLE_SEQUENCE_ELEMENTS):  # fmt: skip
+        return 0
+    strip = table.n_seq * columns // SEQUENCE_PROGRAMS
+    return min(triton.next_power_of_2(columns), STRIP_COLUMNS, SEQUENCE_TILE // span,
+               1 << max(0, strip.bit_length() - 1))  # fmt: skip
+
+
 def chunked_cumsum(
     x: Tensor | tuple[Tensor, Tensor],
     table: ChunkTable,
@@ -196,10 +210,8 @@ def chunked_cumsum(
     out = torch.empty(tokens, columns, **f32)
     bt = triton.next_power_of_2(table.chunk_tokens)
     span = triton.next_power_of_2(table.longest) * bt  # a sequence's tile, padded
-    if (table.longest <= CARRY_BLOCK and span <= WHOLE_SEQUENCE_TOKENS
-            and tokens * columns <= WHOLE_SEQUENCE_ELEMENTS):  # fmt: skip
-        strip = table.n_seq * columns // SEQUENCE_PROGRAMS
-        bc = min(widest, STRIP_COLUMNS, SEQUENCE_TILE // span, 1 << max(0, strip.bit_length() - 1))
+    bc = sequence_strip(table, tokens, columns)
+    if bc:
         _sequence_sums_kernel[(table.n_seq, triton.cdiv(columns, bc))](
             left, right, table.seq_starts, init if init is not None else out, out, columns,
             inner, table.chunk_tokens, NB=span // bt, BT=bt, BC=bc, OUTER=outer,
