@@ -209,14 +209,13 @@ def chunked_cumsum(
     init = init.reshape(init.shape[0], -1).float().contiguous() if init is not None else None
     out = torch.empty(tokens, columns, **f32)
     bt = triton.next_power_of_2(table.chunk_tokens)
-    span = triton.next_power_of_2(table.longest) * bt  # a sequence's tile, padded
     bc = sequence_strip(table, tokens, columns)
     if bc:
         _sequence_sums_kernel[(table.n_seq, triton.cdiv(columns, bc))](
             left, right, table.seq_starts, init if init is not None else out, out, columns,
-            inner, table.chunk_tokens, NB=span // bt, BT=bt, BC=bc, OUTER=outer,
-            REVERSE=reverse, WRAP=wrap, HAS_INIT=init is not None, num_warps=STRIP_WARPS,
-            enable_fp_fusion=True,
+            inner, table.chunk_tokens, NB=triton.next_power_of_2(table.longest), BT=bt, BC=bc,
+            OUTER=outer, REVERSE=reverse, WRAP=wrap, HAS_INIT=init is not None,
+            num_warps=STRIP_WARPS, enable_fp_fusion=True,
         )  # fmt: skip
         return out.view(shape)
     n_chunks = table.n_chunks
