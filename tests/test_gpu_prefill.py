@@ -201,6 +201,41 @@ def test_varlen_equals_separate_sequences_on_cuda():
         assert rel_err(final.ssm[i : i + 1], expected_final.ssm) <= 1e-5
 
 
+@pytest.mark.parametrize(("rank", "state_dtype"), [(1, torch.float32), (2, torch.bfloat16),
+                                                   (4, torch.float32)])  # fmt: skip
+def test_prefill_into_a_cache_in_place_matches_the_autograd_form(rank, state_dtype):
+    """A bf16 varlen prefill into a decode cache without autograd (the cache in and out by
+    the handoff kernels, updated in place) against the same call under autograd (PyTorch's
+    handoff): the output and every cache tensor, a bf16 or float32 SSM state."""
+    lengths, heads, headdim, d_state, angles = [300, 1, 77], 4, 64, 128, 32
+    inputs = random_inputs(batch=1, length=sum(lengths), heads=heads, headdim=headdim,
+                           d_state=d_state, rank=rank, groups=2, angles=angles)  # fmt: skip
+    weights = random_weights(heads=heads, headdim=headdim, d_state=d_state, rank=rank,
+                             mimo=rank > 1, out_norm=rank == 2)  # fmt: skip
+    state = random_state(batch=len(lengths), heads=heads, headdim=headdim, d_state=d_state,
+                         rank=rank, angles=angles)  # fmt: skip
+    inputs = Mamba3Inputs(*(t.to(CUDA, torch.bfloat16) for t in inputs))
+    weights = type(weights)(*(None if w is None else w.to(CUDA, torch.float32) for w in weights))
+    dtypes = (torch.float32, state_dtype, torch.bfloat16, torch.bfloat16, torch.float32)
+    state = Mamba3State(*(t.to(CUDA, d) for t, d in zip(state.tensors(), dtypes, strict=True)))
+    cache = Mamba3State(*(t.clone() for t in state.tensors()))
+    options = Mamba3Options(rotation="pairwise" if rank == 1 else "halves")
+    bounds = [0, *itertools.accumulate(lengths)]
+    with torch.no_grad():
+        out, updated = mamba3_prefill(inputs, weights, options, cache, cu_seqlens=bounds,
+                                      update_state=True)  # fmt: skip
+    expected, final = mamba3_prefill(inputs, weights, options, state, cu_seqlens=bounds)
+    assert updated is cache
+    # the two initial states agree to float32 roundoff, which can flip a bf16 output or
+    # state element by one rounding (2^-8) here and there
+    assert rel_err(out, expected) <= 1e-3
+    ssm_bound = 2e-3 if state_dtype == torch.bfloat16 else 1e-5
+    for name, mine, ref in zip(("angle", "ssm", "k", "x", "gamma"), cache.tensors(),
+                               final.tensors(), strict=True):  # fmt: skip
+        assert mine.dtype == ref.dtype, name
+        assert rel_err(mine, ref) <= (ssm_bound if name == "ssm" else 1e-6), name
+
+
 def copy_kernels(layer: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """The conversion and copy kernels one inference forward of `layer` launches."""
     from torch.profiler import ProfilerActivity, profile

@@ -26,11 +26,13 @@ from hybrid.kernels import (
     rotated_bc,
     segment_cumsum,
     small_batch_linear,
+    state_handoff,
 )
 
 FLOAT_ARGS = {"eps", "a_floor", "bc_eps", "out_eps", "scale"}
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}  # as every launch in hybrid/kernels asks
 INT8_POINTERS = {"last_ptr"}
+INT64_POINTERS = {"ends_ptr"}
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr", "x_ptr", "y_ptr", "dq_ptr", "dk_ptr",
                  "dv_ptr", "states_ptr", "dstates_ptr"}  # fmt: skip
 INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_starts_ptr",
@@ -100,6 +102,16 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (rotated_bc._rotated_bc_bwd_kernel,  # one head split: d raw B/C stored in their dtype
      {"N": 128, "R": 1, "BT": 16, "HB": 32, "PAIRWISE": True, "STAGES": 3},
      {"b_ptr", "c_ptr", "dk_ptr", "dq_ptr", "db_ptr", "dc_ptr"}),
+    (state_handoff._initial_state_kernel,  # a float32 state, MIMO
+     {"P": 64, "N": 128, "R": 4, "BP": 32, "HAS_MX": True}, {"k_ptr", "x_ptr"}),
+    (state_handoff._initial_state_kernel,  # a bf16 state
+     {"P": 32, "N": 64, "R": 1, "BP": 32, "HAS_MX": False}, {"ssm_ptr", "k_ptr", "x_ptr"}),
+    (state_handoff._final_state_kernel,
+     {"P": 64, "N": 128, "R": 4, "BP": 32, "SB": 32, "HAS_MX": True},
+     {"k_ptr", "x_ptr", "kc_ptr", "xc_ptr"}),
+    (state_handoff._final_state_kernel,
+     {"P": 128, "N": 256, "R": 1, "BP": 16, "SB": 64, "HAS_MX": False},
+     {"k_ptr", "x_ptr", "kc_ptr", "xc_ptr", "ssm_ptr"}),
     (mimo_values._values_bwd_kernel, {"R": 8, "P": 128, "BT": 16},
      {"x_ptr", "dxr_ptr", "dx_ptr"}),
     (mamba3_gate._gate_fwd_kernel, {"R": 4, "P": 64, "BT": 16, "HAS_MIMO": True,
@@ -179,6 +191,7 @@ def kernel_signature(fn, constexprs: dict, bf16: set[str]) -> dict[str, str]:
         elif name.endswith("_ptr"):
             signature[name] = (
                 "*i32" if name in INT_POINTERS
+                else "*i64" if name in INT64_POINTERS
                 else "*i1" if name in INT8_POINTERS
                 else "*bf16" if name in bf16
                 else "*fp32"

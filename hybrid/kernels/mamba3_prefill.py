@@ -65,6 +65,12 @@ def sequence_bounds(batch: int, length: int, cu_seqlens) -> list[int]:
     return bounds
 
 
+def check_update_state(state: Mamba3State | None, final_state: bool, update_state: bool) -> None:
+    """update_state=True writes the final state into `state`: it needs both."""
+    if update_state and (state is None or not final_state):
+        raise ValueError("update_state=True needs a state to update and final_state=True")
+
+
 def mamba3_prefill(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
@@ -74,6 +80,7 @@ def mamba3_prefill(
     cu_seqlens: Tensor | Sequence[int] | None = None,
     final_state: bool = True,
     grads: ProjectionGrads | None = None,
+    update_state: bool = False,
 ) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state (one entry per sequence) from `state` (None: empty).
 
@@ -81,14 +88,18 @@ def mamba3_prefill(
     into the rows), which must be a power of two >= 16. final_state=False (training) skips
     gathering the state and returns None for it. With `grads` (the inputs are the pieces
     of one split projection, named as the `Mamba3Inputs` fields) the backward kernels write
-    the inputs' gradients into its buffer.
+    the inputs' gradients into its buffer. update_state=True writes the final state into
+    `state` (a decode cache) in place and returns it. Without autograd the cache goes in
+    and out through one kernel each (`state_handoff`).
     """
     from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
     from hybrid.kernels.mamba3_prefill_core import mamba3_core
     from hybrid.kernels.rotated_bc import rotated_bc
+    from hybrid.kernels.state_handoff import scan_initial_state, write_final_state
 
+    check_update_state(state, final_state, update_state)
     reason = inputs_unsupported_reason(inputs, chunk_size)
     if reason is not None:
         raise ValueError(f"the Triton prefill does not take {reason}")
@@ -110,11 +121,15 @@ def mamba3_prefill(
         options.bc_norm_eps, options.rotation, kdt, grads,
     )  # fmt: skip
     values = x.unsqueeze(1) if weights.mimo_x is None else x  # MIMO: x̃ formed in the scan
+    fused = not torch.is_grad_enabled()  # the cache in and out by one kernel each
     init = None
     if state is not None:
         # the state carried into each sequence's first token: H_{-1} + β'_0 u_{-1}
-        first = table.seq_starts[:-1].long()
-        init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
+        if fused:
+            init = scan_initial_state(state, weights.mimo_x, beta_free, table)
+        else:
+            first = table.seq_starts[:-1].long()
+            init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(
         q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d, grads
@@ -124,6 +139,9 @@ def mamba3_prefill(
     ).reshape(batch, length, heads, headdim)
     if not final_state:
         return out, None
+    if update_state and fused:
+        write_final_state(state, final, phi, k, x, gamma, weights.mimo_x, table)
+        return out, state
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
     wide = torch.promote_types(state_dtype, torch.float32)
     final_state = Mamba3State.from_full_ssm(
@@ -135,4 +153,7 @@ def mamba3_prefill(
         mimo_x=weights.mimo_x,
         ssm_dtype=state_dtype,
     )
+    if update_state:
+        state.copy_(final_state)
+        return out, state
     return out, final_state

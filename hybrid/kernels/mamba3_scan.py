@@ -16,7 +16,12 @@ from torch import Tensor
 from hybrid.devices import on_device
 from hybrid.kernels.chunked import mamba3_chunked
 from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
-from hybrid.kernels.mamba3_prefill import mamba3_prefill, sequence_bounds, unsupported_reason
+from hybrid.kernels.mamba3_prefill import (
+    check_update_state,
+    mamba3_prefill,
+    sequence_bounds,
+    unsupported_reason,
+)
 from hybrid.kernels.projection_grads import ProjectionGrads
 
 SCAN_BACKENDS = ("auto", "chunked", "triton")
@@ -78,6 +83,7 @@ def mamba3_scan(
     cu_seqlens: Tensor | Sequence[int] | None = None,
     final_state: bool = True,
     grads: ProjectionGrads | None = None,
+    update_state: bool = False,
 ) -> tuple[Tensor, Mamba3State | None]:
     """o (Bt, L, H, P) and the final state, starting from `state` (None: empty prefix).
 
@@ -86,13 +92,17 @@ def mamba3_scan(
     (training without a cache) returns None for the state and spares the Triton path its
     gathering. `grads`, where the inputs are the pieces of one split projection, is its
     gradient buffer: the Triton backward writes the inputs' gradients into it.
+    update_state=True writes the final state into `state` (a decode cache: graphs captured
+    on it stay valid) in place and returns it.
     """
+    check_update_state(state, final_state, update_state)
     chosen = scan_backend(inputs, chunk_size, backend)
     if chosen == "triton":
         with on_device(inputs.x.device):
             return mamba3_prefill(
-                inputs, weights, options, state, chunk_size, cu_seqlens, final_state, grads
-            )
+                inputs, weights, options, state, chunk_size, cu_seqlens, final_state, grads,
+                update_state,
+            )  # fmt: skip
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
         out, final = run_per_sequence(
@@ -101,4 +111,7 @@ def mamba3_scan(
         )  # fmt: skip
     else:
         out, final = mamba3_chunked(inputs, weights, options, state, chunk_size)
+    if update_state:
+        state.copy_(final)
+        return out, state
     return out, final if final_state else None

@@ -278,7 +278,7 @@ class Mamba3(Layer):
 
     def forward(self, x: Tensor, cache: Mamba3State | None = None) -> Tensor:
         inputs, grads = self.project(x)
-        out, final = mamba3_scan(
+        out, _ = mamba3_scan(
             inputs,
             self.weights(),
             self.options,
@@ -287,9 +287,8 @@ class Mamba3(Layer):
             backend=self.config.backend,
             final_state=cache is not None,
             grads=grads,
+            update_state=cache is not None,
         )
-        if cache is not None:
-            cache.copy_(final)
         return self.out_proj(out.flatten(-2))
 
     def step_projection(self) -> Linear:

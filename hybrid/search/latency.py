@@ -1,8 +1,14 @@
 """Latency and memory of an architecture, measured on the device this process owns.
 
-- prefill: one forward of batch × prompt_len tokens (inference mode; bf16 on CUDA), captured
-  in a CUDA graph on CUDA: launch overhead is host time that varies from process to process
-  (87% between 5 processes at batch 1 when timed eagerly on an H100), not the architecture's.
+- prefill: what a generation's prefill computes (time to first token): one forward of batch ×
+  prompt_len tokens (inference mode; bf16 on CUDA) that fills a preallocated inference cache
+  (attention's keys and values, Mamba-3's final state) and takes the head on the last
+  position only. Logits for every position would add a (batch·prompt_len × vocab) product and
+  output that no architecture choice changes (at batch 64 × 512 and a vocab of 32k, ~2 GB of
+  logits in bf16), diluting the differences a search compares and filling the memory peak.
+  Captured in a CUDA graph on CUDA: launch overhead is host time that varies from process to
+  process (87% between 5 processes at batch 1 when timed eagerly on an H100), not the
+  architecture's.
 - decode: one `step` of every layer, the cache update and the head, per generated token, after
   a prefill to `context` tokens (run in pieces of 32k batch × tokens, so long contexts fit).
   On CUDA the whole step is captured in a CUDA graph and its replays are timed (the SSM state
@@ -38,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from hybrid.cache import InferenceCache, KVCache
 from hybrid.config import ModelConfig
 from hybrid.devices import on_device
 from hybrid.graphs import capture_cuda_graph
@@ -283,6 +290,17 @@ def _rounds(
     return (*best, rounds)
 
 
+def _empty_positions(cache: InferenceCache) -> None:
+    """Count `cache` as holding no tokens again, on the host only (no kernel enters a timed
+    graph): a prefill writes its keys and values at host offsets, so each replay of its graph
+    rewrites the same positions; Mamba-3 layers start from the state left by the previous
+    replay, which changes values, not which kernels run."""
+    cache.seqlen = 0
+    for layer in cache.layers:
+        if isinstance(layer, KVCache):
+            layer.length = 0
+
+
 def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -> Any:
     """Prefill the cache to the whole context, PREFILL_PIECE_TOKENS (batch × length) at a
     time, so a long context at a large batch fits in memory (the result is the same)."""
@@ -316,11 +334,13 @@ def measure(
         tokens = torch.randint(0, config.vocab_size, (request.batch, request.length), device=device)
         graphed = cuda and graphs
         if request.kind == "prefill":
+            filled = model.allocate_cache(request.batch, request.length)
 
             def work() -> None:
-                model(tokens)
+                _empty_positions(filled)
+                model(tokens, filled, last_only=True)
 
-            reset = None  # nothing carries over between prefills
+            reset = None  # a prefill writes at host offsets: nothing to rewind on the device
             per_sample = 1
         else:
             per_sample = REPLAYS_PER_SAMPLE if graphed else 1

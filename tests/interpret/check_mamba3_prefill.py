@@ -6,7 +6,9 @@ a group's heads over programs (one head each), so the B/C backward adds per-prog
 and cuts each sequence's state passes into (up to) three segments joined by the fix-up pass;
 the other cases pass the inputs as column slices of one wide tensor, as the layer passes
 its in_proj output (the kernels read them through their token strides and write their
-gradients into the split's NaN-poisoned buffer); and the scan core
+gradients into the split's NaN-poisoned buffer); every case again without autograd, a cache
+updated in place (its state in and out by the handoff kernels, in one or several row blocks a
+program) against the same call under autograd (PyTorch's handoff); and the scan core
 without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
@@ -33,10 +35,10 @@ from helpers import (
 )
 
 from hybrid.kernels import chunked_cumsum as chunked_cumsum_module
-from hybrid.kernels import mamba3_prefill_core, projection_grads, rotated_bc
+from hybrid.kernels import mamba3_prefill_core, projection_grads, rotated_bc, state_handoff
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
-from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options
+from hybrid.kernels.mamba3_common import A_ACTIVATIONS, Mamba3Options, Mamba3State
 from hybrid.kernels.mamba3_prefill import mamba3_prefill
 from hybrid.kernels.mamba3_prefill_core import mamba3_core
 from hybrid.kernels.mamba3_scan import run_per_sequence
@@ -166,11 +168,13 @@ def main() -> int:
     rotated_bc.MIN_PROGRAMS = 1  # a few tokens: let the cases choose the heads per program
     one_segment = mamba3_prefill_core.state_pass_segments  # 1 here: no SMs to fill
     whole_sequence = chunked_cumsum_module.WHOLE_SEQUENCE_TOKENS  # every case's: short
+    whole_tile = state_handoff.TILE  # every case's state in one row block a program
     for case, (rank, rotation, norm, groups, angles, p, n, chunk, lengths) in enumerate(CASES):
         rotated_bc.MAX_HEADS_PER_PROGRAM = 1 if case % 2 else 8
         segments = 3 if case % 2 else 1
         mamba3_prefill_core.state_pass_segments = (lambda *_: 3) if case % 2 else one_segment
         chunked_cumsum_module.WHOLE_SEQUENCE_TOKENS = 0 if case % 2 else whole_sequence
+        state_handoff.TILE = 2 * n if case % 2 else whole_tile  # 2 rows a program
         total = sum(lengths) if lengths else LENGTH
         batch, n_seq = (1, len(lengths)) if lengths else (2, 2)
         inputs = random_inputs(batch=batch, length=total, heads=HEADS, headdim=p, d_state=n,
@@ -188,9 +192,15 @@ def main() -> int:
         grads = None
         if case % 2 == 0:
             ins, grads = projection_slices(ins)
-        out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk,
-                                    cu_seqlens=[0, *torch.tensor(lengths).cumsum(0).tolist()]
-                                    if lengths else None, grads=grads)  # fmt: skip
+        bounds = [0, *itertools.accumulate(lengths)] if lengths else None
+        out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk, cu_seqlens=bounds,
+                                    grads=grads)  # fmt: skip
+        with torch.no_grad():  # a prefill into a decode cache
+            cache = Mamba3State(*(t.detach().clone() for t in st.tensors()))
+            fused, updated = mamba3_prefill(ins, ws, options, cache, chunk_size=chunk,
+                                            cu_seqlens=bounds, update_state=True)  # fmt: skip
+        handoff = max(rel_err(fused, out), *map(rel_err, cache.tensors(), final.tensors()))
+        worst = max(worst, handoff if updated is cache else float("inf"))
         if case == 0:  # training's call: the same output, no final state gathered
             again, none = mamba3_prefill(ins, ws, options, st, chunk_size=chunk, final_state=False)
             same = none is None and torch.equal(again, out)
@@ -223,7 +233,8 @@ def main() -> int:
             f"state-pass segments<={segments} "
             f"sums {'chunk-parallel' if case % 2 else 'one program a sequence'} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
-            f"lengths={lengths or [total] * batch}: out {errors['out']:.1e} "
+            f"lengths={lengths or [total] * batch}: cache in place {handoff:.1e}, "
+            f"out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
         )
