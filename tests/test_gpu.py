@@ -85,6 +85,25 @@ def test_flash_attention_matches_sdpa(kv_heads):
     assert rel_err(g_flash.float(), g_sdpa.float()) <= 2e-2
 
 
+@pytest.mark.parametrize("rope", [True, False])
+def test_prompt_append_matches_the_unfused_prefill_bit_for_bit(rope):
+    """Attention's prefill into a KV cache without autograd (one kernel: RoPE, k and v into
+    the cache, the positions set) against the same prefills under autograd (RoPE kernels and
+    copies): outputs, cache and positions bit for bit, from an empty and a filled cache."""
+    torch.manual_seed(0)
+    config = AttentionConfig(n_heads=8, n_kv_heads=2, head_dim=64, rope=rope)
+    layer = build(LayerSpec("attention", config), 512).to(CUDA, torch.bfloat16)
+    prompts = [torch.randn(3, n, 512, device=CUDA, dtype=torch.bfloat16) for n in (40, 9)]
+    results = {}
+    for fused in (True, False):
+        cache = layer.allocate_cache(3, 64, device=CUDA, dtype=torch.bfloat16)
+        with torch.set_grad_enabled(not fused):
+            outs = [layer(x, cache).detach() for x in prompts]
+        results[fused] = (*outs, cache.k, cache.v, cache.seqlens, torch.tensor(cache.length))
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False], strict=True))
+    assert results[True][-1] == 49 and (results[True][-2] == 49).all()
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_hybrid_decode_on_cuda_matches_forward(dtype, tol):
     torch.manual_seed(0)

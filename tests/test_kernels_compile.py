@@ -17,6 +17,7 @@ from hybrid.kernels import (
     attention_decode,
     chunked_cumsum,
     fused_norms,
+    kv_prompt,
     mamba3_coefficients,
     mamba3_gate,
     mamba3_prefill_core,
@@ -112,6 +113,11 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
     (state_handoff._final_state_kernel,
      {"P": 128, "N": 256, "R": 1, "BP": 16, "SB": 64, "HAS_MX": False},
      {"k_ptr", "x_ptr", "kc_ptr", "xc_ptr", "ssm_ptr"}),
+    (kv_prompt._prompt_kernel,  # bf16, GQA, RoPE
+     {"H": 8, "KV": 2, "HALF": 32, "HP": 32, "BT": 16, "ROPE": True},
+     {"q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "k_cache_ptr", "v_cache_ptr"}),
+    (kv_prompt._prompt_kernel,  # float32, NoPE, head dim 96
+     {"H": 0, "KV": 4, "HALF": 48, "HP": 64, "BT": 16, "ROPE": False}, set()),
     (mimo_values._values_bwd_kernel, {"R": 8, "P": 128, "BT": 16},
      {"x_ptr", "dxr_ptr", "dx_ptr"}),
     (mamba3_gate._gate_fwd_kernel, {"R": 4, "P": 64, "BT": 16, "HAS_MIMO": True,

@@ -41,6 +41,7 @@ def test_fused_norm_and_swiglu_kernels_match_pytorch_under_the_interpreter():
 def test_rope_kernel_matches_pytorch_under_the_interpreter():
     stdout = run_interpreted("check_rope.py")
     assert stdout.count("positions") == 8 and "worst" in stdout
+    assert stdout.count("bit for bit as expected") == 8
 
 
 def test_token_major_passes_projection_slices_without_a_copy():

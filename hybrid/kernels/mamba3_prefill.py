@@ -121,7 +121,10 @@ def mamba3_prefill(
         options.bc_norm_eps, options.rotation, kdt, grads,
     )  # fmt: skip
     values = x.unsqueeze(1) if weights.mimo_x is None else x  # MIMO: x̃ formed in the scan
-    fused = not torch.is_grad_enabled()  # the cache in and out by one kernel each
+    # the cache in and out by one kernel each (they index its tensors as contiguous)
+    fused = not torch.is_grad_enabled() and (
+        state is None or all(t.is_contiguous() for t in state.tensors())
+    )
     init = None
     if state is not None:
         # the state carried into each sequence's first token: H_{-1} + β'_0 u_{-1}

@@ -261,13 +261,17 @@ class Attention(Layer):
         """Tokens at host offsets: from position 0 (flash, causal) or after a filled cache."""
         length = q.shape[1]
         offset = cache.length if cache is not None else 0
-        if self.config.rope:
-            positions = torch.arange(offset, offset + length, device=q.device)
-            q = rope_rotate(q, positions, self.config.rope_theta)
-            k = rope_rotate(k, positions, self.config.rope_theta)
+        if cache is not None and q.is_cuda and not torch.is_grad_enabled():
+            q, k = self._append_prompt(q, k, v, cache)
+            keys, values = cache.k[:, :, : offset + length], cache.v[:, :, : offset + length]
+        else:
+            if self.config.rope:
+                positions = torch.arange(offset, offset + length, device=q.device)
+                q = rope_rotate(q, positions, self.config.rope_theta)
+                k = rope_rotate(k, positions, self.config.rope_theta)
+            if cache is not None:
+                keys, values = cache.append(k.transpose(1, 2), v.transpose(1, 2))
         backend, _ = select_backend(self.config.backend, q.device, q.dtype)
-        if cache is not None:
-            keys, values = cache.append(k.transpose(1, 2), v.transpose(1, 2))
         if backend != "sdpa" and offset == 0:
             return self._flash(backend, q, k, v)
         if offset == 0:
@@ -304,6 +308,22 @@ class Attention(Layer):
             q, k = rope_rotate(q, positions, theta), rope_rotate(k, positions, theta)
         cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
         return q
+
+    def _append_prompt(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache
+    ) -> tuple[Tensor, Tensor]:
+        """A prefill's tokens into the cache at its host offset, without autograd: RoPE of q
+        and k there, k and v written, the positions advanced, one kernel on CUDA (the same
+        bits as the rotations and copies it replaces); returns the rotated q and k."""
+        from hybrid.kernels.kv_prompt import append_prompt
+        from hybrid.kernels.rope import inverse_frequencies
+
+        theta = float(self.config.rope_theta)
+        inv_freq = inverse_frequencies(self.head_dim, theta, q.device) if self.config.rope else None
+        cache.check_room(q.shape[1])
+        q, k = append_prompt(q, k, v, cache.k, cache.v, cache.seqlens, cache.length, inv_freq)
+        cache.advance(q.shape[1])
+        return q, k
 
     def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The projection (Bt, T, width) -> q (Bt, T, H, D), k and v (Bt, T, H_kv, D)."""

@@ -8,7 +8,8 @@ the other cases pass the inputs as column slices of one wide tensor, as the laye
 its in_proj output (the kernels read them through their token strides and write their
 gradients into the split's NaN-poisoned buffer); every case again without autograd, a cache
 updated in place (its state in and out by the handoff kernels, in one or several row blocks a
-program) against the same call under autograd (PyTorch's handoff); and the scan core
+program; one case's cache strided, which takes PyTorch's handoff) against the same call under
+autograd (PyTorch's handoff); and the scan core
 without its D skip, the benchmarks' form; the serial and chunk-parallel sums on their own. Prints
 one line per case; non-zero exit past the tolerance."""
 
@@ -197,6 +198,8 @@ def main() -> int:
                                     grads=grads)  # fmt: skip
         with torch.no_grad():  # a prefill into a decode cache
             cache = Mamba3State(*(t.detach().clone() for t in st.tensors()))
+            if case == 4:  # strided cache tensors: the PyTorch handoff, into them in place
+                cache = Mamba3State(*(torch.stack([t, t], -1)[..., 0] for t in cache.tensors()))
             fused, updated = mamba3_prefill(ins, ws, options, cache, chunk_size=chunk,
                                             cu_seqlens=bounds, update_state=True)  # fmt: skip
         handoff = max(rel_err(fused, out), *map(rel_err, cache.tensors(), final.tensors()))
