@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.launch_args import heads_contiguous
 
 BLOCK_TOKENS = 16
 
@@ -80,11 +81,6 @@ def _prompt_kernel(
         tl.store(seqlens_ptr + b, (offset + T).to(tl.int32))
 
 
-def _head_rows(x: Tensor) -> Tensor:
-    """x with each head's D values contiguous and heads adjacent (any batch/token strides)."""
-    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
-
-
 @on_input_device
 def append_prompt(
     q: Tensor,
@@ -100,7 +96,7 @@ def append_prompt(
     positions offset.. of the cache k_cache, v_cache (Bt, H_kv, capacity, D), rotated by
     `inv_freq` (RoPE; None: NoPE); seqlens (Bt,) int32 set to offset + T. Returns the rotated
     q and k, contiguous (with NoPE, q and k themselves). No autograd."""
-    q, k, v = (_head_rows(t) for t in (q, k, v))
+    q, k, v = (heads_contiguous(t) for t in (q, k, v))
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     rope = inv_freq is not None

@@ -1,5 +1,5 @@
 """How tensors are handed to the Triton kernels as pointer arguments: optional ones, and
-token-major ones that may be column slices of a projection."""
+token-major or head-split ones that may be column slices of a projection."""
 
 from __future__ import annotations
 
@@ -22,3 +22,9 @@ def token_major(t: Tensor) -> Tensor:
             return t.contiguous()
         expected *= size
     return t if t.shape[0] == 1 or t.stride(0) >= expected else t.contiguous()
+
+
+def heads_contiguous(t: Tensor) -> Tensor:
+    """t itself when each head's values are contiguous and its heads adjacent (a head-split
+    column slice of a projection, any outer strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
+from hybrid.kernels.launch_args import heads_contiguous
 from hybrid.kernels.tensor_cache import tensor_cache
 
 BLOCK_TOKENS = 16
@@ -57,8 +58,7 @@ def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> Te
 
 
 def _rotate(x: Tensor, positions: Tensor, inv_freq: Tensor, inverse: bool) -> Tensor:
-    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-        x = x.contiguous()
+    x = heads_contiguous(x)
     batch, length, heads, head_dim = x.shape
     out = torch.empty(batch, length, heads, head_dim, device=x.device, dtype=x.dtype)
     half = head_dim // 2

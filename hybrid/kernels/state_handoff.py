@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.kernels.chunk_table import ChunkTable
-from hybrid.kernels.launch_args import pointer_or
+from hybrid.kernels.launch_args import heads_contiguous, pointer_or
 from hybrid.kernels.mamba3_common import Mamba3State
 
 TILE = 4096  # (rows × d_state) state values a program owns at most
@@ -134,8 +134,7 @@ def write_final_state(
     x (T, H, P, any token stride) and gamma (T, H), in one launch."""
     n_seq, heads, headdim, d_state = state.ssm.shape
     rank, n_angles = state.k.shape[1], state.angle.shape[-1]
-    if x.stride(-1) != 1 or x.stride(-2) != headdim:
-        x = x.contiguous()
+    x = heads_contiguous(x)
     grid, rows = _grid(n_seq, heads, headdim, d_state)
     _final_state_kernel[grid](
         final.contiguous(), phi.contiguous(), k.contiguous(), x, gamma.contiguous(),
