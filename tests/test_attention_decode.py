@@ -28,12 +28,27 @@ def test_splits_fill_the_sms_without_cutting_below_the_minimum():
     # a long cache: as many as fill the SMs PROGRAMS_PER_SM times, at most MAX_SPLITS
     assert split_count(4, 1 << 20, sms) == PROGRAMS_PER_SM * sms // 4
     assert split_count(2, 1 << 20, sms) == MAX_SPLITS
-    # a batch that fills the SMs by itself is split in 2; a short cache not at all
-    assert split_count(128 * 8, 32768, sms) == 2
+    # a short cache is not split at all
     assert split_count(1, MIN_SPLIT_KEYS, sms) == 1
     assert split_count(1, 10, sms) == 1
     # sized first: no split wholly past the capacity (2,058: 33 of 64, not 16 of 192, 5 past)
     assert split_count(2, 2058, sms) == 33
+
+
+def test_batches_that_cover_the_sms_one_to_four_times_take_one_split():
+    sms = 132
+    # the batch about once over the SMs: still split to cover them twice
+    assert split_count(64 * 2, 32768, sms) == 3  # 128 programs of D 64
+    assert split_count(16 * 4, 32768, sms, head_dim=128) == 5  # 64 of D 128: as many
+    # 1.5-4.5 times: one split, no combine kernel (256-512 of D 64, 128-256 of D 128)
+    assert split_count(32 * 8, 32768, sms) == split_count(64 * 8, 2048, sms) == 1
+    assert split_count(32 * 4, 8192, sms, head_dim=128) == 1
+    assert split_count(64 * 4, 8192, sms, head_dim=128) == 1
+    # from 4.5 times on: two (1,024 of D 64, 512 of D 128, and more)
+    assert split_count(128 * 8, 32768, sms) == split_count(128 * 4, 8192, sms, head_dim=128) == 2
+    assert split_count(256 * 8, 32768, sms) == 2
+    # a cache too short for two splits of MIN_SPLIT_KEYS keys gets one
+    assert split_count(128 * 8, MIN_SPLIT_KEYS, sms) == 1
 
 
 def test_head_dims_the_kernel_takes():

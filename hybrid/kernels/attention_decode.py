@@ -33,6 +33,9 @@ BLOCK_KEYS = 64  # keys a program loads at a time
 MIN_SPLIT_KEYS = 64  # a split is at least this many keys (one BLOCK_KEYS load)
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 2  # splits are added until the grid covers the SMs this many times
+# one split (no combine kernel) where the batch alone covers the SMs this many times (from,
+# to), counting batch × KV heads × head dim / 64 (a program of D 128 counts twice)
+ONE_SPLIT_COVER = (1.5, 4.5)
 LOG2E = tl.constexpr(math.log2(math.e))
 
 
@@ -154,10 +157,17 @@ def _append_kernel(
     tl.store(seqlens_ptr + b, pos + 1)
 
 
-def split_count(batch_kv_heads: int, capacity: int, sms: int) -> int:
+def split_count(batch_kv_heads: int, capacity: int, sms: int, head_dim: int = 64) -> int:
     """Splits of the context: each split sized first, as the capacity over enough programs
     to cover the SMs PROGRAMS_PER_SM times (at least 2), rounded up to whole key blocks and
     at least MIN_SPLIT_KEYS; then as many splits as cover the capacity, at most MAX_SPLITS.
+    Where the batch alone covers the SMs 1.5-4.5 times (`ONE_SPLIT_COVER`), one split: H100,
+    the kernels alone, batch 16-256 × 2-8 KV heads of D 64 and 4 of D 128, contexts 2k-32k,
+    every count of 1-8 (BENCHMARKS.md, "Attention", twenty-ninth session): covering 1.9-3.9
+    times, one split was the fastest in all 12 cells, 0.88-0.99x two (the latency
+    objective's decode step at batch 64-128, context 4k: 0.90-0.98x). Covering 7.8 times
+    three splits were 0.95-0.96x two from 8k on but 1.01x at 2k-4k (a Table 7 layer: 1.013x
+    its step), and from 15.5 times on two were within 1% of the best: both keep two.
     Sized first, no split lies wholly past the capacity unless MAX_SPLITS caps the count:
     counted first, with each split's size rounded up, 5 of 16 did at a capacity of 2,058 (16
     × 192 keys), and the combine reads every one. H100, bf16, graphed, µs, one layer at
@@ -171,6 +181,9 @@ def split_count(batch_kv_heads: int, capacity: int, sms: int) -> int:
     `M-*-` × 4 1.013× / 1.005× / 0.988× (H100): a split past a sequence's length stores an
     empty partial and ends."""
     wanted = max(2, triton.cdiv(PROGRAMS_PER_SM * sms, batch_kv_heads))
+    low, high = ONE_SPLIT_COVER
+    if low <= batch_kv_heads * head_dim / (64 * sms) < high:
+        wanted = 1
     keys = triton.cdiv(triton.cdiv(capacity, wanted), BLOCK_KEYS) * BLOCK_KEYS
     return max(1, min(triton.cdiv(capacity, max(keys, MIN_SPLIT_KEYS)), MAX_SPLITS))
 
@@ -195,7 +208,7 @@ def split_kv_decode(
     kv_heads, capacity = k.shape[1], k.shape[2]
     group = heads // kv_heads
     if splits is None:
-        splits = split_count(batch * kv_heads, capacity, multiprocessors(q.device))
+        splits = split_count(batch * kv_heads, capacity, multiprocessors(q.device), head_dim)
     split_keys = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_KEYS) * BLOCK_KEYS
     out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
     pdl = chained(q, batch)
