@@ -3,6 +3,7 @@ softmax attention in float64) and how many splits it cuts a context into."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import run_interpreted
 
@@ -10,9 +11,11 @@ from hybrid.kernels.attention_decode import (
     MAX_SPLITS,
     MIN_SPLIT_KEYS,
     PROGRAMS_PER_SM,
+    append_token,
     head_dim_reason,
     split_count,
 )
+from hybrid.kernels.kv_prompt import append_prompt
 from hybrid.layers.attention import select_decode_backend
 
 
@@ -49,6 +52,17 @@ def test_batches_that_cover_the_sms_one_to_four_times_take_one_split():
     assert split_count(256 * 8, 32768, sms) == 2
     # a cache too short for two splits of MIN_SPLIT_KEYS keys gets one
     assert split_count(128 * 8, MIN_SPLIT_KEYS, sms) == 1
+
+
+def test_the_one_kernel_appends_refuse_an_odd_head_dim():
+    """NoPE allows an odd head dim; the append kernels move a head as two halves, so they
+    refuse one (the layer writes such heads with PyTorch ops: tests/test_gpu.py)."""
+    q, k = torch.randn(1, 3, 2, 25), torch.randn(1, 3, 1, 25)
+    cache, seqlens = torch.zeros(1, 1, 8, 25), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"append_prompt takes an even head_dim.*got 25"):
+        append_prompt(q, k, k, cache, cache.clone(), seqlens, 0, None)
+    with pytest.raises(ValueError, match=r"append_token takes an even head_dim.*got 25"):
+        append_token(q[:, :1], k[:, :1], k[:, :1], cache, cache.clone(), seqlens, None)
 
 
 def test_head_dims_the_kernel_takes():

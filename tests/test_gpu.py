@@ -3,6 +3,8 @@ GPU against the oracle, the FlashAttention backends against SDPA, and cached dec
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import (
@@ -102,6 +104,25 @@ def test_prompt_append_matches_the_unfused_prefill_bit_for_bit(rope):
         results[fused] = (*outs, cache.k, cache.v, cache.seqlens, torch.tensor(cache.length))
     assert all(torch.equal(a, b) for a, b in zip(results[True], results[False], strict=True))
     assert results[True][-1] == 49 and (results[True][-2] == 49).all()
+
+
+def test_nope_attention_with_an_odd_head_dim_caches_every_value_on_cuda():
+    """NoPE allows an odd head dim (25 here), which the one-kernel appends refuse: on CUDA
+    the layer's prefill into a cache and its decode steps match the CPU's, cache included."""
+    torch.manual_seed(0)
+    config = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=25, rope=False)
+    layer = build(LayerSpec("attention", config), 100)
+    x = torch.randn(2, 24, 100)
+    results = {}
+    for device in ("cpu", "cuda"):
+        on_device = copy.deepcopy(layer).to(device)
+        cache = on_device.allocate_cache(2, 32, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            outs = [on_device(x[:, :20].to(device), cache)]
+            outs += [on_device(x[:, t : t + 1].to(device), cache) for t in range(20, 24)]
+        results[device] = [torch.cat(outs, 1).cpu(), cache.k.cpu(), cache.v.cpu()]
+    for mine, ref in zip(results["cuda"], results["cpu"], strict=True):
+        assert torch.isfinite(mine).all() and rel_err(mine, ref) <= 1e-5
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])

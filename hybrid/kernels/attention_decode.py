@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hybrid.devices import multiprocessors, on_input_device
 from hybrid.kernels.dependent_launch import chained, wait_for_predecessor
-from hybrid.kernels.launch_args import pointer_or, token_major
+from hybrid.kernels.launch_args import even_head_dim, pointer_or, token_major
 from hybrid.kernels.triton_math import dot_precision
 
 BLOCK_KEYS = 64  # keys a program loads at a time
@@ -249,6 +249,7 @@ def append_token(
     writes and the length update were 6 kernels, ~9 µs of a batch-1 attention step on an
     H100.)"""
     batch, _, heads, head_dim = q.shape
+    even_head_dim("append_token", head_dim)
     kv_heads = k.shape[2]
     q, k, v = token_major(q), token_major(k), token_major(v)  # qkv slices: no copy
     q_out = torch.empty((batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybrid.devices import on_input_device
-from hybrid.kernels.launch_args import heads_contiguous
+from hybrid.kernels.launch_args import even_head_dim, heads_contiguous
 
 BLOCK_TOKENS = 16
 
@@ -95,7 +95,9 @@ def append_prompt(
     """q (Bt, T, H, D), k and v (Bt, T, H_kv, D) (slices of the qkv projection), written at
     positions offset.. of the cache k_cache, v_cache (Bt, H_kv, capacity, D), rotated by
     `inv_freq` (RoPE; None: NoPE); seqlens (Bt,) int32 set to offset + T. Returns the rotated
-    q and k, contiguous (with NoPE, q and k themselves). No autograd."""
+    q and k, contiguous (with NoPE, q and k themselves). No autograd. D must be even: a head
+    moves as two halves."""
+    even_head_dim("append_prompt", q.shape[-1])
     q, k, v = (heads_contiguous(t) for t in (q, k, v))
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]

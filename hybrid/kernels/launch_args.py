@@ -1,5 +1,6 @@
 """How tensors are handed to the Triton kernels as pointer arguments: optional ones, and
-token-major or head-split ones that may be column slices of a projection."""
+token-major or head-split ones that may be column slices of a projection; and the head
+dims the head-halving kernels refuse."""
 
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ def heads_contiguous(t: Tensor) -> Tensor:
     """t itself when each head's values are contiguous and its heads adjacent (a head-split
     column slice of a projection, any outer strides), else a contiguous copy."""
     return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+def even_head_dim(kernel: str, head_dim: int) -> None:
+    """The RoPE and cache-append kernels move a head as two halves: an odd head dim (NoPE
+    allows one) would lose its last value, so it is refused."""
+    if head_dim % 2:
+        raise ValueError(f"{kernel} takes an even head_dim (a head moves as two halves), "
+                         f"got {head_dim}")  # fmt: skip

@@ -261,7 +261,7 @@ class Attention(Layer):
         """Tokens at host offsets: from position 0 (flash, causal) or after a filled cache."""
         length = q.shape[1]
         offset = cache.length if cache is not None else 0
-        if cache is not None and q.is_cuda and not torch.is_grad_enabled():
+        if cache is not None and self._one_kernel_append(q) and not torch.is_grad_enabled():
             q, k = self._append_prompt(q, k, v, cache)
             keys, values = cache.k[:, :, : offset + length], cache.v[:, :, : offset + length]
         else:
@@ -293,7 +293,7 @@ class Attention(Layer):
         """RoPE of q and k at the device positions `cache.seqlens`, k and v written there, the
         positions advanced; returns the rotated q. On CUDA one kernel does it all."""
         theta = float(self.config.rope_theta)
-        if q.is_cuda:
+        if self._one_kernel_append(q):
             from hybrid.kernels.attention_decode import append_token
             from hybrid.kernels.rope import inverse_frequencies
 
@@ -308,6 +308,11 @@ class Attention(Layer):
             q, k = rope_rotate(q, positions, theta), rope_rotate(k, positions, theta)
         cache.append_token(k.transpose(1, 2), v.transpose(1, 2))
         return q
+
+    def _one_kernel_append(self, q: Tensor) -> bool:
+        """Whether RoPE and the cache writes run as one kernel: on CUDA, for an even head dim
+        (the kernels move a head as two halves; NoPE allows an odd one)."""
+        return q.is_cuda and self.head_dim % 2 == 0
 
     def _append_prompt(
         self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache
