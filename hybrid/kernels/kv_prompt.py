@@ -7,7 +7,8 @@ kernels, where a graphed batch-1 prefill of 512 tokens into a cache took a `*-` 
 k at positions offset, offset + 1, ... (the rotate-half convention and arithmetic of
 `rope.py`, so the results are the same bits), writes k and v at those positions of the cache
 and sets the device positions to offset + T; the rotated k also goes out contiguous, for
-the prefill's own attention. Without RoPE, q and k are returned as they came.
+the prefill's own attention (406 -> 324 µs for that prefill, below the cacheless forward's
+354: its two RoPE kernels are gone too). Without RoPE, q and k are returned as they came.
 """
 
 from __future__ import annotations
