@@ -1,3 +1,3 @@
 """hybrid-arch: build hybrid Mamba-3 / attention language models and search how to mix them."""
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"

@@ -126,12 +126,11 @@ class InferenceCache:
             if isinstance(layer, KVCache):
                 layer.rewind(0)
             elif layer is not None:
-                for t in layer.tensors():
-                    t.zero_()
+                layer.zero_()
 
     def advance(self, n: int) -> None:
         """Count on the host `n` tokens that replayed graphs of `step` already ran."""
         self.seqlen += n
         for layer in self.layers:
-            if isinstance(layer, KVCache):
+            if layer is not None:
                 layer.advance(n)

@@ -43,7 +43,8 @@ def named_leaves(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3Stat
     gradient check differentiates against."""
     named = {f"in.{k}": v for k, v in inputs._asdict().items()}
     named |= {f"w.{k}": v for k, v in weights._asdict().items() if v is not None}
-    named |= {f"state.{k}": v for k, v in vars(state).items()}
+    names = ("angle", "ssm", "k", "x", "gamma")
+    named |= {f"state.{k}": v for k, v in zip(names, state.tensors(), strict=True)}
     return named
 
 

@@ -82,22 +82,24 @@ def test_decode_at_a_long_context_is_prefilled_in_pieces(monkeypatch):
 
 
 def test_prefill_is_timed_as_a_generation_prefill(monkeypatch):
-    """Time to first token: every timed call fills the cache from position 0 and takes the
-    head on the last position only (no tokens × vocab logits)."""
+    """Time to first token: every timed call fills the cache from position 0 (Mamba-3 states
+    marked empty, as in a fresh cache) and takes the head on the last position only (no
+    tokens × vocab logits)."""
     calls = []
     real = HybridLM.forward
 
     def forward(self, tokens, cache=None, **kwargs):
         start = cache.seqlen if cache is not None else None
+        empty = cache is not None and cache.layers[0].empty  # the Mamba-3 layer's state
         logits = real(self, tokens, cache, **kwargs)
         end = cache.seqlen if cache is not None else None
-        calls.append((tokens.shape, start, end, kwargs.get("last_only"), logits.shape))
+        calls.append((tokens.shape, start, empty, end, kwargs.get("last_only"), logits.shape))
         return logits
 
     monkeypatch.setattr(HybridLM, "forward", forward)
     measure(CONFIG, LatencyRequest("prefill", 2, 24), CPU, repeats=3)
     assert len(calls) >= 5  # warm-up and samples
-    assert set(calls) == {(torch.Size([2, 24]), 0, 24, True, (2, 1, CONFIG.vocab_size))}
+    assert set(calls) == {(torch.Size([2, 24]), 0, True, 24, True, (2, 1, CONFIG.vocab_size))}
 
 
 def test_a_study_refuses_latencies_from_another_device():

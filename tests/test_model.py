@@ -98,6 +98,34 @@ def test_reset_empties_the_cache_in_place():
         assert rel_err(model(tokens, cache), expected) <= 1e-5
 
 
+def test_a_mamba3_state_is_read_unless_known_empty():
+    """A fresh or reset cache marks its Mamba-3 states empty, and a prefill then does not
+    read them; whatever writes a state (a prefill, a step, replayed steps) clears the mark,
+    and a state without it is read."""
+    model = _model("M-*-", MAMBA_MIMO)
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        expected = model(tokens)
+        cache = model.allocate_cache(2, 16)
+        state = cache.layers[0]
+        assert state.empty and not type(state)(*state.tensors()).empty
+        for t in state.tensors():
+            t.normal_()  # contents a prefill into an empty cache must not read
+        assert rel_err(model(tokens, cache), expected) <= 1e-5
+        assert not state.empty
+        cache.reset()
+        assert state.empty
+        model.step(tokens[:, 0], cache)
+        assert not state.empty
+        cache.reset()
+        cache.advance(1)
+        assert not state.empty
+        for t in state.tensors():
+            t.normal_()
+        cache.rewind(0)
+        assert rel_err(model(tokens, cache), expected) > 1e-2  # not marked: read
+
+
 def test_last_only_logits_are_the_last_row():
     model = _model("M-*-", MAMBA_SISO)
     tokens = torch.randint(0, 97, (2, 5))

@@ -9,7 +9,7 @@ each piece is tested against its closed form on its own (tests/test_mamba3_math.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -76,13 +76,19 @@ class Mamba3State:
     then adds one rank-R product, H⁻_{t+1} = α H⁻_t + (α γ_t + β) u_t, where H takes two (β's
     of the cached token and γ's of the new one), and y_r = H⁻ q_r + γ Σ_r' x̃_r' (k_r'·q_r)
     needs only R×R dot products besides: a decode step, which streams the state once, does
-    R FMAs less per state element."""
+    R FMAs less per state element.
+
+    `empty` (host-side) promises that the state is that of an empty prefix: set by `zeros`
+    and `zero_`, cleared by whatever writes the state (`advance` for replayed graphs). A
+    prefill then needn't read it (no initial-state kernel, no initial state in the scan);
+    any other state, however made, is read."""
 
     angle: Tensor  # (Bt, H, S), radians in [0, 2π)
     ssm: Tensor  # (Bt, H, P, N): H⁻
     k: Tensor  # (Bt, R, H, N)
     x: Tensor  # (Bt, H, P)
     gamma: Tensor  # (Bt, H), float32 or wider
+    empty: bool = field(default=False, compare=False)
 
     @classmethod
     def zeros(
@@ -106,15 +112,28 @@ class Mamba3State:
             k=torch.zeros(batch, rank, n_heads, d_state, dtype=dtype, device=device),
             x=torch.zeros(batch, n_heads, headdim, dtype=dtype, device=device),
             gamma=torch.zeros(batch, n_heads, dtype=angle_dtype, device=device),
+            empty=True,
         )
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return (self.angle, self.ssm, self.k, self.x, self.gamma)
 
     def copy_(self, other: Mamba3State) -> None:
         """Overwrite in place, so captured CUDA graphs and outside references stay valid."""
         for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
             mine.copy_(theirs)
+        self.empty = other.empty
+
+    def zero_(self) -> None:
+        """Empty in place (the state of an empty prefix)."""
+        for t in self.tensors():
+            t.zero_()
+        self.empty = True
+
+    def advance(self, n: int) -> None:
+        """Replayed graphs of `n` steps wrote this state on the device: not empty any more."""
+        if n > 0:
+            self.empty = False
 
     @property
     def nbytes(self) -> int:

@@ -117,6 +117,7 @@ def mamba3_step(
     `state` (a layer's step follows its in_proj): a chained CuTe step then loads the state
     before waiting for that kernel. Two steps of one state back to back must not promise it."""
     chosen = decode_backend(token, state, backend)
+    state.empty = False
     if chosen == "torch":
         out, new_state = mamba3_reference_step(token, weights, options, state)
         state.copy_(new_state)

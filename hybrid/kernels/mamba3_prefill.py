@@ -90,7 +90,7 @@ def mamba3_prefill(
     of one split projection, named as the `Mamba3Inputs` fields) the backward kernels write
     the inputs' gradients into its buffer. update_state=True writes the final state into
     `state` (a decode cache) in place and returns it. Without autograd the cache goes in
-    and out through one kernel each (`state_handoff`).
+    and out through one kernel each (`state_handoff`); a state marked `empty` is not read.
     """
     from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
@@ -112,8 +112,9 @@ def mamba3_prefill(
         return t.reshape(batch * length, *t.shape[2:])
 
     x, z, b, c, dt, a_raw, trap, angle = (tokens(t) for t in inputs)
+    initial = None if state is None or state.empty else state
     log_alpha, scale, gamma, beta_free, phi = mamba3_coefficients(
-        dt, a_raw, trap, angle, weights.dt_bias, state.angle if state is not None else None,
+        dt, a_raw, trap, angle, weights.dt_bias, initial.angle if initial is not None else None,
         table, options, grads,
     )  # fmt: skip
     k, q = rotated_bc(
@@ -126,13 +127,13 @@ def mamba3_prefill(
         state is None or all(t.is_contiguous() for t in state.tensors())
     )
     init = None
-    if state is not None:
+    if initial is not None:
         # the state carried into each sequence's first token: H_{-1} + β'_0 u_{-1}
         if fused:
-            init = scan_initial_state(state, weights.mimo_x, beta_free, table)
+            init = scan_initial_state(initial, weights.mimo_x, beta_free, table)
         else:
             first = table.seq_starts[:-1].long()
-            init = state.full_ssm(weights.mimo_x, beta_free[first]).float()
+            init = initial.full_ssm(weights.mimo_x, beta_free[first]).float()
 
     y, final = mamba3_core(
         q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d, grads
@@ -144,6 +145,7 @@ def mamba3_prefill(
         return out, None
     if update_state and fused:
         write_final_state(state, final, phi, k, x, gamma, weights.mimo_x, table)
+        state.empty = False
         return out, state
     state_dtype = state.ssm.dtype if state is not None else compute_dtype(kdt)
     wide = torch.promote_types(state_dtype, torch.float32)

@@ -93,7 +93,7 @@ def mamba3_scan(
     gathering. `grads`, where the inputs are the pieces of one split projection, is its
     gradient buffer: the Triton backward writes the inputs' gradients into it.
     update_state=True writes the final state into `state` (a decode cache: graphs captured
-    on it stay valid) in place and returns it.
+    on it stay valid) in place and returns it. A state marked `empty` is not read.
     """
     check_update_state(state, final_state, update_state)
     chosen = scan_backend(inputs, chunk_size, backend)
@@ -103,14 +103,15 @@ def mamba3_scan(
                 inputs, weights, options, state, chunk_size, cu_seqlens, final_state, grads,
                 update_state,
             )  # fmt: skip
+    initial = None if state is None or state.empty else state
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
         out, final = run_per_sequence(
             lambda piece, row: mamba3_chunked(piece, weights, options, row, chunk_size),
-            inputs, state, bounds,
+            inputs, initial, bounds,
         )  # fmt: skip
     else:
-        out, final = mamba3_chunked(inputs, weights, options, state, chunk_size)
+        out, final = mamba3_chunked(inputs, weights, options, initial, chunk_size)
     if update_state:
         state.copy_(final)
         return out, state

@@ -293,12 +293,14 @@ def _rounds(
 def _empty_positions(cache: InferenceCache) -> None:
     """Count `cache` as holding no tokens again, on the host only (no kernel enters a timed
     graph): a prefill writes its keys and values at host offsets, so each replay of its graph
-    rewrites the same positions; Mamba-3 layers start from the state left by the previous
-    replay, which changes values, not which kernels run."""
+    rewrites the same positions; Mamba-3 states are marked empty, so the prefill runs as one
+    into a fresh cache does (their contents, left by the previous replay, are not read)."""
     cache.seqlen = 0
     for layer in cache.layers:
         if isinstance(layer, KVCache):
             layer.length = 0
+        elif layer is not None:
+            layer.empty = True
 
 
 def _prefill_in_pieces(model: HybridLM, tokens: torch.Tensor, max_seqlen: int) -> Any:

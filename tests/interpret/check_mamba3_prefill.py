@@ -202,8 +202,17 @@ def main() -> int:
                 cache = Mamba3State(*(torch.stack([t, t], -1)[..., 0] for t in cache.tensors()))
             fused, updated = mamba3_prefill(ins, ws, options, cache, chunk_size=chunk,
                                             cu_seqlens=bounds, update_state=True)  # fmt: skip
+            # a cache marked empty is not read: its random contents act as no state at all
+            fresh_out, fresh = mamba3_prefill(ins, ws, options, None, chunk_size=chunk,
+                                              cu_seqlens=bounds)  # fmt: skip
+            stale = Mamba3State(*(t.clone() for t in cache.tensors()), empty=True)
+            empty_out, _ = mamba3_prefill(ins, ws, options, stale, chunk_size=chunk,
+                                          cu_seqlens=bounds, update_state=True)  # fmt: skip
         handoff = max(rel_err(fused, out), *map(rel_err, cache.tensors(), final.tensors()))
         worst = max(worst, handoff if updated is cache else float("inf"))
+        from_empty = max(rel_err(empty_out, fresh_out),
+                         *map(rel_err, stale.tensors(), fresh.tensors()))  # fmt: skip
+        worst = max(worst, from_empty if not stale.empty else float("inf"))
         if case == 0:  # training's call: the same output, no final state gathered
             again, none = mamba3_prefill(ins, ws, options, st, chunk_size=chunk, final_state=False)
             same = none is None and torch.equal(again, out)
@@ -237,6 +246,7 @@ def main() -> int:
             f"sums {'chunk-parallel' if case % 2 else 'one program a sequence'} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
             f"lengths={lengths or [total] * batch}: cache in place {handoff:.1e}, "
+            f"empty cache {from_empty:.1e}, "
             f"out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
             f"{errors[name_worst]:.1e}"
