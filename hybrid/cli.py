@@ -184,7 +184,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             f"--{f.name.replace('_', '-')}",
             type=kind,
             default=f.default,
-            help=f"train.{f.name} (default {f.default})",
+            help=f"train.{f.name} (default {'auto' if kind is _switch else f.default})",
         )
 
 
@@ -288,7 +288,10 @@ def _gpu_ids(text: str | None) -> list[int] | None:
         return None
     if text == "all":
         return list(range(torch.cuda.device_count()))
-    return [int(g) for g in text.split(",")]
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus {text!r} is invalid; allowed: 'all' or ids like 0,1") from None
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
@@ -539,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="pull trials of an existing study until it is done")
     worker.add_argument("space", help="search-space YAML")
     worker.add_argument("--storage", required=True, help="journal:PATH or postgresql://...")
-    worker.add_argument("--tracking-uri", default=None)
+    worker.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri)"
+    )
     worker.add_argument(
         "--trials",
         type=int,
@@ -547,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="completed trials the study should reach (default: n_trials)",
     )
     worker.add_argument("--gpu", type=int, default=None, help="pin to this GPU")
-    worker.add_argument("--device", default=None)
+    worker.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if any)")
     worker.add_argument("--quiet", action="store_true", help="no progress bar")
     worker.set_defaults(run=_cmd_worker)
 
@@ -569,8 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="the MLflow UI on a study's store, on 127.0.0.1")
     ui.add_argument("space", nargs="?", help="search-space YAML (finds its store and study)")
-    ui.add_argument("--tracking-uri", default=None)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri)"
+    )
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
     ui.set_defaults(run=_cmd_ui)
 
     bench = sub.add_parser("bench", help="latency and memory without training")
@@ -626,6 +633,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"hybrid: error: {error}", file=sys.stderr)
         return 3
+    except RuntimeError as error:
+        from hybrid.search.worker import TooManyFailures  # the search modules load lazily
+
+        if not isinstance(error, TooManyFailures):
+            raise
+        print(f"hybrid: error: {error}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("hybrid: interrupted (a search resumes where it stopped when run again)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

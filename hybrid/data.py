@@ -143,6 +143,9 @@ def _local_texts(path: Path, text_field: str) -> list[str]:
             f"format among {sorted(LOCAL_FORMATS)}"
         )
     builder = formats.pop()
+    files = [f for f in files if f.stat().st_size > 0]  # `datasets` cannot read an empty file
+    if not files:
+        return []
     if builder == "text":
         # several files: one document per file; a single file: one per blank-line paragraph
         sample_by = "document" if len(files) > 1 else "paragraph"

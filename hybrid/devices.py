@@ -15,8 +15,27 @@ T = TypeVar("T")
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The named device, or CUDA when there is one, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The named device (checked: a CPU or a visible CUDA device), or CUDA when there is
+    one, else the CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "cpu, cuda, cuda:N"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is invalid; allowed: {allowed}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is invalid; allowed: {allowed}")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is visible; allowed: cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device={device!r}: only {count} CUDA device(s) are visible; allowed: "
+                f"cpu, cuda, cuda:0..cuda:{count - 1}"
+            )
+    return resolved
 
 
 def visible_devices_for(gpu: int) -> str:

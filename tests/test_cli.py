@@ -87,6 +87,61 @@ def test_bad_values_exit_2_with_the_reason(capsys):
     assert "'maybe' is not one of true, false, auto" in capsys.readouterr().err
 
 
+def test_bad_devices_gpus_and_corpora_exit_2_with_the_reason(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only host
+    train = ["train", "--pattern", "M-", "--d-model", "64", "--steps", "1", "--corpus", "austen"]
+    assert main([*train, "--device", "cuda"]) == 2
+    assert "device='cuda': no CUDA device is visible; allowed: cpu" in capsys.readouterr().err
+    assert main([*train, "--device", "tpu"]) == 2
+    assert "device='tpu' is invalid; allowed: cpu, cuda, cuda:N" in capsys.readouterr().err
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    assert main(["search", str(quickstart), "--gpus", "x"]) == 2
+    assert "--gpus 'x' is invalid" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["data", "--corpus", str(tmp_path / "empty.txt")]) == 2
+    assert "has no non-empty documents" in capsys.readouterr().err
+
+
+def test_a_search_refuses_a_seq_len_longer_than_a_split_before_training(tmp_path, capsys):
+    from test_search_space import _set, _text
+
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)
+    text = _text(_set("data", {"corpus": str(tmp_path), "seq_len": 300, "val_fraction": 0.25}))
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    assert main(["search", str(space), "--storage", f"journal:{tmp_path / 's.log'}"]) == 2
+    assert "data.seq_len=300 is longer than the validation split" in capsys.readouterr().err
+    assert not (tmp_path / "s.log").exists()
+
+
+def test_a_search_whose_trials_keep_failing_exits_4(tmp_path, capsys, monkeypatch):
+    from test_search_space import _set, _text
+
+    import hybrid.search.worker as worker
+
+    class Failing:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, trial):
+            trial.set_user_attr("fail_reason", "ValueError: broken recipe")
+            raise ValueError("broken recipe")
+
+    monkeypatch.setattr(worker, "TrialRunner", Failing)
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)
+    spec = {"corpus": str(tmp_path), "seq_len": 32, "val_fraction": 0.25}
+    space = tmp_path / "space.yaml"
+    space.write_text(_text(_set("data", spec)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(space), "--storage", f"journal:{tmp_path / 's.log'}"]) == 4
+    err = capsys.readouterr().err
+    assert "stopped after 8 failed trials in this worker (the last: ValueError: broken" in err
+
+
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)
@@ -137,6 +192,8 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
 
     made_current = []
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert _device("cuda:1") == torch.device("cuda:1")
     assert _device("cpu") == torch.device("cpu")
     assert made_current == [torch.device("cuda:1")]

@@ -96,6 +96,22 @@ def _children(folder: Path, study: optuna.Study) -> list:
     )
 
 
+def _inside_a_trial(worker: subprocess.Popen, name: str, storage) -> optuna.trial.FrozenTrial:
+    """Wait until `worker` is inside a trial of study `name` (its MLflow child exists) and a
+    second into it; return that trial."""
+    deadline = time.time() + 120
+    while True:
+        running = optuna.load_study(study_name=name, storage=storage).get_trials(
+            states=(TrialState.RUNNING,)
+        )
+        if running and "mlflow_run_id" in running[0].user_attrs:
+            break
+        assert time.time() < deadline and worker.poll() is None, worker.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return running[0]
+
+
 def _unique_postgres_url(name: str) -> str:
     """One study name per test run, so reruns on a kept database never collide."""
     return POSTGRES, f"{name}-{os.getpid()}-{int(time.time())}"
@@ -150,19 +166,9 @@ def test_a_killed_worker_trial_is_rerun_with_the_same_parameters(tmp_path, store
 
         load = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
     victim = _hybrid("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
-    deadline = time.time() + 120
-    while True:  # wait until it is inside a trial (its MLflow child exists), then kill it
-        running = optuna.load_study(study_name=name, storage=load).get_trials(
-            states=(TrialState.RUNNING,)
-        )
-        if running and "mlflow_run_id" in running[0].user_attrs:
-            break
-        assert time.time() < deadline and victim.poll() is None, victim.stdout.read()
-        time.sleep(0.2)
-    time.sleep(1.0)
+    killed = _inside_a_trial(victim, name, load)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    killed = running[0]
 
     _run("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
     study = optuna.load_study(study_name=name, storage=load)
@@ -195,6 +201,31 @@ def test_a_killed_worker_trial_is_rerun_with_the_same_parameters(tmp_path, store
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert seen == str(sorted((t.number, t.state.name) for t in study.trials))
+
+
+def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path):
+    """Ctrl-C mid-trial: one line and exit 130, no traceback; the trial fails and its
+    parameters wait to be run again, as after a crash."""
+    storage, name = f"journal:{tmp_path / 'study.log'}", "interrupted"
+    path = _space(tmp_path, name, steps=400, n_trials=3)
+    _run("search", str(path), "--storage", storage, "--init", cwd=tmp_path)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    load = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+    worker = _hybrid("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
+    running = _inside_a_trial(worker, name, load)
+    os.killpg(worker.pid, signal.SIGINT)
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 130 and "hybrid: interrupted" in out, out
+    assert "Traceback" not in out, out
+    study = optuna.load_study(study_name=name, storage=load)
+    stopped = study.trials[running.number]
+    assert stopped.state == TrialState.FAIL
+    assert stopped.user_attrs["fail_reason"].startswith("KeyboardInterrupt")
+    waiting = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped.number]
+    assert len(waiting) == 1 and waiting[0].state == TrialState.WAITING
+    assert waiting[0].system_attrs["fixed_params"] == stopped.params  # set when it runs
 
 
 def test_sqlite_is_refused_for_several_workers(tmp_path):

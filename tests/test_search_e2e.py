@@ -222,6 +222,19 @@ def test_rerun_resumes_without_repeating(searched):
     )
 
 
+def test_a_study_refuses_an_edited_recipe(searched, tmp_path):
+    _, outcome, path = searched
+    spec = yaml.safe_load(path.read_text())
+    spec["train"]["steps"] = 24
+    spec["search"]["n_trials"] = 9  # more trials alone would resume
+    edited = tmp_path / "space.yaml"
+    edited.write_text(yaml.safe_dump(spec, sort_keys=False))
+    count = len(outcome.study.trials)
+    with pytest.raises(ValueError, match=r"train\.steps: 12 in the study, 24 in the file"):
+        run_search(load_space(edited), device="cpu", progress=False)
+    assert len(optuna.load_study(study_name="tiny", storage=outcome.study._storage).trials) == count
+
+
 def test_export_writes_the_front_as_configs_whose_command_retrains_the_trial(
     searched, tmp_path, capsys
 ):

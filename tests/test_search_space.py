@@ -98,6 +98,7 @@ BAD = [
         _set("search.seed_designs", ["transformer"]),
         "search.seed_designs[0]: 'transformer': needs 4 attention mixer(s) of 4",
     ),
+    (_set("model.n_mixers", 0), "model: model.n_mixers=0 is invalid; allowed: an integer >= 1"),
     (_set("search.sampler", "cmaes"), "search.sampler: Input should be 'tpe'"),
     (_set("train.steps", None), "train: train.tokens/steps/seconds=None is invalid"),
     (_set("model.mamba3.mimo_rank", {"lo": 1}), "model.mamba3.mimo_rank.low: Field required"),
@@ -221,6 +222,8 @@ def test_seed_designs_map_to_points():
     assert space.plan(space.seed_params("M-M-*-M-")).pattern == "M-M-*-M-"
     with pytest.raises(ValueError, match="not a point of this space"):
         space.seed_params("M-*-M-M-")
+    searched = parse_space(_text(_set("model.n_mixers", {"choices": [4, 6]})))
+    assert searched.plan(searched.seed_params("mamba3")).pattern == "M-M-M-M-"
 
 
 def test_the_exported_train_command_parses_back_to_the_same_settings():

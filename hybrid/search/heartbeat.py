@@ -52,8 +52,17 @@ class Heartbeat:
         self._thread.join()
 
 
-def retries_of(trial: FrozenTrial) -> int:
+def retries_of(trial: FrozenTrial | optuna.Trial) -> int:
     return int(trial.user_attrs.get("retries", 0))
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Enqueue a failed trial's parameters again, at most MAX_RETRIES times a lineage."""
+    if retries_of(trial) < MAX_RETRIES:
+        study.enqueue_trial(
+            dict(trial.params),
+            user_attrs={"retry_of": trial.number, "retries": retries_of(trial) + 1},
+        )
 
 
 def fail_stale_trials(
@@ -77,11 +86,7 @@ def fail_stale_trials(
         except Exception:  # another worker failed it first
             continue
         failed.append(trial.number)
-        if retries_of(trial) < MAX_RETRIES:
-            study.enqueue_trial(
-                dict(trial.params),
-                user_attrs={"retry_of": trial.number, "retries": retries_of(trial) + 1},
-            )
+        requeue(study, trial)
         if on_failed is not None:
             on_failed(trial)
     return failed

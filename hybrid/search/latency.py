@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+import hybrid
 from hybrid.cache import InferenceCache, KVCache
 from hybrid.config import ModelConfig
 from hybrid.devices import on_device
@@ -91,9 +92,14 @@ def device_name(device: torch.device) -> str:
 
 
 def package_versions(packages: tuple[str, ...], absent: str | None = None) -> dict[str, str]:
-    """Installed versions of `packages`; missing ones are left out, or given as `absent`."""
+    """Installed versions of `packages`; missing ones are left out, or given as `absent`.
+    hybrid-arch's is the running source's (`hybrid.__version__`): an editable install's
+    metadata keeps the version it was installed at."""
     out = {}
     for package in packages:
+        if package == "hybrid-arch":
+            out[package] = hybrid.__version__
+            continue
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

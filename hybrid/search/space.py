@@ -414,8 +414,11 @@ class SearchSpace:
         if v.get("model.layout.patterns") is not None:
             pattern = v["model.layout.patterns"]
         else:
-            if v["model.n_mixers"] is None:
+            n_mixers = v["model.n_mixers"]
+            if n_mixers is None:
                 raise ValueError("model.n_mixers is required with model.layout.attention_ratio")
+            if n_mixers < 1:
+                raise ValueError(f"model.n_mixers={n_mixers} is invalid; allowed: an integer >= 1")
             pattern = make_pattern(
                 v["model.n_mixers"],
                 v["model.layout.attention_ratio"],
@@ -455,7 +458,9 @@ class SearchSpace:
             if ratio_dim is None:
                 raise ValueError("needs model.layout.attention_ratio to be a search dimension")
             target = SEED_DESIGNS[design]
-            n_mixers = base.get("model.n_mixers", self.fixed["model.n_mixers"])
+            n_mixers = (
+                base["model.n_mixers"] if "model.n_mixers" in base else self.fixed["model.n_mixers"]
+            )
             n_attn = round(target * n_mixers)
             candidates = [target] if ratio_dim.contains(target) else ratio_dim.grid(limit=10**6)
             ratios = [r for r in candidates if round(r * n_mixers) == n_attn]

@@ -33,6 +33,8 @@ from hybrid.token_cache import prepare_data
 STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
 LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms", "peak_memory_bytes")
 FIGURE_INTERVAL_S = 10.0  # the Pareto figures are redrawn at most this often per worker
+# what a trial's results depend on: a study resumes only with these sections unchanged
+RECIPE_SECTIONS = ("model", "data", "train", "objectives", "constraints")
 
 
 def default_storage(space: SearchSpace) -> str:
@@ -215,8 +217,35 @@ class FrontUpdater:
                 self.tagged[run_id] = label
 
 
+def _leaf_values(value: Any, path: str = "") -> dict[str, Any]:
+    """{dotted path: value} of every leaf of nested dicts and lists."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {path: value}
+    out: dict[str, Any] = {}
+    for key, child in items:
+        out |= _leaf_values(child, f"{path}.{key}" if path else str(key))
+    return out
+
+
+def _recipe(space: SearchSpace) -> dict[str, Any]:
+    """The file's RECIPE_SECTIONS as JSON values (a study's user attribute)."""
+    sections = {name: getattr(space.spec, name) for name in RECIPE_SECTIONS}
+    return {
+        name: [o.model_dump(mode="json") for o in value]
+        if isinstance(value, list)
+        else value.model_dump(mode="json")
+        for name, value in sections.items()
+    }
+
+
 def _check_resume(study: optuna.Study, space: SearchSpace, device: torch.device) -> None:
-    """Refuse to continue a study with other objectives, or latencies from another device."""
+    """Refuse to continue a study with other objectives, another model space, data, training
+    recipe or constraints (its trials would share a front with the old ones), or latencies
+    from another device."""
     saved = study.user_attrs.get("metrics")
     if saved is not None and saved != space.metric_names:
         raise ValueError(
@@ -225,6 +254,20 @@ def _check_resume(study: optuna.Study, space: SearchSpace, device: torch.device)
         )
     if saved is None:
         study.set_user_attr("metrics", space.metric_names)
+    recipe, recorded = _recipe(space), study.user_attrs.get("recipe")
+    if recorded is not None and recorded != recipe:
+        old, new = _leaf_values(recorded), _leaf_values(recipe)
+        changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        shown = "; ".join(f"{k}: {old.get(k)!r} in the study, {new.get(k)!r} in the file"
+                          for k in changed[:4])  # fmt: skip
+        more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise ValueError(
+            f"study {study.study_name!r} was run with another recipe: {shown}{more}. Its "
+            "trials would share a front with these: restore those values or use another "
+            "search.study_name"
+        )
+    if recorded is None:
+        study.set_user_attr("recipe", recipe)
     if any(m in LATENCY_METRICS for m in space.metric_names):
         here, recorded = device_name(device), study.user_attrs.get("latency_device")
         if recorded is not None and recorded != here:
@@ -246,8 +289,17 @@ class SearchOutcome:
 
 
 def load_data(space: SearchSpace) -> Any:
-    """The corpus' token arrays (prepared before any trial, so a bad corpus fails first)."""
-    return prepare_data(CorpusSpec.from_settings(space.spec.data), space.spec.data.tokenizer)
+    """The corpus' token arrays (prepared before any trial, so a bad corpus, or a seq_len
+    longer than one of its splits, fails first)."""
+    spec = space.spec.data
+    data = prepare_data(CorpusSpec.from_settings(spec), spec.tokenizer)
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= spec.seq_len:
+            raise ValueError(
+                f"data.seq_len={spec.seq_len} is longer than the {split} split of "
+                f"{spec.corpus!r} ({len(tokens)} tokens); allowed: data.seq_len < {len(tokens)}"
+            )
+    return data
 
 
 def study_name_of(space: SearchSpace) -> str:
@@ -334,7 +386,7 @@ def run_search(
 ) -> SearchOutcome:
     """Run (or resume) the study in this process until it has `n_trials` completed trials
     or times out."""
-    from hybrid.search.worker import work
+    from hybrid.search.worker import TooManyFailures, work
 
     device = resolve_device(device)
     data = load_data(space)
@@ -354,6 +406,9 @@ def run_search(
             progress=progress,
         )
         status = "FINISHED"
+    except TooManyFailures:
+        status = "FAILED"
+        raise
     finally:
         tracker.finish_study(status)
     return SearchOutcome(

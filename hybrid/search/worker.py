@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from hybrid.devices import visible_devices_for
-from hybrid.search.heartbeat import Heartbeat, fail_stale_trials
+from hybrid.search.heartbeat import Heartbeat, fail_stale_trials, requeue
 from hybrid.search.objectives import TrialRunner
 from hybrid.search.space import SearchSpace
 from hybrid.search.study import Front, FrontUpdater, initialise_study, open_storage
@@ -93,6 +93,10 @@ def _give_back(study: optuna.Study, trial: optuna.Trial) -> None:
     study.tell(trial, state=TrialState.PRUNED)
 
 
+class TooManyFailures(RuntimeError):
+    """A worker stopped because its trials kept failing (a bad recipe, not bad luck)."""
+
+
 def work(
     space: SearchSpace,
     study: optuna.Study,
@@ -105,7 +109,8 @@ def work(
     progress: bool = True,
 ) -> int:
     """Run trials until the study holds `target` completed ones (or the timeout passes);
-    returns how many trials this worker ran."""
+    returns how many trials this worker ran. Raises TooManyFailures (after updating the
+    front) when max(5, 2·target) of its trials failed."""
     search = space.spec.search
     done, _ = _counts(study)
     bar = tqdm(
@@ -115,15 +120,17 @@ def work(
         disable=not progress,
         dynamic_ncols=True,
     )
-    failures, ran, started = 0, 0, time.time()
+    failures, ran, started, last_reason = 0, 0, time.time(), ""
+    max_failures = max(5, 2 * (target or 10))
 
     def report(trial: FrozenTrial, front: Front) -> None:
-        nonlocal failures
+        nonlocal failures, last_reason
         if trial.state == TrialState.COMPLETE:
             bar.update(1)
         else:
             failures += 1
-            tqdm.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason')}")
+            last_reason = trial.user_attrs.get("fail_reason")
+            tqdm.write(f"trial {trial.number} failed: {last_reason}")
         bar.set_postfix(front=len(front.pareto), hv=f"{front.hypervolume:.4g}", refresh=False)
 
     def child_failed(trial: FrozenTrial) -> None:
@@ -147,7 +154,7 @@ def work(
         while True:
             fail_stale_trials(study, search.grace_period, on_failed=child_failed)
             done, running = _counts(study)
-            if (target and done >= target) or failures >= max(5, 2 * (target or 10)):
+            if (target and done >= target) or failures >= max_failures:
                 break
             if search.timeout and time.time() - started > search.timeout:
                 break
@@ -166,6 +173,7 @@ def work(
                 study.tell(trial, state=TrialState.FAIL)
             except BaseException:  # Ctrl-C / SIGTERM: close the trial, then stop
                 study.tell(trial, state=TrialState.FAIL)
+                requeue(study, trial)  # a resumed search runs it again, as after a crash
                 raise
             else:
                 study.tell(trial, values)
@@ -176,6 +184,11 @@ def work(
     finally:
         gc.unfreeze()  # frozen objects outliving the interpreter's teardown upset nanobind
         bar.close()
+    if failures >= max_failures:
+        raise TooManyFailures(
+            f"stopped after {failures} failed trials in this worker (the last: {last_reason}); "
+            "every trial's fail_reason is in the study and in its MLflow run"
+        )
     return ran
 
 
