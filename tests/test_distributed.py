@@ -228,6 +228,24 @@ def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path):
     assert waiting[0].system_attrs["fixed_params"] == stopped.params  # set when it runs
 
 
+def test_a_restarted_search_says_it_waits_for_its_dead_trial(tmp_path, capsys):
+    """A trial left running by a crashed process holds the last slot: the restarted search
+    says it waits, then fails it after the grace period and finishes."""
+    from hybrid.search.space import load_space
+    from hybrid.search.study import open_storage, run_search
+
+    space = load_space(_space(tmp_path, "restarted", steps=2, n_trials=1))
+    storage = f"journal:{tmp_path / 'study.log'}"
+    dead = optuna.create_study(
+        storage=open_storage(storage), study_name="restarted", directions=space.directions
+    )
+    dead.ask()  # running, and nobody beats its heartbeat
+    outcome = run_search(space, storage=storage, device="cpu", progress=False)
+    assert "waiting for 1 trial(s) running elsewhere" in capsys.readouterr().out
+    states = [t.state for t in outcome.study.trials]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 1
+
+
 def test_sqlite_is_refused_for_several_workers(tmp_path):
     path = _space(tmp_path, "lite", steps=5, n_trials=2)
     process = _hybrid(

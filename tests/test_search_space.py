@@ -61,7 +61,10 @@ def _set(path: str, value):
 
 
 BAD = [
-    (_set("model.mamba3.d_stat", 8), "model.mamba3.d_stat: Extra inputs are not permitted"),
+    (
+        _set("model.mamba3.d_stat", 8),
+        "model.mamba3.d_stat: Extra inputs are not permitted (got 8); allowed keys: d_state, ",
+    ),
     (_set("train.learning_rate", 1.0), "train.learning_rate: Extra inputs are not permitted"),
     (_set("model.attention.n_heads", "four"), "model.attention.n_heads: Input should be a valid"),
     (

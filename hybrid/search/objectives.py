@@ -18,6 +18,7 @@ from dataclasses import asdict
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
 
 from hybrid.model import HybridLM
 from hybrid.search.heartbeat import fail_stale_trials
@@ -174,6 +175,12 @@ class TrialRunner:
             else:
                 out[o.metric], out[f"{o.metric}_iqr"] = m.median_ms, m.iqr_ms
                 out[f"{o.metric}_spread"] = m.spread
+                if m.spread > o.max_spread:  # kept (the rounds ran out), but said
+                    tqdm.write(
+                        f"trial {trial.number}: {o.metric} spread {m.spread:.1%} stayed above "
+                        f"max_spread {o.max_spread:.1%} over {m.rounds} rounds (is the device "
+                        f"busy?); recorded as measured, with {o.metric}_spread"
+                    )
             trial.set_user_attr(f"{o.metric}_record", asdict(m))
         return out
 

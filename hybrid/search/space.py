@@ -595,6 +595,35 @@ def _matched_mlp_hidden(
     return width - shrink
 
 
+def _section_keys(loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys the section holding `loc`'s last item allows (None if not a section)."""
+    model: Any = SpaceFile
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item) if isinstance(model, type) else None
+        if field is None:
+            return None
+        inner = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        sections = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+    return list(model.model_fields)
+
+
+def _describe(error: Any) -> str:
+    """One problem line from a pydantic error: a missing key without the whole section it is
+    missing from, an unknown key with the keys its section allows."""
+    where = _format_loc(error["loc"])
+    if error["type"] == "missing":
+        return f"{where}: {error['msg']}"
+    line = f"{where}: {error['msg']} (got {error.get('input')!r})"
+    if error["type"] == "extra_forbidden" and (keys := _section_keys(error["loc"])):
+        line += f"; allowed keys: {', '.join(keys)}"
+    return line
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     """pydantic's error location as a YAML path, without the union tags it inserts after
     every dimension field (`mimo_rank.choices.choices` -> `mimo_rank.choices`)."""
@@ -659,12 +688,7 @@ def parse_space(text: str, origin: str = "<string>") -> SearchSpace:
     try:
         spec = SpaceFile.model_validate(raw)
     except ValidationError as error:
-        raise SpaceError(
-            [
-                f"{_format_loc(e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-                for e in error.errors()
-            ]
-        ) from None
+        raise SpaceError([_describe(e) for e in error.errors()]) from None
     problems = _pattern_problems(spec)
     if problems:
         raise SpaceError(problems)

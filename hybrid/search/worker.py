@@ -120,7 +120,7 @@ def work(
         disable=not progress,
         dynamic_ncols=True,
     )
-    failures, ran, started, last_reason = 0, 0, time.time(), ""
+    failures, ran, started, last_reason, said_waiting = 0, 0, time.time(), "", False
     max_failures = max(5, 2 * (target or 10))
 
     def report(trial: FrozenTrial, front: Front) -> None:
@@ -159,8 +159,16 @@ def work(
             if search.timeout and time.time() - started > search.timeout:
                 break
             if target and done + running >= target:
+                if not said_waiting:
+                    tqdm.write(
+                        f"waiting for {running} trial(s) running elsewhere (one whose worker "
+                        f"died fails, and runs again, after {search.grace_period:g} s without "
+                        "a heartbeat: search.grace_period)"
+                    )
+                    said_waiting = True
                 time.sleep(POLL_SECONDS)  # the others may still fail: wait, then look again
                 continue
+            said_waiting = False
             trial = study.ask()
             if target and _surplus(study, trial, target):
                 _give_back(study, trial)
