@@ -11,12 +11,20 @@ import torch
 from hybrid.devices import on_device, on_input_device, resolve_device, visible_devices_for
 
 
-def test_the_default_device_is_cuda_when_there_is_one(monkeypatch):
-    assert resolve_device("cuda:1") == torch.device("cuda:1")
+def test_the_default_device_is_cuda_when_there_is_one_and_a_named_one_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'cuda:1': no CUDA device is visible; allowed: cpu"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="'gpu' is invalid; allowed: cpu, cuda, cuda:N"):
+        resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device(None) == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"allowed: cpu, cuda, cuda:0\.\.cuda:1"):
+        resolve_device("cuda:2")
 
 
 @pytest.fixture
