@@ -280,7 +280,7 @@ def _print_trials(rows: list[dict[str, Any]], metrics: list[str]) -> None:
     ]
     widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(header)]
     for row in [header, *table]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _gpu_ids(text: str | None) -> list[int] | None:

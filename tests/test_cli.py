@@ -142,6 +142,14 @@ def test_a_search_whose_trials_keep_failing_exits_4(tmp_path, capsys, monkeypatc
     assert "stopped after 8 failed trials in this worker (the last: ValueError: broken" in err
 
 
+def test_a_missing_study_is_named_and_its_store_not_created(tmp_path, capsys):
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    for store in (f"journal:{tmp_path / 'nope.log'}", f"sqlite:///{tmp_path / 'nope.db'}"):
+        assert main(["export", str(quickstart), "--storage", store]) == 2
+        assert f"study 'quickstart' does not exist in {store}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)

@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -340,16 +341,19 @@ def load_existing_study(
     remedy: str,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """The study of `space` in `storage`, or ValueError saying there is none and `remedy`."""
+    """The study of `space` in `storage`, or ValueError saying there is none and `remedy`
+    (a local journal or SQLite file that does not exist is not created)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    missing = ValueError(f"study {study_name_of(space)!r} does not exist in {storage}: {remedy}")
+    for scheme in ("journal:", "sqlite:///"):
+        if storage.startswith(scheme) and not Path(storage.removeprefix(scheme)).exists():
+            raise missing
     try:
         return optuna.load_study(
             study_name=study_name_of(space), storage=open_storage(storage), sampler=sampler
         )
     except KeyError:
-        raise ValueError(
-            f"study {study_name_of(space)!r} does not exist in {storage}: {remedy}"
-        ) from None
+        raise missing from None
 
 
 def join_study(

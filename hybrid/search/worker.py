@@ -117,7 +117,7 @@ def work(
         total=max(0, target - done) if target else None,
         desc=f"search {study.study_name}",
         unit="trial",
-        disable=not progress,
+        disable=not progress or (target is not None and done >= target),
         dynamic_ncols=True,
     )
     failures, ran, started, last_reason, said_waiting = 0, 0, time.time(), "", False
