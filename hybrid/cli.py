@@ -402,6 +402,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_ui(args: argparse.Namespace) -> None:
     from hybrid.search.space import load_space
+    from hybrid.search.study import study_name_of
     from hybrid.search.tracking import find_parent_run
 
     uri = args.tracking_uri or "sqlite:///mlflow.db"
@@ -409,11 +410,17 @@ def _cmd_ui(args: argparse.Namespace) -> None:
     if args.space:
         space = load_space(args.space)
         uri = args.tracking_uri or space.spec.tracking.uri
-        parent = find_parent_run(uri, space.spec.search.study_name or space.name)
+        parent = find_parent_run(uri, study_name_of(space))
     base = f"http://127.0.0.1:{args.port}"
     if parent is not None:
         experiment_id, run_id = parent
         print(f"study parent run: {base}/#/experiments/{experiment_id}/runs/{run_id}")
+    elif args.space:
+        print(
+            f"no run of study {study_name_of(space)!r} in {uri} yet: run `hybrid search "
+            f"{args.space}` first, or name the store with --tracking-uri",
+            file=sys.stderr,
+        )
     print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
     command = [
         sys.executable,

@@ -172,6 +172,25 @@ def test_an_offline_host_gets_one_line_on_how_to_bring_a_builtin_corpus(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_ui_says_when_the_study_has_no_run_in_the_store(tmp_path, capsys, monkeypatch):
+    import hybrid.cli as cli
+
+    served, real_run = [], cli.subprocess.run
+
+    def run(command, **kwargs):  # the server is not started; other commands run
+        if "server" in command:
+            return served.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(cli.subprocess, "run", run)
+    monkeypatch.chdir(tmp_path)
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    assert main(["ui", str(quickstart)]) == 0
+    captured = capsys.readouterr()
+    assert "no run of study 'quickstart' in sqlite:///mlflow.db yet" in captured.err
+    assert "MLflow UI on http://127.0.0.1:5000" in captured.out and len(served) == 1
+
+
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
     for i in range(4):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)

@@ -209,11 +209,14 @@ class FrontUpdater:
             run_id = t.user_attrs.get("mlflow_run_id")
             if run_id is None or t.state != TrialState.COMPLETE:
                 continue
+            # a reused trial carries its original's rank; only the original is the front's
+            duplicate = "duplicate_of" in t.user_attrs
             rank = ranks.get(t.user_attrs.get("duplicate_of", t.number))
             label = str(rank) if rank is not None else "infeasible"
             if self.tagged.get(run_id) != label:
+                on_front = rank == 0 and not duplicate
                 self.tracker.set_trial_tags(
-                    run_id, {"pareto_rank": label, "is_pareto": str(rank == 0).lower()}
+                    run_id, {"pareto_rank": label, "is_pareto": str(on_front).lower()}
                 )
                 self.tagged[run_id] = label
 
