@@ -40,6 +40,7 @@ INT_POINTERS = {"starts_ptr", "tok0_ptr", "ntok_ptr", "seq_chunk0_ptr", "seq_sta
                 "pos_ptr", "chunk_seq_ptr", "seqlens_ptr", "tok_ptr"}  # fmt: skip
 LOADS_WEIGHTS_FIRST = {"_norm_fwd_kernel"}  # before its PDL wait; the projections: PRELOAD
 PREFILL = {"N": 128, "P": 64, "R": 1, "BT": 64, "BN": 64, "PRECISION": "tf32"}
+UNGATED = {"GATE": False, "GATE_MIMO": False, "HAS_NORM": False}
 GEMV = {"BN": 16, "BK": 512, "GATED": False, "NORMED": False, "HAS_DELTA": False,
         "GATHER": False, "PDL": False, "PRELOAD": False}  # fmt: skip
 GEMV_BF16 = {"x_ptr", "w_ptr", "y_ptr"}
@@ -82,11 +83,19 @@ CASES = [  # (kernel, constexprs, bf16 pointers)
      {"DX": 64, "DY": 128, "R": 4, "BT": 64, "BX": 64, "BY": 128, "REVERSE": True},
      BF16_POINTERS),
     (mamba3_prefill_core._chunk_output_kernel,
-     {**PREFILL, "BP": 64, "HAS_MX": False, "HAS_D": True}, BF16_POINTERS),
-    (mamba3_prefill_core._chunk_output_kernel, {**PREFILL, "R": 2, "BP": 32, "HAS_MX": True,
-                                                "HAS_D": False, "PRECISION": "ieee"}, set()),
+     {**PREFILL, **UNGATED, "BP": 64, "HAS_MX": False, "HAS_D": True}, BF16_POINTERS),
     (mamba3_prefill_core._chunk_output_kernel,
-     {**PREFILL, "R": 4, "BN": 128, "BP": 64, "HAS_MX": True, "HAS_D": True}, BF16_POINTERS),
+     {**PREFILL, **UNGATED, "R": 2, "BP": 32, "HAS_MX": True, "HAS_D": False,
+      "PRECISION": "ieee"}, set()),
+    (mamba3_prefill_core._chunk_output_kernel,
+     {**PREFILL, **UNGATED, "R": 4, "BN": 128, "BP": 64, "HAS_MX": True, "HAS_D": True},
+     BF16_POINTERS),
+    (mamba3_prefill_core._chunk_output_kernel,  # a prefill's: the output gate fused
+     {**PREFILL, "R": 4, "BN": 128, "BP": 64, "HAS_MX": True, "HAS_D": True, "GATE": True,
+      "GATE_MIMO": True, "HAS_NORM": True}, BF16_POINTERS | {"z_ptr", "mz_ptr", "mo_ptr"}),
+    (mamba3_prefill_core._chunk_output_kernel,
+     {**PREFILL, "BP": 64, "HAS_MX": False, "HAS_D": True, "GATE": True, "GATE_MIMO": False,
+      "HAS_NORM": False}, BF16_POINTERS | {"z_ptr"}),
     (mamba3_prefill_core._chunk_grad_kernel,
      {**PREFILL, "BN": mamba3_prefill_core.GRAD_BLOCK_N, "HAS_D": True}, BF16_POINTERS),
     (mamba3_prefill_core._chunk_grad_kernel,
@@ -241,7 +250,7 @@ LARGEST = {"N": 256, "P": 256, "BT": 64, "BN": 64, "PRECISION": "tf32"}
         (mamba3_prefill_core._chunk_grad_kernel,
          {**LARGEST, "BN": mamba3_prefill_core.GRAD_BLOCK_N, "R": 8, "HAS_D": True}),
         (mamba3_prefill_core._chunk_output_kernel,
-         {**LARGEST, "R": 8, "BP": 64, "HAS_MX": True, "HAS_D": True}),
+         {**LARGEST, **UNGATED, "R": 8, "BP": 64, "HAS_MX": True, "HAS_D": True}),
         (mamba3_prefill_core._state_pass_kernel,
          {"DX": 256, "DY": 256, "R": 8, "BT": 64, "BX": 64, "BY": 64, "HAS_INIT": True,
           "REVERSE": True, "HAS_MX": False, "SEGMENTED": True, "PRECISION": "tf32"}),

@@ -53,6 +53,18 @@ def _rank_terms(y_ptr, z, mz_ptr, w, rows, tmask, h, H, r,
 
 
 @triton.jit
+def gate_rows(y, z, mz, mo, w, eps, P: tl.constexpr, HAS_MIMO: tl.constexpr,
+              HAS_NORM: tl.constexpr):  # fmt: skip
+    """[RMSNorm(y)·w] ⊙ silu(mz ⊙ z) ⊙ mo of (rows, P) float32 tiles (mz, mo, w broadcast
+    over the rows; mz and mo unused without HAS_MIMO, w without HAS_NORM)."""
+    if HAS_NORM:
+        y = y * tl.rsqrt(tl.sum(y * y, 1) / P + eps)[:, None] * w
+    zt = z * mz if HAS_MIMO else z
+    gated = y * zt * tl.sigmoid(zt)
+    return gated * mo if HAS_MIMO else gated
+
+
+@triton.jit
 def _token_z(z_ptr, rows, tmask, h, SZ, offs, P: tl.constexpr):
     """Head h of z (float32); SZ is its token stride (a slice of in_proj)."""
     return tl.load(z_ptr + (rows * SZ + h * P)[:, None] + offs[None, :], mask=tmask[:, None],
@@ -74,12 +86,12 @@ def _gate_fwd_kernel(
     w = tl.load(w_ptr + h * P + offs).to(tl.float32) if HAS_NORM else tl.zeros([P], tl.float32)
     acc = tl.zeros([BT, P], dtype=tl.float32)
     for r in tl.static_range(R):
-        _, _, normed, zt, sig = _rank_terms(y_ptr, z, mz_ptr, w, rows, tmask, h, H, r, R, P,
-                                            BT, offs, eps, HAS_MIMO, HAS_NORM)  # fmt: skip
-        gated = normed * zt * sig
-        if HAS_MIMO:
-            gated = gated * tl.load(mo_ptr + (h * R + r) * P + offs).to(tl.float32)[None, :]
-        acc += gated
+        yh = tl.load(y_ptr + ((rows * R + r) * H + h)[:, None] * P + offs[None, :],
+                     mask=tmask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        mz = tl.load(mz_ptr + (h * R + r) * P + offs).to(tl.float32) if HAS_MIMO else w
+        mo = tl.load(mo_ptr + (h * R + r) * P + offs).to(tl.float32) if HAS_MIMO else w
+        acc += gate_rows(yh, z, mz[None, :], mo[None, :], w[None, :], eps, P, HAS_MIMO,
+                         HAS_NORM)  # fmt: skip
     tl.store(out_ptr + io, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
 

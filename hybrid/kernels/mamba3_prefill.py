@@ -7,7 +7,8 @@ sequential across chunks), the per-token coefficients Δ, A, λ and the per-sequ
 (`mamba3_coefficients`, wrapped as they go, so float32 stays exact over any length), the B/C
 RMSNorm, bias and rotation into per-head k and q (`rotated_bc`) and the output stage
 (pre-gate norm, silu gate, MIMO sum: `mamba3_gate`; the D skip is the scan's), each with a
-Triton backward. The MIMO values x̃_r = mimo_x[:, r] ⊙ x are formed inside the scan kernels.
+Triton backward. The MIMO values x̃_r = mimo_x[:, r] ⊙ x are formed inside the scan kernels;
+without autograd (a prefill) the output stage runs inside the scan's output kernel.
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def mamba3_prefill(
     from hybrid.kernels.chunk_table import chunk_table
     from hybrid.kernels.mamba3_coefficients import mamba3_coefficients
     from hybrid.kernels.mamba3_gate import mamba3_gate
-    from hybrid.kernels.mamba3_prefill_core import mamba3_core
+    from hybrid.kernels.mamba3_prefill_core import (
+        MAX_GATED_HEADDIM,
+        OutputGate,
+        mamba3_core,
+        mamba3_core_gated,
+    )
     from hybrid.kernels.rotated_bc import rotated_bc
     from hybrid.kernels.state_handoff import scan_initial_state, write_final_state
 
@@ -135,12 +141,16 @@ def mamba3_prefill(
             first = table.seq_starts[:-1].long()
             init = initial.full_ssm(weights.mimo_x, beta_free[first]).float()
 
-    y, final = mamba3_core(
-        q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d, grads
-    )
-    out = mamba3_gate(
-        y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps, grads
-    ).reshape(batch, length, heads, headdim)
+    core = (q, k, values, log_alpha, scale, gamma, init, table, weights.mimo_x, weights.d)
+    if torch.is_grad_enabled() or headdim > MAX_GATED_HEADDIM:
+        y, final = mamba3_core(*core, grads)
+        out = mamba3_gate(
+            y, z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps, grads
+        )
+    else:  # a prefill: the output stage in the core's output kernel
+        gate = OutputGate(z, weights.mimo_z, weights.mimo_o, weights.out_norm, options.out_norm_eps)
+        out, final = mamba3_core_gated(*core, gate)
+    out = out.reshape(batch, length, heads, headdim)
     if not final_state:
         return out, None
     if update_state and fused:

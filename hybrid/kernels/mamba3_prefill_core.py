@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,6 +41,7 @@ from hybrid.devices import multiprocessors
 from hybrid.kernels.chunk_table import ChunkTable
 from hybrid.kernels.chunked_cumsum import chunked_cumsum
 from hybrid.kernels.launch_args import pointer_or, token_major
+from hybrid.kernels.mamba3_gate import gate_rows
 from hybrid.kernels.mimo_values import mimo_values, mimo_values_grad
 from hybrid.kernels.projection_grads import gradient_output
 from hybrid.kernels.triton_math import dot_precision
@@ -324,7 +326,7 @@ def _state_fixup_kernel(
     tl.store(final_ptr + edge + tile, tl.exp(log_decay) * entering + own, mask=last)
 
 
-@_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX", "HAS_D"])
+@_autotune(["N", "P", "R", "BT", "BN", "BP", "HAS_MX", "HAS_D", "GATE", "GATE_MIMO", "HAS_NORM"])
 @triton.jit
 def _chunk_output_kernel(
     q_ptr,
@@ -339,8 +341,14 @@ def _chunk_output_kernel(
     y_ptr,
     tok0_ptr,
     ntok_ptr,
+    z_ptr,
+    mz_ptr,
+    mo_ptr,
+    w_ptr,
     H,
     SV,
+    SZ,
+    eps,
     N: tl.constexpr,
     P: tl.constexpr,
     R: tl.constexpr,
@@ -349,8 +357,14 @@ def _chunk_output_kernel(
     BP: tl.constexpr,
     HAS_MX: tl.constexpr,
     HAS_D: tl.constexpr,
+    GATE: tl.constexpr,
+    GATE_MIMO: tl.constexpr,
+    HAS_NORM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """y of one (chunk, head, column block); with GATE (BP = P) the output stage instead
+    (`mamba3_gate.gate_rows` of y rounded as stored, the ranks summed): o (T, H, P) into
+    y_ptr, from z (token stride SZ), mimo_z, mimo_o (H, R, P) and the norm weight (H, P)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     op = tl.program_id(2) * BP + tl.arange(0, BP)
@@ -375,11 +389,35 @@ def _chunk_output_kernel(
     y += tl.dot((scores * w).to(v.dtype), v, input_precision=PRECISION)
     if HAS_D:  # after the product: on its diagonal, MIMO's forward was 12% slower (H100)
         y += tl.load(d_ptr + h).to(tl.float32) * v.to(tl.float32)
-    tl.store(
-        y_ptr + rows[:, None] * (H * P) + h * P + op[None, :],
-        y.to(y_ptr.dtype.element_ty),
-        mask=valid[:, None],
-    )
+    if GATE:
+        _store_gated(y.to(v.dtype).to(tl.float32), z_ptr, mz_ptr, mo_ptr, w_ptr, y_ptr, tok0,
+                     ntok, h, H, SZ, op, eps, P, R, BT, GATE_MIMO, HAS_NORM)  # fmt: skip
+    else:
+        tl.store(
+            y_ptr + rows[:, None] * (H * P) + h * P + op[None, :],
+            y.to(y_ptr.dtype.element_ty),
+            mask=valid[:, None],
+        )
+
+
+@triton.jit
+def _store_gated(y, z_ptr, mz_ptr, mo_ptr, w_ptr, o_ptr, tok0, ntok, h, H, SZ, op, eps,
+                 P: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, GATE_MIMO: tl.constexpr,
+                 HAS_NORM: tl.constexpr):  # fmt: skip
+    """o of the chunk's tokens: its rows (token-major, R ranks a token) gated, ranks summed."""
+    t = tl.arange(0, BT // R)
+    ok = t < ntok
+    z = tl.load(z_ptr + ((tok0 + t) * SZ + h * P)[:, None] + op[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)  # fmt: skip
+    z = tl.reshape(tl.broadcast_to(z[:, None, :], [BT // R, R, P]), [BT, P])
+    w = tl.load(w_ptr + h * P + op).to(tl.float32)[None, :] if HAS_NORM else y
+    weights = ((h * R + tl.arange(0, BT) % R) * P)[:, None] + op[None, :]
+    mz = tl.load(mz_ptr + weights).to(tl.float32) if GATE_MIMO else y
+    mo = tl.load(mo_ptr + weights).to(tl.float32) if GATE_MIMO else y
+    gated = gate_rows(y, z, mz, mo, w, eps, P, GATE_MIMO, HAS_NORM)
+    o = tl.sum(tl.reshape(gated, [BT // R, R, P]), 1) if R > 1 else gated
+    tl.store(o_ptr + ((tok0 + t) * H + h)[:, None] * P + op[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=ok[:, None])  # fmt: skip
 
 
 @_autotune(["N", "P", "R", "BT", "BN", "HAS_D"])
@@ -555,24 +593,50 @@ def _state_pass(x, mx, y, a, s, init, table: ChunkTable, rank, chunk_rows, rever
     return states, final
 
 
-def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable):
+class OutputGate(NamedTuple):
+    """The output stage `mamba3_gate` applies, handed to the forward to fuse: z (T, H, P),
+    any token stride; mimo_z, mimo_o (H, R, P) (both or neither); the pre-gate norm's weight
+    (H, P) or None, and its eps."""
+
+    z: Tensor
+    mimo_z: Tensor | None
+    mimo_o: Tensor | None
+    norm_w: Tensor | None
+    eps: float
+
+
+# the fused output stage needs a program's whole rows (the pre-gate norm, the rank sum): at
+# headdim 64 the chunk-output programs hold them anyway (BP = 64)
+MAX_GATED_HEADDIM = 64
+
+
+def scan_forward(q, k, v, mx, a, s, g, d, init, table: ChunkTable, gate: OutputGate | None = None):
     """y (T, R, H, P) in v's dtype, the final states (n_seq, H, P, N) fp32 and the chunks'
     start states (n_chunks, H, P, N) in the input dtype (kept for the backward). v is
-    (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P); d (H,) fp32 or None."""
+    (T, R, H, P), or with mx (H, R, P) the MIMO x (T, H, P); d (H,) fp32 or None. With
+    `gate` (headdim <= MAX_GATED_HEADDIM; inference: nothing keeps y) the first output is the
+    gated o (T, H, P) instead, as `mamba3_gate` would give it: one kernel and one (T, R, H, P)
+    round trip fewer."""
     tokens, rank, heads, d_state = q.shape
     headdim = v.shape[-1]
     chunk_rows = table.chunk_tokens * rank
     states, final = _state_pass(v, mx, k, a, s, init, table, rank, chunk_rows, reverse=False)
-    y = _new_output((tokens, rank, heads, headdim), v)
+    if gate is not None and headdim > MAX_GATED_HEADDIM:
+        raise ValueError(f"a fused output gate needs headdim <= {MAX_GATED_HEADDIM}, not {headdim}")
+    shape = (tokens, heads, headdim) if gate is not None else (tokens, rank, heads, headdim)
+    y = _new_output(shape, v)
     bp = min(headdim, 64)
     # MIMO chunks hold fewer tokens: one pass over N = 128 was faster there (H100, 8 × 2048,
     # R=4: 0.81 against 0.91 ms); SISO was not (0.24 against 0.23 ms), nor was the backward
     bn = min(d_state, 128 if rank > 1 else 64)
     grid = (table.n_chunks, heads, headdim // bp)
+    z, mz, mo, w, eps = gate if gate is not None else (a, None, None, None, 0.0)
     _chunk_output_kernel[grid](
         q, k, v, pointer_or(mx, a), a, s, g, pointer_or(d, a), states, y, table.tok0,
-        table.ntok, heads, v.stride(0), N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn,
-        BP=bp, HAS_MX=mx is not None, HAS_D=d is not None, PRECISION=dot_precision(q.dtype),
+        table.ntok, z, pointer_or(mz, a), pointer_or(mo, a), pointer_or(w, a), heads,
+        v.stride(0), z.stride(0), eps, N=d_state, P=headdim, R=rank, BT=chunk_rows, BN=bn,
+        BP=bp, HAS_MX=mx is not None, HAS_D=d is not None, GATE=gate is not None,
+        GATE_MIMO=mz is not None, HAS_NORM=w is not None, PRECISION=dot_precision(q.dtype),
         enable_fp_fusion=True,
     )  # fmt: skip
     return y, final, states
@@ -643,6 +707,28 @@ class Mamba3CoreFunction(torch.autograd.Function):
         return dq, dk, dv, dmx, da, ds, dg, dd, dinit, None, None
 
 
+def _core_inputs(q, k, v, a, s, g, init, mimo_x, d) -> tuple:
+    """The core's tensors as its kernels index them."""
+    return (
+        q.contiguous(), k.contiguous(), token_major(v),
+        mimo_x.contiguous() if mimo_x is not None else None, a.contiguous(), s.contiguous(),
+        g.contiguous(), d.contiguous() if d is not None else None,
+        init.contiguous() if init is not None else None,
+    )  # fmt: skip
+
+
+def mamba3_core_gated(q, k, v, a, s, g, init, table: ChunkTable, mimo_x, d, gate: OutputGate):
+    """Not differentiable (a prefill): `mamba3_gate(mamba3_core(...))` with the gate fused
+    into the core's output kernel. Returns o (T, H, P) and G_T (n_seq, H, P, N)."""
+    gate = gate._replace(
+        z=token_major(gate.z),
+        **{f: getattr(gate, f).contiguous() for f in ("mimo_z", "mimo_o", "norm_w")
+           if getattr(gate, f) is not None},
+    )  # fmt: skip
+    o, final, _ = scan_forward(*_core_inputs(q, k, v, a, s, g, init, mimo_x, d), table, gate)
+    return o, final
+
+
 def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None, grads=None):
     """Differentiable core. q, k: (T, R, H, N); v: (T, R, H, P), or with `mimo_x` (H, R, P)
     the MIMO x (T, H, P) whose rows x̃_r = mimo_x[:, r] ⊙ x the kernels form (any token
@@ -650,9 +736,4 @@ def mamba3_core(q, k, v, a, s, g, init, table: ChunkTable, mimo_x=None, d=None, 
     or None; `table` cuts the tokens into the scan's chunks; with `grads` (v is its piece
     "x") v's gradient is written into that buffer. Returns y (T, R, H, P) (with D·x̃_r) and
     G_T (n_seq, H, P, N)."""
-    mx = mimo_x.contiguous() if mimo_x is not None else None
-    return Mamba3CoreFunction.apply(
-        q.contiguous(), k.contiguous(), token_major(v), mx, a.contiguous(), s.contiguous(),
-        g.contiguous(), d.contiguous() if d is not None else None,
-        init.contiguous() if init is not None else None, table, grads,
-    )  # fmt: skip
+    return Mamba3CoreFunction.apply(*_core_inputs(q, k, v, a, s, g, init, mimo_x, d), table, grads)

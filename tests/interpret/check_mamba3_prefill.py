@@ -196,7 +196,7 @@ def main() -> int:
         bounds = [0, *itertools.accumulate(lengths)] if lengths else None
         out, final = mamba3_prefill(ins, ws, options, st, chunk_size=chunk, cu_seqlens=bounds,
                                     grads=grads)  # fmt: skip
-        with torch.no_grad():  # a prefill into a decode cache
+        with torch.no_grad():  # a prefill into a decode cache: handoff kernels, fused gate
             cache = Mamba3State(*(t.detach().clone() for t in st.tensors()))
             if case == 4:  # strided cache tensors: the PyTorch handoff, into them in place
                 cache = Mamba3State(*(torch.stack([t, t], -1)[..., 0] for t in cache.tensors()))
@@ -245,7 +245,8 @@ def main() -> int:
             f"state-pass segments<={segments} "
             f"sums {'chunk-parallel' if case % 2 else 'one program a sequence'} "
             f"{'sliced' if case % 2 == 0 else 'contiguous'} inputs "
-            f"lengths={lengths or [total] * batch}: cache in place {handoff:.1e}, "
+            f"lengths={lengths or [total] * batch}: "
+            f"no-grad prefill (cache in place, gate fused) {handoff:.1e}, "
             f"empty cache {from_empty:.1e}, "
             f"out {errors['out']:.1e} "
             f"ssm {errors['ssm']:.1e}, {len(errors) - 4} grads, worst {name_worst} "
