@@ -234,6 +234,10 @@ def test_a_study_refuses_an_edited_recipe(searched, tmp_path):
     with pytest.raises(ValueError, match=r"train\.steps: 12 in the study, 24 in the file"):
         run_search(load_space(edited), device="cpu", progress=False)
     assert len(optuna.load_study(study_name="tiny", storage=outcome.study._storage).trials) == count
+    spec["train"]["steps"], spec["search"]["n_trials"] = 12, 7
+    spec["train"]["cuda_graph"] = False  # how the steps run, not what is trained: resumes
+    edited.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert run_search(load_space(edited), device="cpu", progress=False).trials_run == 0
 
 
 def test_export_writes_the_front_as_configs_whose_command_retrains_the_trial(

@@ -34,8 +34,10 @@ from hybrid.token_cache import prepare_data
 STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
 LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms", "peak_memory_bytes")
 FIGURE_INTERVAL_S = 10.0  # the Pareto figures are redrawn at most this often per worker
-# what a trial's results depend on: a study resumes only with these sections unchanged
+# what a trial's results depend on: a study resumes only with these sections unchanged, but
+# for the train keys that say how the steps run, not what is trained (`TrainConfig.recipe`)
 RECIPE_SECTIONS = ("model", "data", "train", "objectives", "constraints")
+RESUMABLE_TRAIN_KEYS = ("cuda_graph", "deterministic")
 
 
 def default_storage(space: SearchSpace) -> str:
@@ -238,12 +240,15 @@ def _leaf_values(value: Any, path: str = "") -> dict[str, Any]:
 def _recipe(space: SearchSpace) -> dict[str, Any]:
     """The file's RECIPE_SECTIONS as JSON values (a study's user attribute)."""
     sections = {name: getattr(space.spec, name) for name in RECIPE_SECTIONS}
-    return {
+    recipe = {
         name: [o.model_dump(mode="json") for o in value]
         if isinstance(value, list)
         else value.model_dump(mode="json")
         for name, value in sections.items()
     }
+    for key in RESUMABLE_TRAIN_KEYS:
+        del recipe["train"][key]
+    return recipe
 
 
 def _check_resume(study: optuna.Study, space: SearchSpace, device: torch.device) -> None:
