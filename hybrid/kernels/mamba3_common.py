@@ -171,6 +171,11 @@ class Mamba3State:
         return cls(angle=angle, ssm=ssm.to(ssm_dtype), k=k, x=x, gamma=gamma)
 
 
+def prefix_state(state: Mamba3State | None) -> Mamba3State | None:
+    """The state a scan starts from: None where there is none or it is marked `empty`."""
+    return None if state is None or state.empty else state
+
+
 def n_rope_angles(d_state: int, rope_fraction: float) -> int:
     """S = floor_even(N · rope_fraction) / 2 (32 for N=128 at the default 0.5)."""
     rotated = int(d_state * rope_fraction)

@@ -25,6 +25,7 @@ from hybrid.kernels.mamba3_common import (
     Mamba3Weights,
     compute_dtype,
     is_power_of_two,
+    prefix_state,
 )
 from hybrid.kernels.projection_grads import ProjectionGrads
 
@@ -118,7 +119,7 @@ def mamba3_prefill(
         return t.reshape(batch * length, *t.shape[2:])
 
     x, z, b, c, dt, a_raw, trap, angle = (tokens(t) for t in inputs)
-    initial = None if state is None or state.empty else state
+    initial = prefix_state(state)
     log_alpha, scale, gamma, beta_free, phi = mamba3_coefficients(
         dt, a_raw, trap, angle, weights.dt_bias, initial.angle if initial is not None else None,
         table, options, grads,

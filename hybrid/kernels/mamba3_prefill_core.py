@@ -720,11 +720,9 @@ def _core_inputs(q, k, v, a, s, g, init, mimo_x, d) -> tuple:
 def mamba3_core_gated(q, k, v, a, s, g, init, table: ChunkTable, mimo_x, d, gate: OutputGate):
     """Not differentiable (a prefill): `mamba3_gate(mamba3_core(...))` with the gate fused
     into the core's output kernel. Returns o (T, H, P) and G_T (n_seq, H, P, N)."""
-    gate = gate._replace(
-        z=token_major(gate.z),
-        **{f: getattr(gate, f).contiguous() for f in ("mimo_z", "mimo_o", "norm_w")
-           if getattr(gate, f) is not None},
-    )  # fmt: skip
+    z, mimo_z, mimo_o, norm_w, eps = gate
+    weights = (w.contiguous() if w is not None else None for w in (mimo_z, mimo_o, norm_w))
+    gate = OutputGate(token_major(z), *weights, eps)
     o, final, _ = scan_forward(*_core_inputs(q, k, v, a, s, g, init, mimo_x, d), table, gate)
     return o, final
 

@@ -15,7 +15,13 @@ from torch import Tensor
 
 from hybrid.devices import on_device
 from hybrid.kernels.chunked import mamba3_chunked
-from hybrid.kernels.mamba3_common import Mamba3Inputs, Mamba3Options, Mamba3State, Mamba3Weights
+from hybrid.kernels.mamba3_common import (
+    Mamba3Inputs,
+    Mamba3Options,
+    Mamba3State,
+    Mamba3Weights,
+    prefix_state,
+)
 from hybrid.kernels.mamba3_prefill import (
     check_update_state,
     mamba3_prefill,
@@ -103,7 +109,7 @@ def mamba3_scan(
                 inputs, weights, options, state, chunk_size, cu_seqlens, final_state, grads,
                 update_state,
             )  # fmt: skip
-    initial = None if state is None or state.empty else state
+    initial = prefix_state(state)
     if cu_seqlens is not None:
         bounds = sequence_bounds(inputs.x.shape[0], inputs.x.shape[1], cu_seqlens)
         out, final = run_per_sequence(

@@ -420,7 +420,7 @@ class SearchSpace:
             if n_mixers < 1:
                 raise ValueError(f"model.n_mixers={n_mixers} is invalid; allowed: an integer >= 1")
             pattern = make_pattern(
-                v["model.n_mixers"],
+                n_mixers,
                 v["model.layout.attention_ratio"],
                 v["model.layout.placement"],
                 v["model.layout.mlp"],
@@ -458,9 +458,7 @@ class SearchSpace:
             if ratio_dim is None:
                 raise ValueError("needs model.layout.attention_ratio to be a search dimension")
             target = SEED_DESIGNS[design]
-            n_mixers = (
-                base["model.n_mixers"] if "model.n_mixers" in base else self.fixed["model.n_mixers"]
-            )
+            n_mixers = {**self.fixed, **base}["model.n_mixers"]
             n_attn = round(target * n_mixers)
             candidates = [target] if ratio_dim.contains(target) else ratio_dim.grid(limit=10**6)
             ratios = [r for r in candidates if round(r * n_mixers) == n_attn]
