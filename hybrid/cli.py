@@ -11,8 +11,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,15 +292,22 @@ def _gpu_ids(text: str | None) -> list[int] | None:
     if text == "all":
         return list(range(torch.cuda.device_count()))
     try:
-        return [int(g) for g in text.split(",")]
+        ids = [int(g) for g in text.split(",")]
     except ValueError:
         raise ValueError(f"--gpus {text!r} is invalid; allowed: 'all' or ids like 0,1") from None
+    visible = torch.cuda.device_count()
+    if any(not 0 <= g < visible for g in ids):
+        raise ValueError(
+            f"--gpus {text}: {visible} CUDA device(s) visible; allowed: ids below {visible}"
+        )
+    return ids
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from hybrid.search.space import load_space
     from hybrid.search.study import (
         SearchOutcome,
+        check_shared_storage,
         compute_front,
         default_storage,
         initialise_study,
@@ -317,12 +327,14 @@ def _cmd_search(args: argparse.Namespace) -> None:
         # (nothing has touched CUDA yet; "all" counted the devices, and with one there is
         # nothing to pin)
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(gpus[0])
+    tracking = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
     if args.init:
-        study, tracker = initialise_study(space, storage, args.tracking_uri, _device(args.device))
+        check_shared_storage(storage, "its workers")
+        study, tracker = initialise_study(space, storage, args.tracking_uri)
         print(
             f"study {study.study_name!r} ready in {storage}; MLflow parent run "
             f"{tracker.parent_id} in {uri}. Start workers with: "
-            f"hybrid worker {args.space} --storage {storage}"
+            f"hybrid worker {args.space} --storage {storage}{tracking}"
         )
         return
     if workers > 1:
@@ -334,7 +346,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
             storage=storage,
             tracking_uri=args.tracking_uri,
             target=args.trials or space.spec.search.n_trials,
-            device=_device(args.device),
+            device=args.device,
         )
         outcome = SearchOutcome(
             study, compute_front(study, space), study.user_attrs["mlflow_parent_run_id"], "", 0
@@ -348,25 +360,30 @@ def _cmd_search(args: argparse.Namespace) -> None:
             device=_device(args.device),
         )
     _print_front(outcome, space.metric_names)
-    print(
-        f"\nMLflow: parent run {outcome.parent_run_id} in {uri}; browse with: "
-        f"hybrid ui {args.space}"
-    )
+    browse = f"open {uri}" if _served(uri) else f"hybrid ui {args.space}{tracking}"
+    print(f"\nMLflow: parent run {outcome.parent_run_id} in {uri}; browse with: {browse}")
+
+
+def _served(uri: str) -> bool:
+    """A tracking server (it serves its own UI), not a store `hybrid ui` can serve."""
+    return uri.startswith(("http://", "https://"))
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
     from optuna.trial import TrialState
 
     from hybrid.search.space import load_space
-    from hybrid.search.study import join_study, load_data
+    from hybrid.search.study import check_shared_storage, join_study, load_data
     from hybrid.search.worker import work
 
+    check_shared_storage(args.storage, "workers")
     if args.gpu is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(args.gpu)
     space = load_space(args.space)
     device = _device(args.device)
     data = load_data(space)
-    study, tracker = join_study(space, args.storage, args.tracking_uri, device)
+    study, tracker = join_study(space, args.storage, args.tracking_uri)
+    target = args.trials or space.spec.search.n_trials
     ran = work(
         space,
         study,
@@ -374,12 +391,15 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         data,
         device,
         storage=args.storage,
-        target=args.trials or space.spec.search.n_trials,
+        target=target,
         progress=not args.quiet,
     )
+    complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
+    if complete >= target and not study.get_trials(states=(TrialState.RUNNING,)):
+        tracker.finish_study("FINISHED")  # the last worker out closes the parent run
     print(
         f"worker done: {ran} trials run here; study {study.study_name!r} holds "
-        f"{len(study.get_trials(states=(TrialState.COMPLETE,)))} completed trials"
+        f"{complete} completed trials"
     )
 
 
@@ -406,16 +426,23 @@ def _cmd_ui(args: argparse.Namespace) -> None:
     from hybrid.search.tracking import find_parent_run
 
     uri = args.tracking_uri or "sqlite:///mlflow.db"
-    parent = None
-    if args.space:
-        space = load_space(args.space)
+    space = load_space(args.space) if args.space else None
+    if space is not None:
         uri = args.tracking_uri or space.spec.tracking.uri
-        parent = find_parent_run(uri, study_name_of(space))
+    if _served(uri):
+        raise ValueError(
+            f"tracking URI {uri} is a tracking server, which serves its own UI: open it in a "
+            "browser; `hybrid ui` serves a store (sqlite:///PATH, postgresql://..., a folder)"
+        )
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise ValueError(f"--port {args.port} is in use; allowed: a free port")
+    parent = find_parent_run(uri, study_name_of(space)) if space is not None else None
     base = f"http://127.0.0.1:{args.port}"
     if parent is not None:
         experiment_id, run_id = parent
         print(f"study parent run: {base}/#/experiments/{experiment_id}/runs/{run_id}")
-    elif args.space:
+    elif space is not None:
         print(
             f"no run of study {study_name_of(space)!r} in {uri} yet: run `hybrid search "
             f"{args.space}` first, or name the store with --tracking-uri",
@@ -437,7 +464,9 @@ def _cmd_ui(args: argparse.Namespace) -> None:
         "1",
     ]
     with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(command, check=False)
+        code = subprocess.run(command, check=False).returncode
+        if code not in (0, -signal.SIGINT, 130):  # 130 / -SIGINT: Ctrl-C reached it first
+            raise CommandFailed(f"the MLflow server exited with {code} (its messages are above)")
 
 
 def _device(name: str | None) -> torch.device:
@@ -630,8 +659,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandFailed(RuntimeError):
+    """A command whose own work failed (not bad input): one line, exit 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's scancel or time limit, `kill`): handled as Ctrl-C is, the trial in
+    hand failed and queued again, then exit 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow prints a "View run" link per run it ends against a tracking server
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         args.run(args)
     except ValueError as error:  # bad input: one line, exit 2
@@ -643,14 +689,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         from hybrid.search.worker import TooManyFailures  # the search modules load lazily
 
+        if isinstance(error, CommandFailed):
+            print(f"hybrid: error: {error}", file=sys.stderr)
+            return 1
         if not isinstance(error, TooManyFailures):
             raise
         print(f"hybrid: error: {error}", file=sys.stderr)
         return 4
-    except KeyboardInterrupt:
-        print("hybrid: interrupted (a search resumes where it stopped when run again)",
+    except KeyboardInterrupt as stop:
+        how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"hybrid: {how} (a search resumes where it stopped when run again)",
               file=sys.stderr)  # fmt: skip
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

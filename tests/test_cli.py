@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybrid.cli import main
 from hybrid.config import ModelConfig
@@ -175,11 +178,12 @@ def test_an_offline_host_gets_one_line_on_how_to_bring_a_builtin_corpus(
 def test_ui_says_when_the_study_has_no_run_in_the_store(tmp_path, capsys, monkeypatch):
     import hybrid.cli as cli
 
-    served, real_run = [], cli.subprocess.run
+    served, real_run, exit_codes = [], cli.subprocess.run, [0, 1]
 
     def run(command, **kwargs):  # the server is not started; other commands run
         if "server" in command:
-            return served.append(command)
+            served.append(command)
+            return subprocess.CompletedProcess(command, exit_codes.pop(0))
         return real_run(command, **kwargs)
 
     monkeypatch.setattr(cli.subprocess, "run", run)
@@ -189,6 +193,44 @@ def test_ui_says_when_the_study_has_no_run_in_the_store(tmp_path, capsys, monkey
     captured = capsys.readouterr()
     assert "no run of study 'quickstart' in sqlite:///mlflow.db yet" in captured.err
     assert "MLflow UI on http://127.0.0.1:5000" in captured.out and len(served) == 1
+    # a server that fails (its own messages say why) is not a success
+    assert main(["ui", str(quickstart)]) == 1
+    assert "the MLflow server exited with 1" in capsys.readouterr().err
+
+
+def test_ui_refuses_a_tracking_server_and_a_busy_port(capsys):
+    assert main(["ui", "--tracking-uri", "http://127.0.0.1:5055"]) == 2
+    assert "serves its own UI: open it in a browser" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    assert f"--port {port} is in use" in capsys.readouterr().err
+
+
+def test_workers_refuse_sqlite_and_absent_gpus(tmp_path, capsys):
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    sqlite = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for argv in (["search", str(quickstart), "--init"], ["worker", str(quickstart)]):
+        assert main([*argv, "--storage", sqlite]) == 2
+        assert "SQLite allows one writer" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
+    visible = torch.cuda.device_count()
+    assert main(["search", str(quickstart), "--gpus", f"0,{visible}"]) == 2
+    assert f"{visible} CUDA device(s) visible" in capsys.readouterr().err
+
+
+def test_an_unreachable_database_is_one_line(capsys):
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    url = f"postgresql://nobody@127.0.0.1:{port}/nothing"
+    assert main(["search", str(quickstart), "--init", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hybrid: error: search.storage={url!r} cannot be opened: ")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_data_prepares_and_describes_a_corpus(tmp_path, capsys):
@@ -217,6 +259,7 @@ def test_search_on_one_named_gpu_pins_this_process_to_it(tmp_path, monkeypatch, 
     from hybrid.search.study import Front, SearchOutcome
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # restored after the test
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # what that would show
     seen = []
 
     def run_search(space, **kwargs):

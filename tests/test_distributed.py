@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -182,6 +184,10 @@ def test_a_killed_worker_trial_is_rerun_with_the_same_parameters(tmp_path, store
     assert children[killed.number].info.status == "FAILED"
     assert children[retries[0].number].data.tags["retry_of"] == str(killed.number)
     assert all(r.info.status != "RUNNING" for r in children.values())
+    parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        study.user_attrs["mlflow_parent_run_id"]
+    )
+    assert parent.info.status == "FINISHED"  # closed by the worker that completed the study
 
     # a client we did not write, in a fresh process, sees the same trials
     if store == "journal":
@@ -203,9 +209,10 @@ def test_a_killed_worker_trial_is_rerun_with_the_same_parameters(tmp_path, store
     assert seen == str(sorted((t.number, t.state.name) for t in study.trials))
 
 
-def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path):
-    """Ctrl-C mid-trial: one line and exit 130, no traceback; the trial fails and its
-    parameters wait to be run again, as after a crash."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path, stop):
+    """Ctrl-C (or Slurm's SIGTERM) mid-trial: one line and exit 130 (143), no traceback; the
+    trial fails and its parameters wait to be run again, as after a crash."""
     storage, name = f"journal:{tmp_path / 'study.log'}", "interrupted"
     path = _space(tmp_path, name, steps=400, n_trials=3)
     _run("search", str(path), "--storage", storage, "--init", cwd=tmp_path)
@@ -215,14 +222,16 @@ def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path):
     load = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
     worker = _hybrid("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
     running = _inside_a_trial(worker, name, load)
-    os.killpg(worker.pid, signal.SIGINT)
+    os.killpg(worker.pid, stop)
     out, _ = worker.communicate(timeout=60)
-    assert worker.returncode == 130 and "hybrid: interrupted" in out, out
+    how, code = ("interrupted", 130) if stop == signal.SIGINT else ("terminated", 143)
+    assert worker.returncode == code and f"hybrid: {how}" in out, out
     assert "Traceback" not in out, out
     study = optuna.load_study(study_name=name, storage=load)
     stopped = study.trials[running.number]
     assert stopped.state == TrialState.FAIL
-    assert stopped.user_attrs["fail_reason"].startswith("KeyboardInterrupt")
+    reason = "KeyboardInterrupt" if code == 130 else "Terminated"
+    assert stopped.user_attrs["fail_reason"] == reason
     waiting = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped.number]
     assert len(waiting) == 1 and waiting[0].state == TrialState.WAITING
     assert waiting[0].system_attrs["fixed_params"] == stopped.params  # set when it runs
@@ -241,7 +250,7 @@ def test_a_restarted_search_says_it_waits_for_its_dead_trial(tmp_path, capsys):
     )
     dead.ask()  # running, and nobody beats its heartbeat
     outcome = run_search(space, storage=storage, device="cpu", progress=False)
-    assert "waiting for 1 trial(s) running elsewhere" in capsys.readouterr().out
+    assert "waiting for 1 trial(s) running in other workers" in capsys.readouterr().out
     states = [t.state for t in outcome.study.trials]
     assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 1
 
@@ -261,3 +270,117 @@ def test_sqlite_is_refused_for_several_workers(tmp_path):
     assert process.returncode == 2
     assert "SQLite allows one writer" in out and "postgresql://" in out
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_init_claims_no_latency_device_and_a_worker_needs_the_study_store(tmp_path):
+    """`--init` (on a login node, say) measures nothing, so it does not fix the study's
+    latency device: its first trial does. A worker pointed at another MLflow store than
+    the study's is refused in one line."""
+    from hybrid.search.space import load_space
+    from hybrid.search.study import initialise_study, join_study
+
+    latency = {"metric": "decode_latency_ms", "context": 16}
+    path = _space(tmp_path, "login", 2, 1, [{"metric": "val_perplexity"}, latency])
+    space, storage = load_space(path), f"journal:{tmp_path / 'study.log'}"
+    study, _ = initialise_study(space, storage, None)
+    assert "latency_device" not in study.user_attrs
+    with pytest.raises(ValueError, match="pass the --tracking-uri it was created with"):
+        join_study(space, storage, f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    joined, _ = join_study(space, storage, None)
+    assert joined.study_name == "login"
+
+
+def test_a_trial_failed_under_a_live_worker_is_dropped_not_crashed(tmp_path, capsys, monkeypatch):
+    """A worker stalled past the grace period finds its trial failed (and queued again) by
+    another when it finishes: it says so, drops the result and goes on; the retry runs."""
+    from hybrid.search import objectives
+    from hybrid.search.heartbeat import fail_stale_trials
+    from hybrid.search.space import load_space
+    from hybrid.search.study import run_search
+
+    real, stalled = objectives.TrialRunner._metrics, []
+
+    def metrics(self, trial, *args):
+        out = real(self, trial, *args)
+        if not stalled:  # meanwhile another worker saw no heartbeat for too long
+            stalled.append(trial.number)
+            fail_stale_trials(trial.study, -1.0, on_failed=partial(self.tracker.fail_lost_trial,
+                                                                   grace=-1.0))  # fmt: skip
+        return out
+
+    monkeypatch.setattr(objectives.TrialRunner, "_metrics", metrics)
+    space = load_space(_space(tmp_path, "stalled", steps=2, n_trials=2))
+    outcome = run_search(space, storage=f"journal:{tmp_path / 'study.log'}", device="cpu",
+                         progress=False)  # fmt: skip
+    assert "finished here after another worker had failed it" in capsys.readouterr().out
+    lost = outcome.study.trials[stalled[0]]
+    assert lost.state == TrialState.FAIL and "worker lost" in lost.user_attrs["fail_reason"]
+    assert "metrics" not in lost.user_attrs
+    retry = [t for t in outcome.study.trials if t.user_attrs.get("retry_of") == lost.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert len(outcome.study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    runs = {int(r.data.tags["hybrid.study.trial"]): r for r in _children(tmp_path, outcome.study)}
+    assert runs[lost.number].info.status == "FAILED"
+    parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+
+
+class _FailingTracker:
+    """An MLflow tracker whose server went away: every write after `start_trial` raises
+    (`start_trial` too when `at_start`)."""
+
+    def __init__(self, at_start: bool):
+        self.at_start, self.lost = at_start, []
+
+    def start_trial(self, *args):
+        if self.at_start:
+            raise ConnectionError("tracking server unreachable")
+        return "run"
+
+    def log_curve_point(self, *args):
+        raise ConnectionError("tracking server unreachable")
+
+    finish_trial = log_curve_point
+
+    def fail_lost_trial(self, trial, grace):
+        self.lost.append(trial.number)
+
+
+def test_a_tracking_outage_costs_the_record_not_the_trial(tmp_path, capsys):
+    from hybrid.search.objectives import TrialRunner
+    from hybrid.search.space import load_space
+    from hybrid.search.study import load_data
+
+    space = load_space(_space(tmp_path, "outage", steps=3, n_trials=2))
+    study = optuna.create_study(directions=space.directions)
+    runner = TrialRunner(space, load_data(space), torch.device("cpu"), _FailingTracker(False))
+    trial = study.ask()
+    values = runner(trial)
+    study.tell(trial, values)
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert study.trials[0].user_attrs["mlflow_incomplete"] is True
+    said = capsys.readouterr().out
+    assert said.count("its MLflow record is incomplete") == 1  # once, not per curve point
+    runner = TrialRunner(space, load_data(space), torch.device("cpu"), _FailingTracker(True))
+    trial = study.ask()
+    with pytest.raises(ConnectionError):
+        runner(trial)
+    assert trial.user_attrs["fail_reason"] == "ConnectionError: tracking server unreachable"
+
+
+def test_a_worker_waiting_on_a_dead_twin_closes_its_mlflow_run(tmp_path):
+    """A trial of the same architecture running elsewhere is waited for; if its worker died,
+    the waiting worker fails it and closes its MLflow child too."""
+    from hybrid.search.objectives import TrialRunner
+    from hybrid.search.space import load_space
+    from hybrid.search.study import load_data
+
+    space = load_space(_space(tmp_path, "twin", steps=3, n_trials=2))
+    study = optuna.create_study(directions=space.directions)
+    dead = study.ask()
+    for key, value in {"arch_key": "same", "feasible": True, "heartbeat_at": 0.0}.items():
+        dead.set_user_attr(key, value)
+    tracker = _FailingTracker(False)
+    runner = TrialRunner(space, load_data(space), torch.device("cpu"), tracker)
+    assert runner._same_architecture(study.ask(), "same") is None
+    assert tracker.lost == [dead.number] and study.trials[0].state == TrialState.FAIL

@@ -17,7 +17,7 @@ from hybrid.config import ModelConfig
 from hybrid.model import HybridLM
 from hybrid.search.latency import FileLatencyCache, LatencyRequest, measure
 from hybrid.search.space import SpaceError, parse_space
-from hybrid.search.study import _check_resume
+from hybrid.search.study import claim_latency_device
 
 CPU = torch.device("cpu")
 CONFIG = ModelConfig.from_pattern(
@@ -112,11 +112,12 @@ def test_a_study_refuses_latencies_from_another_device():
         )
     )
     study = optuna.create_study(directions=space.directions)
-    _check_resume(study, space, CPU)
+    claim_latency_device(study, space, CPU)
     assert study.user_attrs["latency_device"].startswith("cpu")
+    claim_latency_device(study, space, CPU)  # the same device: fine
     study.set_user_attr("latency_device", "NVIDIA H100 80GB HBM3")
     with pytest.raises(ValueError, match="latencies of two devices never share a front"):
-        _check_resume(study, space, CPU)
+        claim_latency_device(study, space, CPU)
 
 
 def test_latency_objective_options_and_errors():

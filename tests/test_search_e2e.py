@@ -168,16 +168,21 @@ def test_hypervolume_never_decreases_and_artifacts_parse(searched, tmp_path):
     assert f"{len(front.pareto)} on the front, {len(front.rows)} feasible trials" in (
         html.read_text()
     )
+    # each point is named with the sampled values its pattern does not show
+    hover = html.read_text().replace("\\u003cbr\\u003e", "<br>")  # as plotly escapes it
+    assert all(r["point"] and f"{r['pattern']}<br>{r['point']}" in hover for r in front.rows)
 
 
 class _Recorder:
     """Stands in for the MLflow tracker: what `log_front` was given."""
 
     def __init__(self):
-        self.fronts: list[tuple[int, list[str]]] = []
+        self.fronts: list[tuple[int | None, list[str]]] = []
+        self.hypervolumes: list[float | None] = []
 
     def log_front(self, rows, hypervolume, step, figures):
         self.fronts.append((step, sorted(figures)))
+        self.hypervolumes.append(hypervolume)
 
     def set_trial_tags(self, run_id, tags):
         pass
@@ -195,16 +200,36 @@ def test_front_figures_are_throttled_and_drawn_at_the_end(searched):
     updater.finish(outcome.study)
     updater.finish(outcome.study)  # nothing new since: nothing drawn
     figures = ["pareto.html", "pareto.png"]
-    numbers = [t.number for t in trials]
-    assert recorder.fronts == [
-        (numbers[0], figures), (numbers[1], []), (numbers[2], []), (numbers[2], figures)
-    ]  # fmt: skip
+    done = len(outcome.study.get_trials(states=(TrialState.COMPLETE,)))  # the step
+    assert recorder.fronts == [(done, figures), (done, []), (done, []), (None, figures)]
+    assert recorder.hypervolumes[-1] is None  # the last figures log no second point
     eager = _Recorder()
     updater = FrontUpdater(space, eager, figure_interval_s=0)
     for trial in trials:
         updater(outcome.study, trial)
     updater.finish(outcome.study)
-    assert eager.fronts == [(n, figures) for n in numbers]
+    assert eager.fronts == [(done, figures)] * 3
+
+
+def test_hypervolume_steps_grow_when_trials_finish_out_of_order(searched):
+    """Workers finish trials out of order: the hypervolume's step is the count of completed
+    trials, so the curve's steps and values only grow (by trial number they did not)."""
+    space, outcome, _ = searched
+    finished = outcome.study.get_trials(states=(TrialState.COMPLETE,))
+    finished = [t for t in finished if "duplicate_of" not in t.user_attrs][:4]
+    assert len(finished) >= 2
+    study = optuna.create_study(directions=space.directions)
+    study.set_user_attr("hv_reference", outcome.study.user_attrs["hv_reference"])
+    asked = [study.ask() for _ in finished]
+    recorder = _Recorder()
+    updater = FrontUpdater(space, recorder, figure_interval_s=3600)
+    for i in reversed(range(len(finished))):  # the last asked finishes first
+        for key, value in finished[i].user_attrs.items():
+            asked[i].set_user_attr(key, value)
+        study.tell(asked[i], finished[i].values)
+        updater(study, study.trials[asked[i].number])
+    assert [step for step, _ in recorder.fronts] == list(range(1, len(finished) + 1))
+    assert recorder.hypervolumes == sorted(recorder.hypervolumes)
 
 
 def test_rerun_resumes_without_repeating(searched):

@@ -11,6 +11,12 @@ from typing import Any
 LABEL_LIMIT = 40  # label at most this many front points in the PNG
 
 
+def _label(row: dict[str, Any], sep: str) -> str:
+    """A point's name: trial, pattern and the sampled values the pattern does not show
+    (two points of one pattern differ there, e.g. in mimo_rank)."""
+    return sep.join(part for part in (f"#{row['trial']}", row["pattern"], row["point"]) if part)
+
+
 def pareto_png(
     rows: Sequence[dict[str, Any]], metrics: Sequence[str], directions: Sequence[str], title: str
 ) -> bytes:
@@ -29,7 +35,7 @@ def pareto_png(
     ax.plot(
         [r[x_name] for r in front],
         [r[y_name] for r in front],
-        "o-",
+        "o-" if len(metrics) == 2 else "o",  # with more objectives a 2-D staircase misleads
         c="tab:red",
         ms=6,
         lw=1.2,
@@ -37,7 +43,7 @@ def pareto_png(
     )
     for r in front[:LABEL_LIMIT]:
         ax.annotate(
-            f"#{r['trial']} {r['pattern']}",
+            _label(r, " "),
             (r[x_name], r[y_name]),
             fontsize=7,
             xytext=(4, 4),
@@ -75,12 +81,9 @@ def pareto_html(
                 x=[r[x_name] for r in subset],
                 y=[r[y_name] for r in subset],
                 name=name,
-                mode="markers+lines" if name == "Pareto front" else "markers",
+                mode="markers+lines" if name == "Pareto front" and len(metrics) == 2 else "markers",
                 marker={"color": color, "size": 9},
-                text=[
-                    f"trial {r['trial']}<br>{r['pattern']}<br>params {r['params']:,}"
-                    for r in subset
-                ],
+                text=[f"{_label(r, '<br>')}<br>params {r['params']:,}" for r in subset],
                 hovertemplate="%{text}<br>%{x}<br>%{y}<extra></extra>",
             )
         )

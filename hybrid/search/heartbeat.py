@@ -52,6 +52,11 @@ class Heartbeat:
         self._thread.join()
 
 
+def lost_reason(grace: float) -> str:
+    """The fail_reason of a trial whose worker stopped beating."""
+    return f"worker lost: no heartbeat for over {grace:g} s"
+
+
 def retries_of(trial: FrozenTrial | optuna.Trial) -> int:
     return int(trial.user_attrs.get("retries", 0))
 
@@ -78,9 +83,7 @@ def fail_stale_trials(
         if now - (stamp if stamp is not None else started) <= grace:
             continue
         try:
-            storage.set_trial_user_attr(
-                trial._trial_id, "fail_reason", f"worker lost: no heartbeat for over {grace:g} s"
-            )
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", lost_reason(grace))
             if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 continue
         except Exception:  # another worker failed it first

@@ -9,14 +9,18 @@ anything) is recorded as failed, with its reason, on the trial and on its MLflow
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -65,6 +69,15 @@ def constraint_values(space: SearchSpace, static: dict[str, float]) -> dict[str,
     return values
 
 
+def failure_reason(error: BaseException) -> str:
+    """A trial's fail_reason: the exception's type and message."""
+    return f"{type(error).__name__}: {error}".removesuffix(": ")[:5000]
+
+
+class TrialLost(Exception):
+    """This worker's trial was failed by another worker (no heartbeat) while it ran."""
+
+
 class TrialRunner:
     """The Optuna objective of a study."""
 
@@ -76,6 +89,7 @@ class TrialRunner:
         tracker: StudyTracker | None = None,
     ) -> None:
         self.space, self.data, self.device, self.tracker = space, data, device, tracker
+        self._incomplete: set[int] = set()  # trials whose MLflow writes failed (said once)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         plan = self.space.suggest(trial)
@@ -95,29 +109,52 @@ class TrialRunner:
         for key, value in facts.items():
             trial.set_user_attr(key, value)
         run_id = None
-        if self.tracker is not None:
-            tags = {"feasible": feasible, "device": facts["device"]}
-            if "retry_of" in trial.user_attrs:  # re-run of a trial whose worker died
-                tags["retry_of"] = trial.user_attrs["retry_of"]
-            run_id = self.tracker.start_trial(trial.number, plan, tags)
-            trial.set_user_attr("mlflow_run_id", run_id)
         try:
+            if self.tracker is not None:
+                tags = {"feasible": feasible, "device": facts["device"]}
+                if "retry_of" in trial.user_attrs:  # re-run of a trial whose worker died
+                    tags["retry_of"] = trial.user_attrs["retry_of"]
+                run_id = self.tracker.start_trial(trial.number, plan, tags)
+                trial.set_user_attr("mlflow_run_id", run_id)
             metrics, tags = self._metrics(trial, plan, static, feasible, run_id)
         except BaseException as error:
-            reason = f"{type(error).__name__}: {error}"[:5000]
-            trial.set_user_attr("fail_reason", reason)
-            if self.tracker is not None and run_id is not None:
+            reason = failure_reason(error)
+            with contextlib.suppress(UpdateFinishedTrialError):  # unless it was taken over
+                trial.set_user_attr("fail_reason", reason)
+            if run_id is not None:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-                self.tracker.finish_trial(run_id, {}, status, {"fail_reason": reason})
+                self._record(trial, lambda: self.tracker.finish_trial(
+                    run_id, {}, status, {"fail_reason": reason}))  # fmt: skip
             raise
         finally:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        trial.set_user_attr("metrics", metrics)
-        if self.tracker is not None and run_id is not None:
-            self.tracker.finish_trial(run_id, metrics, "FINISHED", tags)
+        try:
+            trial.set_user_attr("metrics", metrics)
+        except UpdateFinishedTrialError:
+            raise TrialLost(
+                f"trial {trial.number} finished here after another worker had failed it for "
+                "want of heartbeats (was this worker stalled, or the storage unreachable, for "
+                "longer than search.grace_period?): its result is dropped and its retry runs it"
+            ) from None
+        if run_id is not None:
+            finish = partial(self.tracker.finish_trial, run_id, metrics, "FINISHED", tags)
+            self._record(trial, finish)
         return [metrics[m] for m in self.space.metric_names]
+
+    def _record(self, trial: optuna.Trial, action: Callable[[], object]) -> None:
+        """An MLflow write of this trial: a failing tracking server costs the record, said
+        once per trial, never the trial (the study holds its result)."""
+        try:
+            action()
+        except Exception as error:
+            if trial.number not in self._incomplete:
+                self._incomplete.add(trial.number)
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    trial.set_user_attr("mlflow_incomplete", True)
+                tqdm.write(f"trial {trial.number}: its MLflow record is incomplete: "
+                           f"{type(error).__name__}: {str(error)[:300]}")  # fmt: skip
 
     def _metrics(
         self,
@@ -137,10 +174,9 @@ class TrialRunner:
         callbacks = []
         if self.tracker is not None and run_id is not None:
             callbacks.append(
-                lambda event, values: (
-                    event == "train" and self.tracker.log_curve_point(run_id, values)
-                )
-            )
+                lambda event, values: event == "train" and self._record(
+                    trial, lambda: self.tracker.log_curve_point(run_id, values))
+            )  # fmt: skip
         result = train(
             plan.model,
             self.data,
@@ -207,4 +243,6 @@ class TrialRunner:
             if not running:
                 return None
             time.sleep(WAIT_SECONDS)
-            fail_stale_trials(trial.study, grace)
+            tracker = self.tracker
+            lost = None if tracker is None else partial(tracker.fail_lost_trial, grace=grace)
+            fail_stale_trials(trial.study, grace, on_failed=lost)

@@ -44,18 +44,40 @@ def default_storage(space: SearchSpace) -> str:
     return space.spec.search.storage or f"journal:./{space.name}.optuna.log"
 
 
-def open_storage(url: str) -> Any:
-    """`journal:PATH` (file journal, default), or an RDB URL (`sqlite:///`, `postgresql://`)."""
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+def storage_url(url: str) -> str:
+    """The SQLAlchemy URL of an RDB storage (`sqlite:///`, `postgresql://`, ...)."""
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
         return "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3
     if url.startswith(("sqlite:///", "postgresql+", "mysql")):
         return url
     raise ValueError(f"search.storage={url!r} is invalid; allowed: {', '.join(STORAGE_SCHEMES)}")
+
+
+def open_storage(url: str) -> Any:
+    """`journal:PATH` (file journal, default), or an RDB URL; a database that cannot be
+    reached (or refuses the login) is one line, not SQLAlchemy's traceback."""
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return optuna.storages.RDBStorage(storage_url(url))
+    except OperationalError as error:
+        detail = str(error.orig or error).strip().splitlines()[0]
+        raise ValueError(f"search.storage={url!r} cannot be opened: {detail}") from None
+
+
+def check_shared_storage(storage: str, users: str) -> None:
+    """Refuse SQLite where several processes will write the study (`users` says who)."""
+    if storage.startswith("sqlite"):
+        raise ValueError(
+            f"search.storage={storage!r}: SQLite allows one writer at a time, so {users} "
+            "would fail on locked writes; allowed: journal:PATH (one host, or a shared file "
+            "system) or postgresql://... (any number of hosts)"
+        )
 
 
 def make_sampler(space: SearchSpace, worker: str = "") -> optuna.samplers.BaseSampler:
@@ -181,16 +203,21 @@ class FrontUpdater:
         if self.tracker is not None:
             self._tag(study, front)
             due = time.monotonic() - self.drawn_at >= self.figure_interval_s
-            self._log(front, trial.number, draw=due)
+            # the hypervolume's step counts completed trials: under the front lock it only
+            # grows, where trial numbers arrive out of order from several workers
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            self._log(front, done, draw=due)
         if self.on_trial is not None:
             self.on_trial(trial, front)
 
     def finish(self, study: optuna.Study) -> None:
         """Draw the study's front as it stands if a trial came in since the last figures."""
         if self.tracker is not None and self.undrawn_step is not None:
-            self._log(compute_front(study, self.space), self.undrawn_step, draw=True)
+            self._log(compute_front(study, self.space), None, draw=True)
 
-    def _log(self, front: Front, step: int, draw: bool) -> None:
+    def _log(self, front: Front, step: int | None, draw: bool) -> None:
+        """The front's CSV (and figures if `draw`), and its hypervolume at `step` unless
+        None (already logged there)."""
         if not front.rows:
             return
         figures = {}
@@ -203,7 +230,8 @@ class FrontUpdater:
             figures = {"pareto.png": pareto_png(*args), "pareto.html": pareto_html(*args)}
             self.drawn_at = time.monotonic()
         self.undrawn_step = None if draw else step
-        self.tracker.log_front(front.rows, front.hypervolume, step, figures)
+        self.tracker.log_front(front.rows, front.hypervolume if step is not None else None,
+                               step, figures)  # fmt: skip
 
     def _tag(self, study: optuna.Study, front: Front) -> None:
         ranks = {r["trial"]: r["pareto_rank"] for r in front.rows}
@@ -251,10 +279,9 @@ def _recipe(space: SearchSpace) -> dict[str, Any]:
     return recipe
 
 
-def _check_resume(study: optuna.Study, space: SearchSpace, device: torch.device) -> None:
+def _check_resume(study: optuna.Study, space: SearchSpace) -> None:
     """Refuse to continue a study with other objectives, another model space, data, training
-    recipe or constraints (its trials would share a front with the old ones), or latencies
-    from another device."""
+    recipe or constraints (its trials would share a front with the old ones)."""
     saved = study.user_attrs.get("metrics")
     if saved is not None and saved != space.metric_names:
         raise ValueError(
@@ -277,15 +304,25 @@ def _check_resume(study: optuna.Study, space: SearchSpace, device: torch.device)
         )
     if recorded is None:
         study.set_user_attr("recipe", recipe)
-    if any(m in LATENCY_METRICS for m in space.metric_names):
-        here, recorded = device_name(device), study.user_attrs.get("latency_device")
-        if recorded is not None and recorded != here:
-            raise ValueError(
-                f"study {study.study_name!r} holds latencies measured on "
-                f"{recorded!r}; this worker is on {here!r}: latencies of two "
-                "devices never share a front (use another search.study_name)"
-            )
+
+
+def claim_latency_device(study: optuna.Study, space: SearchSpace, device: torch.device) -> None:
+    """The latencies of a study come from one kind of device: the first process that runs a
+    trial records its own (a CPU's with its thread count), and any other refuses to run
+    one. `--init` and a resume with nothing left to run measure nothing, so they do not
+    claim (a study set up on a login node would otherwise refuse its GPU workers)."""
+    if not any(m in LATENCY_METRICS for m in space.metric_names):
+        return
+    here, recorded = device_name(device), study.user_attrs.get("latency_device")
+    if recorded is None:
         study.set_user_attr("latency_device", here)
+    elif recorded != here:
+        hint = " (OMP_NUM_THREADS sets a CPU's)" if recorded.startswith("cpu") else ""
+        raise ValueError(
+            f"study {study.study_name!r} holds latencies measured on {recorded!r}; this "
+            f"worker is on {here!r}: latencies of two devices never share a front. Run it "
+            f"on the study's device{hint}, or use another search.study_name"
+        )
 
 
 @dataclass
@@ -316,7 +353,7 @@ def study_name_of(space: SearchSpace) -> str:
 
 
 def initialise_study(
-    space: SearchSpace, storage: str, tracking_uri: str | None, device: torch.device
+    space: SearchSpace, storage: str, tracking_uri: str | None
 ) -> tuple[optuna.Study, StudyTracker]:
     """Create (or resume) the study, its MLflow parent run and its seed designs, once,
     before any worker starts: concurrent first-time set-up of one database is a known crash."""
@@ -328,7 +365,7 @@ def initialise_study(
         sampler=make_sampler(space),
         load_if_exists=True,
     )
-    _check_resume(study, space, device)
+    _check_resume(study, space)
     tracker = StudyTracker.open(
         space,
         study.study_name,
@@ -365,7 +402,7 @@ def load_existing_study(
 
 
 def join_study(
-    space: SearchSpace, storage: str, tracking_uri: str | None, device: torch.device
+    space: SearchSpace, storage: str, tracking_uri: str | None
 ) -> tuple[optuna.Study, StudyTracker]:
     """Open a study that `initialise_study` created (a worker never creates one)."""
     study = load_existing_study(
@@ -374,7 +411,7 @@ def join_study(
         f"create it first with `hybrid search SPACE.yaml --storage {storage} --init`",
         sampler=make_sampler(space, f"{socket.gethostname()}:{os.getpid()}"),
     )
-    _check_resume(study, space, device)
+    _check_resume(study, space)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent is None:
         raise ValueError(
@@ -403,7 +440,7 @@ def run_search(
     device = resolve_device(device)
     data = load_data(space)
     storage = storage or default_storage(space)
-    study, tracker = initialise_study(space, storage, tracking_uri, device)
+    study, tracker = initialise_study(space, storage, tracking_uri)
     before = len(study.trials)
     status = "KILLED"
     try:

@@ -19,7 +19,10 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial
 
+from hybrid.search.heartbeat import lost_reason
 from hybrid.search.latency import package_versions
 from hybrid.search.space import SearchSpace, TrialPlan
 
@@ -103,6 +106,13 @@ class StudyTracker:
             tracker = cls(client, experiment_id, run.info.run_id, versions)
             tracker._log_study(space, study_name)
             return tracker
+        try:
+            client.get_run(existing_parent)
+        except MlflowException:
+            raise ValueError(
+                f"study {study_name!r} has its MLflow parent run {existing_parent} in another "
+                f"store than {tracking_uri}: pass the --tracking-uri it was created with"
+            ) from None
         client.update_run(existing_parent, status="RUNNING")  # resumed
         return cls(client, experiment_id, existing_parent, versions)
 
@@ -150,6 +160,12 @@ class StudyTracker:
         self.client.log_dict(run.info.run_id, plan.model.to_dict(), "model_config.json")
         return run.info.run_id
 
+    def fail_lost_trial(self, trial: FrozenTrial, grace: float) -> None:
+        """Close the child run of a trial whose worker stopped beating (`fail_stale_trials`)."""
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is not None:
+            self.finish_trial(run_id, {}, "FAILED", {"fail_reason": lost_reason(grace)})
+
     def log_curve_point(self, run_id: str, values: dict[str, float]) -> None:
         step, now = int(values["step"]), int(time.time() * 1000)
         metrics = [
@@ -182,9 +198,14 @@ class StudyTracker:
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_front(
-        self, rows: list[dict[str, Any]], hypervolume: float, step: int, figures: dict[str, bytes]
+        self,
+        rows: list[dict[str, Any]],
+        hypervolume: float | None,
+        step: int | None,
+        figures: dict[str, bytes],
     ) -> None:
-        """The study's current front on the parent: CSV, figures, hypervolume at `step`."""
+        """The study's current front on the parent: CSV, figures, and the hypervolume at
+        `step` (none when None)."""
         with tempfile.TemporaryDirectory() as tmp:
             table = Path(tmp) / "pareto.csv"
             with table.open("w", newline="") as f:
@@ -196,7 +217,8 @@ class StudyTracker:
                 path = Path(tmp) / name
                 path.write_bytes(blob)
                 self.client.log_artifact(self.parent_id, str(path))
-        self.client.log_metric(self.parent_id, "hypervolume", hypervolume, step=step)
+        if hypervolume is not None:
+            self.client.log_metric(self.parent_id, "hypervolume", hypervolume, step=step)
 
     def finish_study(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status)

@@ -20,6 +20,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,27 @@ from tqdm.auto import tqdm
 
 from hybrid.devices import visible_devices_for
 from hybrid.search.heartbeat import Heartbeat, fail_stale_trials, requeue
-from hybrid.search.objectives import TrialRunner
+from hybrid.search.objectives import TrialLost, TrialRunner, failure_reason
 from hybrid.search.space import SearchSpace
-from hybrid.search.study import Front, FrontUpdater, initialise_study, open_storage
+from hybrid.search.study import (
+    Front,
+    FrontUpdater,
+    check_shared_storage,
+    claim_latency_device,
+    initialise_study,
+    storage_url,
+)
 from hybrid.search.tracking import StudyTracker
 
 POLL_SECONDS = 2.0
 
 
 @contextlib.contextmanager
-def front_lock(storage: str) -> Iterator[None]:
+def front_lock(storage: str, study_name: str) -> Iterator[None]:
     """One writer at a time for the parent run's figures: a file lock beside a journal, an
-    advisory lock in PostgreSQL; SQLite has one process anyway."""
+    advisory lock in PostgreSQL (keyed by the study's name, which every worker spells alike
+    where the database URL may differ by host alias or driver); SQLite has one process
+    anyway."""
     if storage.startswith("journal:"):
         path = Path(storage.removeprefix("journal:") + ".front.lock")
         with path.open("a") as handle:
@@ -53,8 +63,8 @@ def front_lock(storage: str) -> Iterator[None]:
     elif storage.startswith("postgresql"):
         import sqlalchemy
 
-        key = zlib.crc32(storage.encode()) & 0x7FFFFFFF
-        engine = sqlalchemy.create_engine(open_storage(storage), poolclass=sqlalchemy.NullPool)
+        key = zlib.crc32(study_name.encode()) & 0x7FFFFFFF
+        engine = sqlalchemy.create_engine(storage_url(storage), poolclass=sqlalchemy.NullPool)
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
@@ -91,6 +101,12 @@ def _give_back(study: optuna.Study, trial: optuna.Trial) -> None:
         study.enqueue_trial(fixed, user_attrs=dict(storage.get_trial(trial._trial_id).user_attrs))
     trial.set_user_attr("surplus", True)
     study.tell(trial, state=TrialState.PRUNED)
+
+
+def _still_running(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """False when another worker has failed this trial for want of heartbeats (it runs
+    again as a retry; this worker must not close it a second time)."""
+    return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
 
 class TooManyFailures(RuntimeError):
@@ -133,16 +149,8 @@ def work(
             tqdm.write(f"trial {trial.number} failed: {last_reason}")
         bar.set_postfix(front=len(front.pareto), hv=f"{front.hypervolume:.4g}", refresh=False)
 
-    def child_failed(trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is not None:
-            tracker.finish_trial(
-                run_id,
-                {},
-                "FAILED",
-                {"fail_reason": f"worker lost: no heartbeat for over {search.grace_period:g} s"},
-            )
-
+    lost = partial(tracker.fail_lost_trial, grace=search.grace_period)
+    claimed = False
     runner = TrialRunner(space, data, device, tracker)
     updater = FrontUpdater(space, tracker, report)
     # the runner collects garbage after each trial, to free its model before emptying the
@@ -152,7 +160,7 @@ def work(
     gc.freeze()
     try:
         while True:
-            fail_stale_trials(study, search.grace_period, on_failed=child_failed)
+            fail_stale_trials(study, search.grace_period, on_failed=lost)
             done, running = _counts(study)
             if (target and done >= target) or failures >= max_failures:
                 break
@@ -161,14 +169,17 @@ def work(
             if target and done + running >= target:
                 if not said_waiting:
                     tqdm.write(
-                        f"waiting for {running} trial(s) running elsewhere (one whose worker "
-                        f"died fails, and runs again, after {search.grace_period:g} s without "
-                        "a heartbeat: search.grace_period)"
+                        f"waiting for {running} trial(s) running in other workers to finish "
+                        f"(one silent for {search.grace_period:g} s, search.grace_period, is "
+                        "failed and run again)"
                     )
                     said_waiting = True
                 time.sleep(POLL_SECONDS)  # the others may still fail: wait, then look again
                 continue
             said_waiting = False
+            if not claimed:  # the first trial this worker runs: its device's latencies
+                claim_latency_device(study, space, device)
+                claimed = True
             trial = study.ask()
             if target and _surplus(study, trial, target):
                 _give_back(study, trial)
@@ -177,17 +188,24 @@ def work(
             try:
                 with Heartbeat(study._storage, trial._trial_id, search.heartbeat_interval):
                     values = runner(trial)
-            except Exception:
-                study.tell(trial, state=TrialState.FAIL)
+            except TrialLost as taken:
+                tqdm.write(str(taken))
+                continue
+            except Exception as error:
+                if _still_running(study, trial):
+                    if "fail_reason" not in trial.user_attrs:  # raised before the runner's try
+                        trial.set_user_attr("fail_reason", failure_reason(error))
+                    study.tell(trial, state=TrialState.FAIL)
             except BaseException:  # Ctrl-C / SIGTERM: close the trial, then stop
-                study.tell(trial, state=TrialState.FAIL)
-                requeue(study, trial)  # a resumed search runs it again, as after a crash
+                if _still_running(study, trial):
+                    study.tell(trial, state=TrialState.FAIL)
+                    requeue(study, trial)  # a resumed search runs it again, as after a crash
                 raise
             else:
                 study.tell(trial, values)
-            with front_lock(storage):
+            with front_lock(storage, study.study_name):
                 updater(study, study._storage.get_trial(trial._trial_id))
-        with front_lock(storage):
+        with front_lock(storage, study.study_name):
             updater.finish(study)
     finally:
         gc.unfreeze()  # frozen objects outliving the interpreter's teardown upset nanobind
@@ -221,24 +239,18 @@ def launch_workers(
     storage: str,
     tracking_uri: str | None,
     target: int | None,
-    device: torch.device,
+    device: str | None,
 ) -> tuple[optuna.Study, str]:
     """Initialise the study here, then run `workers` `hybrid worker` processes (one per GPU
     when `gpus` is given, pinned with CUDA_VISIBLE_DEVICES) behind one progress bar.
-    Ctrl-C stops them all; their logs go to ./hybrid-workers/STUDY/."""
-    if storage.startswith("sqlite") and workers > 1:
-        raise ValueError(
-            f"search.storage={storage!r}: SQLite allows one writer at a time, so {workers} "
-            "workers would fail on locked writes; allowed: journal:PATH (one host, or a shared "
-            "file system) or postgresql://... (any number of hosts)"
-        )
+    Ctrl-C stops them all; their logs go to ./hybrid-workers/STUDY/. `device` is the
+    --device the workers get (default: theirs)."""
+    check_shared_storage(storage, f"{workers} workers")
     pins = [visible_devices_for(g) for g in gpus] if gpus is not None else None
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     if gpus is None:  # CPU workers share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-        # the study records the latency device with its thread count: the workers' count
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    study, tracker = initialise_study(space, storage, tracking_uri, device)
+    study, tracker = initialise_study(space, storage, tracking_uri)
     logs = Path("hybrid-workers") / study.study_name
     logs.mkdir(parents=True, exist_ok=True)
     processes = []
@@ -260,6 +272,8 @@ def launch_workers(
         ]
         if target:
             command += ["--trials", str(target)]
+        if device:
+            command += ["--device", device]
         log = (logs / f"worker-{i}.log").open("w")
         processes.append(
             subprocess.Popen(
