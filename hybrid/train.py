@@ -204,14 +204,18 @@ def train(
     device: torch.device | str | None = None,
     callbacks: Sequence[Callback] = (),
     checkpoint: Path | None = None,
+    checkpoint_interval_s: float | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Build the model (seeded), train it on `data` for the budget, evaluate it; with
     `config.deterministic`, under PyTorch's deterministic algorithms (the previous setting
-    comes back after)."""
+    comes back after). With `checkpoint_interval_s` the checkpoint is saved every that many
+    seconds of training instead of every `config.checkpoint_every` steps (a search's trials:
+    how long a step takes is not known before; not part of the run's identity)."""
     device = resolve_device(device)
     with on_device(device), deterministic_algorithms(config.deterministic):
-        return _train(model_config, data, config, device, callbacks, checkpoint, progress)
+        return _train(model_config, data, config, device, callbacks, checkpoint,
+                      checkpoint_interval_s, progress)  # fmt: skip
 
 
 def _train(
@@ -221,6 +225,7 @@ def _train(
     device: torch.device,
     callbacks: Sequence[Callback],
     checkpoint: Path | None,
+    checkpoint_interval_s: float | None,
     progress: bool,
 ) -> TrainResult:
     graphed = use_cuda_graph(config.cuda_graph, device)
@@ -289,7 +294,7 @@ def _train(
     unread: StepStats | None = None
     loss_value = grad_value = math.nan
     started, first_step = time.perf_counter(), step
-    elapsed = elapsed_before
+    elapsed = saved_at = elapsed_before
     bar = tqdm(
         total=config.total_steps,
         initial=step,
@@ -315,7 +320,10 @@ def _train(
             now = time.perf_counter()
             elapsed = elapsed_before + now - started
             reporting = step % config.log_every == 0 or config.progress(step, elapsed) >= 1
-            saving = step % config.checkpoint_every == 0
+            if checkpoint_interval_s is None:
+                saving = step % config.checkpoint_every == 0
+            else:
+                saving = checkpoint is not None and elapsed - saved_at >= checkpoint_interval_s
             evaluating = bool(config.eval_every) and step % config.eval_every == 0
             if reporting or saving or evaluating:  # nothing is logged or saved unchecked
                 loss_value, grad_value = unread.read()
@@ -342,6 +350,7 @@ def _train(
                 emit("eval", {"step": step, **score()})
             if saving:
                 save(finished=False)
+                saved_at = elapsed
         if unread is not None:
             unread.read()
     finally:

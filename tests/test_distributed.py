@@ -28,7 +28,12 @@ needs_postgres = pytest.mark.skipif(
 
 
 def _space(
-    folder: Path, name: str, steps: int, n_trials: int, objectives: list | None = None
+    folder: Path,
+    name: str,
+    steps: int,
+    n_trials: int,
+    objectives: list | None = None,
+    search: dict | None = None,
 ) -> Path:
     corpus = folder / "corpus"
     corpus.mkdir(exist_ok=True)
@@ -62,6 +67,7 @@ def _space(
             "n_trials": n_trials,
             "heartbeat_interval": 0.5,
             "grace_period": 3,
+            **(search or {}),
         },
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
     }
@@ -229,12 +235,55 @@ def test_an_interrupted_worker_says_so_and_its_trial_is_rerun(tmp_path, stop):
     assert "Traceback" not in out, out
     study = optuna.load_study(study_name=name, storage=load)
     stopped = study.trials[running.number]
-    assert stopped.state == TrialState.FAIL
+    seen = f"{out}\n{[(t.number, t.state.name, t.user_attrs) for t in study.trials]}"
+    assert stopped.state == TrialState.FAIL, seen
     reason = "KeyboardInterrupt" if code == 130 else "Terminated"
-    assert stopped.user_attrs["fail_reason"] == reason
+    assert stopped.user_attrs["fail_reason"] == reason, seen
     waiting = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped.number]
-    assert len(waiting) == 1 and waiting[0].state == TrialState.WAITING
+    assert len(waiting) == 1 and waiting[0].state == TrialState.WAITING, seen
     assert waiting[0].system_attrs["fixed_params"] == stopped.params  # set when it runs
+
+
+def test_an_interrupted_trial_resumes_from_its_checkpoint(tmp_path):
+    """The retry of a trial stopped mid-training resumes its training checkpoint (one per
+    lineage, every `search.checkpoint_interval` seconds) to the result an uninterrupted run
+    gets, and the checkpoint is deleted once the study holds that result."""
+    from hybrid.search.space import load_space
+    from hybrid.search.study import load_data
+    from hybrid.train import train
+
+    storage, name = f"journal:{tmp_path / 'study.log'}", "resumed"
+    path = _space(tmp_path, name, steps=400, n_trials=1, search={"checkpoint_interval": 0.2})
+    _run("search", str(path), "--storage", storage, "--init", cwd=tmp_path)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    load = JournalStorage(JournalFileBackend(str(tmp_path / "study.log")))
+    worker = _hybrid("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
+    stopped = _inside_a_trial(worker, name, load)
+    checkpoint = tmp_path / f"{name}.checkpoints" / f"trial-{stopped.number}.pt"
+    deadline = time.time() + 60
+    while not checkpoint.is_file():  # saved 0.2 s of training in
+        assert time.time() < deadline and worker.poll() is None
+        time.sleep(0.1)
+    os.killpg(worker.pid, signal.SIGINT)
+    worker.communicate(timeout=60)
+    saved_step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 0 < saved_step < 400
+
+    _run("worker", str(path), "--storage", storage, "--quiet", cwd=tmp_path)
+    study = optuna.load_study(study_name=name, storage=load)
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == stopped.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["lineage"] == stopped.number
+    runs = {int(r.data.tags["hybrid.study.trial"]): r for r in _children(tmp_path, study)}
+    assert runs[retry.number].data.tags["resumed_from_checkpoint"] == "true"
+    assert not checkpoint.exists()
+    space = load_space(path)
+    plan = space.plan(retry.params)
+    whole = train(plan.model, load_data(space), plan.train, device="cpu", progress=False)
+    assert retry.user_attrs["metrics"]["val_loss"] == pytest.approx(
+        whole.metrics["val_loss"], rel=1e-6
+    )
 
 
 def test_a_restarted_search_says_it_waits_for_its_dead_trial(tmp_path, capsys):

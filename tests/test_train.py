@@ -90,6 +90,26 @@ def test_interrupted_run_resumes_to_the_same_result(shakespeare, tmp_path):
         train(TINY, shakespeare, _config(steps=41), progress=False, checkpoint=ckpt)
 
 
+def test_a_checkpoint_interval_in_seconds_replaces_the_step_cadence(shakespeare, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """A search's trials save by training time (`checkpoint_interval_s`), not every
+    `checkpoint_every` steps: none before the interval has passed, then one per interval,
+    and the last one when the run ends."""
+    import hybrid.train as train_module
+
+    saved, real_save = [], train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda path, state: (
+        saved.append(state["step"]), real_save(path, state)))  # fmt: skip
+    config = _config(steps=30, checkpoint_every=5, log_every=5)
+    train(TINY, shakespeare, config, progress=False, checkpoint=tmp_path / "a.pt",
+          checkpoint_interval_s=1e9)  # fmt: skip
+    assert saved == [30]  # only the finished run's
+    saved.clear()
+    train(TINY, shakespeare, config, progress=False, checkpoint=tmp_path / "b.pt",
+          checkpoint_interval_s=1e-9)  # fmt: skip
+    assert saved == [*range(1, 31), 30]  # every step, whatever checkpoint_every says
+
+
 def test_learning_rate_schedules():
     cosine = TrainConfig(steps=100, lr=1.0, warmup=0.1, min_lr_ratio=0.1)
     assert cosine.lr_at(0.05) == pytest.approx(0.5)

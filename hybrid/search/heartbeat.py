@@ -62,12 +62,15 @@ def retries_of(trial: FrozenTrial | optuna.Trial) -> int:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
-    """Enqueue a failed trial's parameters again, at most MAX_RETRIES times a lineage."""
+    """Enqueue a failed trial's parameters again, at most MAX_RETRIES times a lineage (the
+    first trial's number: a retry resumes its training checkpoint)."""
     if retries_of(trial) < MAX_RETRIES:
-        study.enqueue_trial(
-            dict(trial.params),
-            user_attrs={"retry_of": trial.number, "retries": retries_of(trial) + 1},
-        )
+        attrs = {
+            "retry_of": trial.number,
+            "retries": retries_of(trial) + 1,
+            "lineage": trial.user_attrs.get("lineage", trial.number),
+        }
+        study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
 def fail_stale_trials(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import optuna
 import torch
@@ -121,6 +122,8 @@ class TrialRunner:
             reason = failure_reason(error)
             with contextlib.suppress(UpdateFinishedTrialError):  # unless it was taken over
                 trial.set_user_attr("fail_reason", reason)
+            if not isinstance(error, KeyboardInterrupt):  # failed for good: not run again
+                self._drop_checkpoint(trial)
             if run_id is not None:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
                 self._record(trial, lambda: self.tracker.finish_trial(
@@ -138,10 +141,16 @@ class TrialRunner:
                 "want of heartbeats (was this worker stalled, or the storage unreachable, for "
                 "longer than search.grace_period?): its result is dropped and its retry runs it"
             ) from None
+        self._drop_checkpoint(trial)  # the study holds the result now
         if run_id is not None:
             finish = partial(self.tracker.finish_trial, run_id, metrics, "FINISHED", tags)
             self._record(trial, finish)
         return [metrics[m] for m in self.space.metric_names]
+
+    def _drop_checkpoint(self, trial: optuna.Trial) -> None:
+        path = self.checkpoint_path(trial)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def _record(self, trial: optuna.Trial, action: Callable[[], object]) -> None:
         """An MLflow write of this trial: a failing tracking server costs the record, said
@@ -171,24 +180,42 @@ class TrialRunner:
         if not feasible:
             measured = {m: math.inf for m in self.space.metric_names if m not in static}
             return {**static, **measured}, {"skipped": "infeasible: not trained"}
-        callbacks = []
-        if self.tracker is not None and run_id is not None:
-            callbacks.append(
-                lambda event, values: event == "train" and self._record(
-                    trial, lambda: self.tracker.log_curve_point(run_id, values))
-            )  # fmt: skip
+        checkpoint = self.checkpoint_path(trial)
+        resumed = checkpoint is not None and checkpoint.is_file()
+        logged: set[int] = set()  # curve steps logged while training
+
+        def log_point(event: str, values: dict[str, float]) -> None:
+            if event == "train" and run_id is not None:
+                logged.add(int(values["step"]))
+                self._record(trial, lambda: self.tracker.log_curve_point(run_id, values))
+
         result = train(
             plan.model,
             self.data,
             plan.train,
             device=self.device,
-            callbacks=callbacks,
+            callbacks=[log_point],
+            checkpoint=checkpoint,
+            checkpoint_interval_s=self.space.spec.search.checkpoint_interval,
             progress=False,
         )
+        for point in result.curve:  # a resumed run's curve before its checkpoint
+            if int(point["step"]) not in logged:
+                log_point("train", point)
         metrics = {**static, **result.metrics}
         del result
         metrics.update(self._latencies(trial, plan))
-        return metrics, {}
+        return metrics, {"resumed_from_checkpoint": "true"} if resumed else {}
+
+    def checkpoint_path(self, trial: optuna.Trial) -> Path | None:
+        """Where a trial's training saves itself every `search.checkpoint_interval` seconds:
+        one file per lineage (a retry resumes its lost original's run), under
+        `search.checkpoint_dir`."""
+        search = self.space.spec.search
+        if search.checkpoint_interval is None:
+            return None
+        folder = Path(search.checkpoint_dir or f"{trial.study.study_name}.checkpoints")
+        return folder / f"trial-{trial.user_attrs.get('lineage', trial.number)}.pt"
 
     def _latencies(self, trial: optuna.Trial, plan: TrialPlan) -> dict[str, float]:
         """The latency and memory objectives, through the study's latency cache."""

@@ -205,6 +205,9 @@ class SearchSection(_Model):
     hv_reference: list[float] | None = None
     heartbeat_interval: float = Field(30.0, gt=0)
     grace_period: float = Field(120.0, gt=0)
+    # seconds of training between a trial's checkpoints (None: none); where they go
+    checkpoint_interval: float | None = Field(600.0, gt=0)
+    checkpoint_dir: str | None = None
 
     @model_validator(mode="after")
     def _grace_covers_beats(self) -> SearchSection:
