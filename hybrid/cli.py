@@ -395,7 +395,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
-    if complete >= target and not study.get_trials(states=(TrialState.RUNNING,)):
+    if target and complete >= target and not study.get_trials(states=(TrialState.RUNNING,)):
         tracker.finish_study("FINISHED")  # the last worker out closes the parent run
     print(
         f"worker done: {ran} trials run here; study {study.study_name!r} holds "

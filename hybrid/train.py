@@ -185,6 +185,10 @@ def evaluate(
     }
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint file of another run (model, training config or data differ)."""
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
@@ -251,7 +255,7 @@ def _train(
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["identity"] != identity:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint {str(checkpoint)!r} belongs to a different run "
                 "(model, training config or data differ); move it away"
             )

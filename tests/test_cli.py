@@ -125,10 +125,7 @@ def test_a_search_whose_trials_keep_failing_exits_4(tmp_path, capsys, monkeypatc
 
     import hybrid.search.worker as worker
 
-    class Failing:
-        def __init__(self, *args):
-            pass
-
+    class Failing(worker.TrialRunner):  # every trial raises
         def __call__(self, trial):
             trial.set_user_attr("fail_reason", "ValueError: broken recipe")
             raise ValueError("broken recipe")
@@ -189,12 +186,15 @@ def test_ui_says_when_the_study_has_no_run_in_the_store(tmp_path, capsys, monkey
     monkeypatch.setattr(cli.subprocess, "run", run)
     monkeypatch.chdir(tmp_path)
     quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
-    assert main(["ui", str(quickstart)]) == 0
+    with socket.socket() as probe:  # a free port (5000 may be taken on the test host)
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    assert main(["ui", str(quickstart), "--port", port]) == 0
     captured = capsys.readouterr()
     assert "no run of study 'quickstart' in sqlite:///mlflow.db yet" in captured.err
-    assert "MLflow UI on http://127.0.0.1:5000" in captured.out and len(served) == 1
+    assert f"MLflow UI on http://127.0.0.1:{port}" in captured.out and len(served) == 1
     # a server that fails (its own messages say why) is not a success
-    assert main(["ui", str(quickstart)]) == 1
+    assert main(["ui", str(quickstart), "--port", port]) == 1
     assert "the MLflow server exited with 1" in capsys.readouterr().err
 
 

@@ -61,23 +61,29 @@ def retries_of(trial: FrozenTrial | optuna.Trial) -> int:
     return int(trial.user_attrs.get("retries", 0))
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     """Enqueue a failed trial's parameters again, at most MAX_RETRIES times a lineage (the
-    first trial's number: a retry resumes its training checkpoint)."""
-    if retries_of(trial) < MAX_RETRIES:
-        attrs = {
-            "retry_of": trial.number,
-            "retries": retries_of(trial) + 1,
-            "lineage": trial.user_attrs.get("lineage", trial.number),
-        }
-        study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    first trial's number: a retry resumes its training checkpoint); False when the lineage
+    has used its retries (nothing will resume its checkpoint)."""
+    if retries_of(trial) >= MAX_RETRIES:
+        return False
+    attrs = {
+        "retry_of": trial.number,
+        "retries": retries_of(trial) + 1,
+        "lineage": trial.user_attrs.get("lineage", trial.number),
+    }
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    return True
 
 
 def fail_stale_trials(
-    study: optuna.Study, grace: float, on_failed: Callable[[FrozenTrial], None] | None = None
+    study: optuna.Study,
+    grace: float,
+    on_failed: Callable[[FrozenTrial, bool], None] | None = None,
 ) -> list[int]:
-    """Fail (and re-enqueue once) every RUNNING trial silent for more than `grace` seconds;
-    returns the numbers of the trials this call failed."""
+    """Fail (and re-enqueue once) every RUNNING trial silent for more than `grace` seconds,
+    calling `on_failed(trial, requeued)` for each; returns the numbers of the trials this
+    call failed."""
     now, failed = time.time(), []
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -92,7 +98,7 @@ def fail_stale_trials(
         except Exception:  # another worker failed it first
             continue
         failed.append(trial.number)
-        requeue(study, trial)
+        again = requeue(study, trial)
         if on_failed is not None:
-            on_failed(trial)
+            on_failed(trial, again)
     return failed

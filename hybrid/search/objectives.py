@@ -31,8 +31,9 @@ from hybrid.search.latency import LatencyRequest, StudyLatencyCache, device_name
 from hybrid.search.space import SearchSpace, TrialPlan
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import TokenData
-from hybrid.train import train
+from hybrid.train import CheckpointMismatch, train
 
+CHECKPOINT_TOKEN = "checkpoint_token"  # study attribute naming its trials' checkpoint files
 WAIT_SECONDS = 2.0  # poll period while another worker trains the same architecture
 # peak memory is measured during a decode run at the objective's batch and context
 LATENCY_KINDS = {
@@ -73,6 +74,12 @@ def constraint_values(space: SearchSpace, static: dict[str, float]) -> dict[str,
 def failure_reason(error: BaseException) -> str:
     """A trial's fail_reason: the exception's type and message."""
     return f"{type(error).__name__}: {error}".removesuffix(": ")[:5000]
+
+
+def still_running(trial: optuna.Trial) -> bool:
+    """False when another worker has failed this trial for want of heartbeats (it runs
+    again as a retry; this worker must not close it a second time)."""
+    return trial.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
 
 class TrialLost(Exception):
@@ -118,43 +125,58 @@ class TrialRunner:
                 run_id = self.tracker.start_trial(trial.number, plan, tags)
                 trial.set_user_attr("mlflow_run_id", run_id)
             metrics, tags = self._metrics(trial, plan, static, feasible, run_id)
+            trial.set_user_attr("metrics", metrics)
         except BaseException as error:
+            if not isinstance(error, KeyboardInterrupt) and not still_running(trial):
+                raise TrialLost(  # its retry may be resuming the checkpoint: keep it
+                    f"trial {trial.number} finished here after another worker had failed it "
+                    "for want of heartbeats (was this worker stalled, or the storage "
+                    "unreachable, for longer than search.grace_period?): its result is "
+                    "dropped and its retry runs it"
+                ) from None
             reason = failure_reason(error)
-            with contextlib.suppress(UpdateFinishedTrialError):  # unless it was taken over
+            with contextlib.suppress(UpdateFinishedTrialError):  # closed under us meanwhile
                 trial.set_user_attr("fail_reason", reason)
             if not isinstance(error, KeyboardInterrupt):  # failed for good: not run again
-                self._drop_checkpoint(trial)
+                self.drop_checkpoint(trial)
             if run_id is not None:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
                 self._record(trial, lambda: self.tracker.finish_trial(
-                    run_id, {}, status, {"fail_reason": reason}))  # fmt: skip
+                    run_id, {}, status, {"fail_reason": reason}), last=True)  # fmt: skip
             raise
         finally:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        try:
-            trial.set_user_attr("metrics", metrics)
-        except UpdateFinishedTrialError:
-            raise TrialLost(
-                f"trial {trial.number} finished here after another worker had failed it for "
-                "want of heartbeats (was this worker stalled, or the storage unreachable, for "
-                "longer than search.grace_period?): its result is dropped and its retry runs it"
-            ) from None
-        self._drop_checkpoint(trial)  # the study holds the result now
         if run_id is not None:
             finish = partial(self.tracker.finish_trial, run_id, metrics, "FINISHED", tags)
-            self._record(trial, finish)
+            self._record(trial, finish, last=True)
         return [metrics[m] for m in self.space.metric_names]
 
-    def _drop_checkpoint(self, trial: optuna.Trial) -> None:
+    def trial_lost(self, trial: FrozenTrial, requeued: bool) -> None:
+        """Another worker's trial failed for want of heartbeats (`fail_stale_trials`): close
+        its MLflow run; its checkpoint goes unless its retry will resume it."""
+        if self.tracker is not None:
+            self.tracker.fail_lost_trial(trial, self.space.spec.search.grace_period)
+        if not requeued:
+            self.drop_checkpoint(trial)
+
+    def drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
+        """Delete the trial's lineage checkpoint (the study holds its result, or nothing will
+        resume it)."""
         path = self.checkpoint_path(trial)
         if path is not None:
             path.unlink(missing_ok=True)
 
-    def _record(self, trial: optuna.Trial, action: Callable[[], object]) -> None:
+    def _record(
+        self, trial: optuna.Trial, action: Callable[[], object], last: bool = False
+    ) -> None:
         """An MLflow write of this trial: a failing tracking server costs the record, said
-        once per trial, never the trial (the study holds its result)."""
+        once per trial, never the trial (the study holds its result). After one failure
+        only the `last` write (the run's end) is tried: each can block for minutes while
+        MLflow retries, and a trial with a time budget would train less."""
+        if trial.number in self._incomplete and not last:
+            return
         try:
             action()
         except Exception as error:
@@ -189,16 +211,16 @@ class TrialRunner:
                 logged.add(int(values["step"]))
                 self._record(trial, lambda: self.tracker.log_curve_point(run_id, values))
 
-        result = train(
-            plan.model,
-            self.data,
-            plan.train,
-            device=self.device,
-            callbacks=[log_point],
-            checkpoint=checkpoint,
-            checkpoint_interval_s=self.space.spec.search.checkpoint_interval,
-            progress=False,
-        )
+        run = partial(train, plan.model, self.data, plan.train, device=self.device,
+                      callbacks=[log_point], checkpoint=checkpoint, progress=False,
+                      checkpoint_interval_s=self.space.spec.search.checkpoint_interval)  # fmt: skip
+        try:
+            result = run()
+        except CheckpointMismatch as stale:  # not this lineage's run: start afresh
+            tqdm.write(f"trial {trial.number}: {stale}; training from the start")
+            checkpoint.unlink(missing_ok=True)
+            resumed = False
+            result = run()
         for point in result.curve:  # a resumed run's curve before its checkpoint
             if int(point["step"]) not in logged:
                 log_point("train", point)
@@ -214,8 +236,13 @@ class TrialRunner:
         search = self.space.spec.search
         if search.checkpoint_interval is None:
             return None
-        folder = Path(search.checkpoint_dir or f"{trial.study.study_name}.checkpoints")
-        return folder / f"trial-{trial.user_attrs.get('lineage', trial.number)}.pt"
+        study = trial.study
+        folder = Path(search.checkpoint_dir or f"{study.study_name}.checkpoints")
+        # the study's token: a study recreated under the name, or another in a shared
+        # directory, never meets these files
+        token = study.user_attrs.get(CHECKPOINT_TOKEN, "")
+        lineage = trial.user_attrs.get("lineage", trial.number)
+        return folder / f"{study.study_name}-{token}-trial-{lineage}.pt"
 
     def _latencies(self, trial: optuna.Trial, plan: TrialPlan) -> dict[str, float]:
         """The latency and memory objectives, through the study's latency cache."""
@@ -270,6 +297,4 @@ class TrialRunner:
             if not running:
                 return None
             time.sleep(WAIT_SECONDS)
-            tracker = self.tracker
-            lost = None if tracker is None else partial(tracker.fail_lost_trial, grace=grace)
-            fail_stale_trials(trial.study, grace, on_failed=lost)
+            fail_stale_trials(trial.study, grace, on_failed=self.trial_lost)

@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from hybrid.data import CorpusSpec
 from hybrid.devices import resolve_device
 from hybrid.search.figures import pareto_html, pareto_png
 from hybrid.search.latency import device_name
+from hybrid.search.objectives import CHECKPOINT_TOKEN
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
 from hybrid.search.space import SearchSpace, vocab_for
 from hybrid.search.tracking import StudyTracker
@@ -373,6 +375,8 @@ def initialise_study(
         study.user_attrs.get("mlflow_parent_run_id"),
     )
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_id)
+    if CHECKPOINT_TOKEN not in study.user_attrs:
+        study.set_user_attr(CHECKPOINT_TOKEN, uuid.uuid4().hex[:12])
     if not study.user_attrs.get("seeded"):
         for design in space.spec.search.seed_designs:
             study.enqueue_trial(space.seed_params(design), skip_if_exists=True)

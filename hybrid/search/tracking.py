@@ -108,7 +108,9 @@ class StudyTracker:
             return tracker
         try:
             client.get_run(existing_parent)
-        except MlflowException:
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # the store is down, or failing: not a wrong URI
             raise ValueError(
                 f"study {study_name!r} has its MLflow parent run {existing_parent} in another "
                 f"store than {tracking_uri}: pass the --tracking-uri it was created with"
@@ -161,7 +163,7 @@ class StudyTracker:
         return run.info.run_id
 
     def fail_lost_trial(self, trial: FrozenTrial, grace: float) -> None:
-        """Close the child run of a trial whose worker stopped beating (`fail_stale_trials`)."""
+        """Close the child run of a trial whose worker stopped beating."""
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id is not None:
             self.finish_trial(run_id, {}, "FAILED", {"fail_reason": lost_reason(grace)})

@@ -20,7 +20,6 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hybrid.devices import visible_devices_for
 from hybrid.search.heartbeat import Heartbeat, fail_stale_trials, requeue
-from hybrid.search.objectives import TrialLost, TrialRunner, failure_reason
+from hybrid.search.objectives import TrialLost, TrialRunner, failure_reason, still_running
 from hybrid.search.space import SearchSpace
 from hybrid.search.study import (
     Front,
@@ -103,12 +102,6 @@ def _give_back(study: optuna.Study, trial: optuna.Trial) -> None:
     study.tell(trial, state=TrialState.PRUNED)
 
 
-def _still_running(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """False when another worker has failed this trial for want of heartbeats (it runs
-    again as a retry; this worker must not close it a second time)."""
-    return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
-
-
 class TooManyFailures(RuntimeError):
     """A worker stopped because its trials kept failing (a bad recipe, not bad luck)."""
 
@@ -149,7 +142,6 @@ def work(
             tqdm.write(f"trial {trial.number} failed: {last_reason}")
         bar.set_postfix(front=len(front.pareto), hv=f"{front.hypervolume:.4g}", refresh=False)
 
-    lost = partial(tracker.fail_lost_trial, grace=search.grace_period)
     claimed = False
     runner = TrialRunner(space, data, device, tracker)
     updater = FrontUpdater(space, tracker, report)
@@ -160,7 +152,7 @@ def work(
     gc.freeze()
     try:
         while True:
-            fail_stale_trials(study, search.grace_period, on_failed=lost)
+            fail_stale_trials(study, search.grace_period, on_failed=runner.trial_lost)
             done, running = _counts(study)
             if (target and done >= target) or failures >= max_failures:
                 break
@@ -178,7 +170,8 @@ def work(
                 continue
             said_waiting = False
             if not claimed:  # the first trial this worker runs: its device's latencies
-                claim_latency_device(study, space, device)
+                with front_lock(storage, study.study_name):  # one claim when workers race
+                    claim_latency_device(study, space, device)
                 claimed = True
             trial = study.ask()
             if target and _surplus(study, trial, target):
@@ -192,17 +185,24 @@ def work(
                 tqdm.write(str(taken))
                 continue
             except Exception as error:
-                if _still_running(study, trial):
+                if still_running(trial):
                     if "fail_reason" not in trial.user_attrs:  # raised before the runner's try
                         trial.set_user_attr("fail_reason", failure_reason(error))
                     study.tell(trial, state=TrialState.FAIL)
             except BaseException:  # Ctrl-C / SIGTERM: close the trial, then stop
-                if _still_running(study, trial):
+                stored = study._storage.get_trial(trial._trial_id)
+                if stored.state == TrialState.RUNNING and "metrics" in stored.user_attrs:
+                    # stopped after its result was stored: keep it
+                    study.tell(trial, [stored.user_attrs["metrics"][m] for m in space.metric_names])
+                    runner.drop_checkpoint(trial)
+                elif stored.state == TrialState.RUNNING:
                     study.tell(trial, state=TrialState.FAIL)
-                    requeue(study, trial)  # a resumed search runs it again, as after a crash
+                    if not requeue(study, trial):  # a resumed search runs it again, as
+                        runner.drop_checkpoint(trial)  # after a crash, from its checkpoint
                 raise
             else:
                 study.tell(trial, values)
+                runner.drop_checkpoint(trial)  # the study holds the result now
             with front_lock(storage, study.study_name):
                 updater(study, study._storage.get_trial(trial._trial_id))
         with front_lock(storage, study.study_name):
