@@ -370,11 +370,9 @@ def _served(uri: str) -> bool:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from optuna.trial import TrialState
-
     from hybrid.search.space import load_space
     from hybrid.search.study import check_shared_storage, join_study, load_data
-    from hybrid.search.worker import work
+    from hybrid.search.worker import trial_counts, work
 
     check_shared_storage(args.storage, "workers")
     if args.gpu is not None:  # before anything touches CUDA
@@ -394,8 +392,8 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         target=target,
         progress=not args.quiet,
     )
-    complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
-    if target and complete >= target and not study.get_trials(states=(TrialState.RUNNING,)):
+    complete, running = trial_counts(study)
+    if target and complete >= target and not running:
         tracker.finish_study("FINISHED")  # the last worker out closes the parent run
     print(
         f"worker done: {ran} trials run here; study {study.study_name!r} holds "

@@ -137,10 +137,12 @@ def reference_point(space: SearchSpace, first: list[float]) -> list[float]:
 
 @dataclass
 class Front:
-    """Feasible completed trials with their ranks; rank 0 is the Pareto set."""
+    """Feasible completed trials with their ranks; rank 0 is the Pareto set. `completed`
+    counts every completed trial (duplicates and infeasible ones too)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     hypervolume: float = 0.0
+    completed: int = 0
 
     @property
     def pareto(self) -> list[dict[str, Any]]:
@@ -149,9 +151,10 @@ class Front:
 
 def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
     metrics, directions = space.metric_names, space.directions
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     trials = [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in completed
         if t.user_attrs.get("feasible", True)
         and "duplicate_of" not in t.user_attrs  # each architecture once
         and all(math.isfinite(v) for v in t.values)
@@ -177,7 +180,7 @@ def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
         reference = list(to_minimisation(given, directions))
         study.set_user_attr("hv_reference", reference)  # fixed: the hypervolume only grows
     volume = hypervolume(points, reference) if points else 0.0
-    return Front(rows, volume)
+    return Front(rows, volume, len(completed))
 
 
 class FrontUpdater:
@@ -207,8 +210,7 @@ class FrontUpdater:
             due = time.monotonic() - self.drawn_at >= self.figure_interval_s
             # the hypervolume's step counts completed trials: under the front lock it only
             # grows, where trial numbers arrive out of order from several workers
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            self._log(front, done, draw=due)
+            self._log(front, front.completed, draw=due)
         if self.on_trial is not None:
             self.on_trial(trial, front)
 

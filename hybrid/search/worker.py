@@ -75,7 +75,8 @@ def front_lock(storage: str, study_name: str) -> Iterator[None]:
         yield
 
 
-def _counts(study: optuna.Study) -> tuple[int, int]:
+def trial_counts(study: optuna.Study) -> tuple[int, int]:
+    """(completed, running) trials of the study, from one read."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
     done = sum(t.state == TrialState.COMPLETE for t in trials)
     return done, len(trials) - done
@@ -121,7 +122,7 @@ def work(
     returns how many trials this worker ran. Raises TooManyFailures (after updating the
     front) when max(5, 2·target) of its trials failed."""
     search = space.spec.search
-    done, _ = _counts(study)
+    done, _ = trial_counts(study)
     bar = tqdm(
         total=max(0, target - done) if target else None,
         desc=f"search {study.study_name}",
@@ -153,7 +154,7 @@ def work(
     try:
         while True:
             fail_stale_trials(study, search.grace_period, on_failed=runner.trial_lost)
-            done, running = _counts(study)
+            done, running = trial_counts(study)
             if (target and done >= target) or failures >= max_failures:
                 break
             if search.timeout and time.time() - started > search.timeout:
@@ -284,7 +285,7 @@ def launch_workers(
                 start_new_session=True,
             )
         )
-    done, _ = _counts(study)
+    done, _ = trial_counts(study)
     bar = tqdm(
         total=target,
         initial=done,
@@ -297,7 +298,7 @@ def launch_workers(
         while running_processes := [p for p in processes if p.poll() is None]:
             with contextlib.suppress(subprocess.TimeoutExpired):  # ends as the last one does
                 running_processes[0].wait(timeout=POLL_SECONDS)
-            done, running = _counts(study)
+            done, running = trial_counts(study)
             bar.n = done
             bar.set_postfix(running=running, refresh=True)
         status = "FINISHED"
