@@ -389,6 +389,42 @@ def test_a_trial_failed_under_a_live_worker_is_dropped_not_crashed(tmp_path, cap
     assert parent.info.status == "FINISHED"
 
 
+def test_a_lost_trial_whose_retry_has_finished_leaves_no_checkpoint(tmp_path, capsys, monkeypatch):
+    """The stalled worker's trial goes on training (and saving its checkpoint) after its retry
+    finished elsewhere and deleted the lineage's file: the file it saved last is deleted
+    too, not left for nothing to resume."""
+    from hybrid.search import objectives
+    from hybrid.search.heartbeat import fail_stale_trials
+    from hybrid.search.space import load_space
+    from hybrid.search.study import open_storage, run_search
+
+    real, stalled = objectives.train, []
+
+    def train(*args, **kwargs):
+        out = real(*args, **kwargs)  # saves its final checkpoint
+        study = optuna.load_study(study_name="late", storage=storage_)
+        if not stalled:
+            stalled.extend(fail_stale_trials(study, -1.0))
+            retry = study.ask()  # run and finished by another worker meanwhile
+            assert retry.user_attrs["retry_of"] == stalled[0]
+            space.suggest(retry)
+            study.tell(retry, [3.0, 1000.0])
+        return out
+
+    monkeypatch.setattr(objectives, "train", train)
+    storage = f"journal:{tmp_path / 'study.log'}"
+    storage_ = open_storage(storage)
+    space = load_space(_space(tmp_path, "late", 2, 2,
+                              [{"metric": "val_perplexity"}, {"metric": "params"}],
+                              search={"checkpoint_interval": 1e-3}))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    outcome = run_search(space, storage=storage, device="cpu", progress=False)
+    assert "dropped; its retry has run" in capsys.readouterr().out
+    assert outcome.study.trials[stalled[0]].state == TrialState.FAIL
+    assert len(outcome.study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert not list((tmp_path / "late.checkpoints").glob("*.pt"))
+
+
 class _FailingTracker:
     """An MLflow tracker whose server went away: every write after `start_trial` raises
     (`start_trial` too when `at_start`)."""

@@ -213,7 +213,8 @@ def test_front_figures_are_throttled_and_drawn_at_the_end(searched):
 
 def test_hypervolume_steps_grow_when_trials_finish_out_of_order(searched):
     """Workers finish trials out of order: the hypervolume's step is the count of completed
-    trials, so the curve's steps and values only grow (by trial number they did not)."""
+    trials, so the curve's steps and values only grow (by trial number they did not); a
+    failed trial between them logs no second point at an unchanged step."""
     space, outcome, _ = searched
     finished = outcome.study.get_trials(states=(TrialState.COMPLETE,))
     finished = [t for t in finished if "duplicate_of" not in t.user_attrs][:4]
@@ -228,6 +229,9 @@ def test_hypervolume_steps_grow_when_trials_finish_out_of_order(searched):
             asked[i].set_user_attr(key, value)
         study.tell(asked[i], finished[i].values)
         updater(study, study.trials[asked[i].number])
+        failed = study.ask()  # a failed trial changes no front: nothing is logged for it
+        study.tell(failed, state=TrialState.FAIL)
+        updater(study, study.trials[failed.number])
     assert [step for step, _ in recorder.fronts] == list(range(1, len(finished) + 1))
     assert recorder.hypervolumes == sorted(recorder.hypervolumes)
 

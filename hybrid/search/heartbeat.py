@@ -61,6 +61,21 @@ def retries_of(trial: FrozenTrial | optuna.Trial) -> int:
     return int(trial.user_attrs.get("retries", 0))
 
 
+def lineage_of(trial: FrozenTrial | optuna.Trial) -> int:
+    """The number of the first trial of this trial's retries (it names their checkpoint)."""
+    return int(trial.user_attrs.get("lineage", trial.number))
+
+
+def lineage_pending(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
+    """Whether another trial of this trial's lineage is queued or running: it may resume the
+    lineage's checkpoint."""
+    lineage = lineage_of(trial)
+    return any(
+        t.number != trial.number and lineage_of(t) == lineage
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    )
+
+
 def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     """Enqueue a failed trial's parameters again, at most MAX_RETRIES times a lineage (the
     first trial's number: a retry resumes its training checkpoint); False when the lineage
@@ -70,7 +85,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     attrs = {
         "retry_of": trial.number,
         "retries": retries_of(trial) + 1,
-        "lineage": trial.user_attrs.get("lineage", trial.number),
+        "lineage": lineage_of(trial),
     }
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
     return True

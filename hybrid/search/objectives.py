@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from hybrid.model import HybridLM
-from hybrid.search.heartbeat import fail_stale_trials
+from hybrid.search.heartbeat import fail_stale_trials, lineage_of, lineage_pending
 from hybrid.search.latency import LatencyRequest, StudyLatencyCache, device_name, measure
 from hybrid.search.space import SearchSpace, TrialPlan
 from hybrid.search.tracking import StudyTracker
@@ -128,11 +128,16 @@ class TrialRunner:
             trial.set_user_attr("metrics", metrics)
         except BaseException as error:
             if not isinstance(error, KeyboardInterrupt) and not still_running(trial):
-                raise TrialLost(  # its retry may be resuming the checkpoint: keep it
+                # its retry may be resuming the checkpoint (keep it) or be done with it: then
+                # the file this trial went on saving would stay behind
+                pending = lineage_pending(trial.study, trial)
+                if not pending:
+                    self.drop_checkpoint(trial)
+                raise TrialLost(
                     f"trial {trial.number} finished here after another worker had failed it "
                     "for want of heartbeats (was this worker stalled, or the storage "
                     "unreachable, for longer than search.grace_period?): its result is "
-                    "dropped and its retry runs it"
+                    + ("dropped and its retry runs it" if pending else "dropped; its retry has run")
                 ) from None
             reason = failure_reason(error)
             with contextlib.suppress(UpdateFinishedTrialError):  # closed under us meanwhile
@@ -241,7 +246,7 @@ class TrialRunner:
         # the study's token: a study recreated under the name, or another in a shared
         # directory, never meets these files
         token = study.user_attrs.get(CHECKPOINT_TOKEN, "")
-        lineage = trial.user_attrs.get("lineage", trial.number)
+        lineage = lineage_of(trial)
         return folder / f"{study.study_name}-{token}-trial-{lineage}.pt"
 
     def _latencies(self, trial: optuna.Trial, plan: TrialPlan) -> dict[str, float]:

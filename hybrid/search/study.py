@@ -184,11 +184,11 @@ def compute_front(study: optuna.Study, space: SearchSpace) -> Front:
 
 
 class FrontUpdater:
-    """After each trial: re-rank, re-tag the children whose rank changed, log `pareto.csv` and
-    the hypervolume on the parent, and redraw the figures at most every `figure_interval_s`
-    (drawing them took ~0.2 s, and a worker does it under the study-wide front lock, so a
-    search of short trials spent a large share of its time there); `finish` draws the last
-    front."""
+    """After each completed trial: re-rank, re-tag the children whose rank changed, log
+    `pareto.csv` and the hypervolume on the parent, and redraw the figures at most every
+    `figure_interval_s` (drawing them took ~0.2 s, and a worker does it under the study-wide
+    front lock, so a search of short trials spent a large share of its time there); `finish`
+    draws the last front."""
 
     def __init__(
         self,
@@ -205,7 +205,9 @@ class FrontUpdater:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         front = compute_front(study, self.space)
-        if self.tracker is not None:
+        # a failed trial leaves the front as it was: logging it again would add a second
+        # hypervolume point at the same step
+        if self.tracker is not None and trial.state == TrialState.COMPLETE:
             self._tag(study, front)
             due = time.monotonic() - self.drawn_at >= self.figure_interval_s
             # the hypervolume's step counts completed trials: under the front lock it only
