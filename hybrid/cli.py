@@ -206,7 +206,19 @@ def _cmd_data(args: argparse.Namespace) -> None:
     _print_data(prepare_data(CorpusSpec.from_settings(args), args.tokenizer))
 
 
+def _output_file(path: Path | None, flag: str) -> None:
+    """Refuse a folder and make the folders of an output file before the work that writes it
+    (a run whose result then failed to save was lost)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; allowed: a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    _output_file(args.metrics_json, "--metrics-json")
+    _output_file(args.checkpoint, "--checkpoint")
     corpus = CorpusSpec.from_settings(args)
     train_config = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -220,7 +232,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
         f"{HybridLM(model_config, device='meta').num_params():,} non-embedding parameters"
     )
 
+    evals: list[dict[str, float]] = []  # the periodic (--eval-every) and final evaluations
+
     def show(event: str, values: dict[str, float]) -> None:
+        if event == "eval":
+            evals.append(values)
         if event == "train":
             tqdm.write(
                 f"step {values['step']:>6.0f}  tokens {values['tokens']:>12,.0f}  "
@@ -249,6 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
                 {
                     "metrics": result.metrics,
                     "curve": result.curve,
+                    "evals": evals,
                     "model": model_config.to_dict(),
                     "train": dataclasses.asdict(train_config),
                     "data": data.key,
@@ -379,6 +396,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(args.gpu)
     space = load_space(args.space)
     device = _device(args.device)
+    space.check_device(device)
     data = load_data(space)
     study, tracker = join_study(space, args.storage, args.tracking_uri)
     target = args.trials or space.spec.search.n_trials
@@ -485,6 +503,7 @@ def _bench(
 ) -> None:
     from hybrid.search.bench import bench_rows, print_rows, write_json
 
+    _output_file(args.json, "--json")
     device = _device(args.device)
     rows = bench_rows(
         configs, batches, contexts, args.prompt_len, args.dtype, device, use_cache=not args.no_cache
@@ -509,12 +528,26 @@ def _cmd_bench_sweep(args: argparse.Namespace) -> None:
     _bench(args, space_architectures(space), batches, contexts)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer (a batch, a context, a length)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a positive integer")
+    return value
+
+
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, action="append", help="repeatable (default 1)")
+    parser.add_argument("--batch", type=_positive, action="append", help="repeatable (default 1)")
     parser.add_argument(
-        "--context", type=int, action="append", help="decode context, repeatable (default 2048)"
+        "--context",
+        type=_positive,
+        action="append",
+        help="decode context, repeatable (default 2048)",
     )
-    parser.add_argument("--prompt-len", type=int, default=512, help="prefill length (512)")
+    parser.add_argument("--prompt-len", type=_positive, default=512, help="prefill length (512)")
     parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -629,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", help="parameters, state bytes and FLOPs of a pattern")
     _add_model_options(describe)
     describe.add_argument("--vocab-size", type=int, default=256)
-    describe.add_argument("--context", type=int, default=2048, help="tokens (default 2048)")
+    describe.add_argument("--context", type=_positive, default=2048, help="tokens (default 2048)")
     describe.set_defaults(run=_cmd_describe)
 
     data = sub.add_parser("data", help="prepare a corpus, its split and its token cache")
@@ -670,6 +703,18 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What a stopped command left to resume from, for its one-line farewell."""
+    if args.run in (_cmd_search, _cmd_worker):
+        return " (a search resumes where it stopped when run again)"
+    if args.run is _cmd_train:
+        if args.checkpoint is None:
+            return " (nothing was saved: --checkpoint PATH makes a run resumable)"
+        return f" (the same command resumes from {str(args.checkpoint)!r}, saved every " \
+            f"{args.checkpoint_every} steps)"  # fmt: skip
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow prints a "View run" link per run it ends against a tracking server
@@ -696,8 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 4
     except KeyboardInterrupt as stop:
         how = "terminated" if isinstance(stop, Terminated) else "interrupted"
-        print(f"hybrid: {how} (a search resumes where it stopped when run again)",
-              file=sys.stderr)  # fmt: skip
+        print(f"hybrid: {how}{_after_interrupt(args)}", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     finally:
         if main_thread:

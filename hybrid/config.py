@@ -8,6 +8,7 @@ one attention), each followed by an MLP. The attention ratio counts mixers only.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,13 @@ def layer_config(kind: str, options: Any = None) -> Any:
     for key in options:
         if key not in known:
             raise invalid(f"{kind}.{key}", options[key], f"one of the keys {known}")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():  # the layers check their numbers, not their switches
+        nullable = hints[key] == bool | None
+        if (hints[key] is bool or nullable) and not (
+            isinstance(value, bool) or (nullable and value is None)
+        ):
+            raise invalid(f"{kind}.{key}", value, "true or false" + (" or null" * nullable))
     return cls(**options)
 
 

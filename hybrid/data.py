@@ -56,6 +56,18 @@ class CorpusSpec:
         return cls(settings.corpus, **{n: getattr(settings, n) for n in names})
 
     def __post_init__(self) -> None:
+        if not self.source.strip() or self.source.strip() == HUB_PREFIX:
+            raise CorpusError(
+                f"corpus={self.source!r} is invalid; allowed: a built-in name, a local file or "
+                "folder, or hub:NAME"
+            )
+        hub_only = {"hub_config": None, "hub_split": "train", "streaming": False}
+        for name, default in hub_only.items():  # they would be ignored: refuse them
+            if getattr(self, name) != default and not self.source.startswith(HUB_PREFIX):
+                raise CorpusError(
+                    f"{name}={getattr(self, name)!r} is invalid for corpus {self.source!r}; "
+                    f"allowed: only with a {HUB_PREFIX}NAME corpus"
+                )
         if not 0 < self.val_fraction < 1:
             raise CorpusError(f"val_fraction={self.val_fraction!r} is invalid; allowed: 0 < x < 1")
         if self.max_documents is not None and self.max_documents < 2:

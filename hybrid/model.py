@@ -153,17 +153,21 @@ class HybridLM(nn.Module):
             max_seqlen=max_seqlen,
         )
 
+    @torch.no_grad()
     def prefill(
         self, tokens: Tensor, max_seqlen: int | None = None
     ) -> tuple[Tensor, InferenceCache]:
         """Run the prompt, returning (logits (Bt, L, vocab), a cache ready for `step`).
 
         max_seqlen bounds prompt plus generated tokens (default: prompt + DECODE_ROOM); only
-        attention's KV cache grows with it.
+        attention's KV cache grows with it. prefill and step record no autograd history: the
+        cache's in-place updates would otherwise chain every token's graph to the next (a
+        2-layer model's 1,500 steps grew by 9 GB).
         """
         cache = self.allocate_cache(tokens.shape[0], max_seqlen or tokens.shape[1] + DECODE_ROOM)
         return self.forward(tokens, cache), cache
 
+    @torch.no_grad()
     def step(self, token: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence (Bt,) -> next-token logits (Bt, vocab)."""
         self._check_room(cache, 1)
@@ -177,6 +181,9 @@ class HybridLM(nn.Module):
         Capturing runs one real step, so the cache is reset afterwards: capture before the
         prefill. The returned logits are the graph's own tensor, overwritten by the next call."""
         device = self.embedding.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"graphed_step needs a model on CUDA (this one is on {device}): "
+                             "use step")  # fmt: skip
         token = torch.zeros(batch, dtype=torch.long, device=device)
         out: dict[str, Tensor] = {}
 
@@ -209,6 +216,8 @@ class HybridLM(nn.Module):
     ) -> Tensor:
         """Sample continuations (Bt, L) -> (Bt, L + max_new_tokens); temperature 0 is greedy.
         cuda_graph replays one captured step per token on CUDA (eager elsewhere)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid; allowed: >= 0")
         batch, length = prompt.shape
         cache = self.allocate_cache(batch, length + max_new_tokens)
         graphed = cuda_graph and prompt.is_cuda and max_new_tokens > 1
@@ -257,6 +266,8 @@ def sample(
     """Next token (Bt,) from logits (Bt, vocab)."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} is invalid; allowed: >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} is invalid; allowed: a positive integer, or None (all)")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -74,10 +74,21 @@ class BPETokenizer:
         return lengths
 
 
+def check_tokenizer_spec(spec: str) -> None:
+    """Raise ValueError unless `spec` names a tokenizer `get_tokenizer` can build: `bytes`
+    or `bpe:VOCAB` with 256 < VOCAB <= 65536 (checked before any corpus is read)."""
+    if spec == "bytes":
+        return
+    kind, _, size = spec.partition(":")
+    if kind != "bpe" or not size.isdigit():
+        raise ValueError(f"tokenizer={spec!r} is invalid; allowed: 'bytes' or 'bpe:VOCAB'")
+    if not 256 < int(size) <= 65536:
+        raise ValueError(f"tokenizer={spec!r} is invalid; allowed: bpe:VOCAB, 256 < VOCAB <= 65536")
+
+
 def train_bpe(corpus: Corpus, vocab_size: int) -> BPETokenizer:
     """Train (or load from the cache) a byte-level BPE on `corpus.train`."""
-    if not 256 < vocab_size <= 65536:
-        raise ValueError(f"tokenizer=bpe:{vocab_size} is invalid; allowed: 256 < vocab <= 65536")
+    check_tokenizer_spec(f"bpe:{vocab_size}")
     target = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{corpus.content_hash[:16]}.json"
     if not target.is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -100,9 +111,7 @@ def train_bpe(corpus: Corpus, vocab_size: int) -> BPETokenizer:
 
 def get_tokenizer(spec: str, corpus: Corpus) -> ByteTokenizer | BPETokenizer:
     """`bytes` (default) or `bpe:VOCAB`, e.g. `bpe:4096`."""
+    check_tokenizer_spec(spec)
     if spec == "bytes":
         return ByteTokenizer()
-    kind, _, size = spec.partition(":")
-    if kind == "bpe" and size.isdigit():
-        return train_bpe(corpus, int(size))
-    raise ValueError(f"tokenizer={spec!r} is invalid; allowed: 'bytes' or 'bpe:VOCAB'")
+    return train_bpe(corpus, int(spec.partition(":")[2]))

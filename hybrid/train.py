@@ -42,6 +42,9 @@ from hybrid.train_step import (
 from hybrid.train_step import TrainingDiverged as TrainingDiverged  # train() raises it
 
 SCHEDULES = ("cosine", "wsd", "constant")
+# how a run reports, scores and saves itself, not what it trains: a checkpoint resumes under
+# other values of these (a stopped run may be resumed saving more often)
+REPORTING_SETTINGS = ("eval_tokens", "eval_every", "log_every", "checkpoint_every")
 Callback = Callable[[str, dict[str, float]], None]
 
 
@@ -82,8 +85,8 @@ class TrainConfig:
         if all(v is None for v in budget.values()):
             raise invalid("train.tokens/steps/seconds", None, "at least one budget")
         for name, value in budget.items():
-            if value is not None and not value > 0:
-                raise invalid(f"train.{name}", value, "a positive number")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise invalid(f"train.{name}", value, "a positive finite number")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise invalid("train.lr", self.lr, "a positive finite number")
         if self.schedule not in SCHEDULES:
@@ -93,6 +96,17 @@ class TrainConfig:
                 raise invalid(f"train.{name}", getattr(self, name), "a fraction in [0, 1]")
         if self.eval_every is not None and self.eval_every < 1:
             raise invalid("train.eval_every", self.eval_every, "a positive integer or null")
+        for name in ("beta1", "beta2"):  # AdamW's moment decays
+            if not 0 <= getattr(self, name) < 1:
+                raise invalid(f"train.{name}", getattr(self, name), "a number in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
+        if not self.grad_clip >= 0:  # a negative norm would flip the gradients' sign
+            raise invalid("train.grad_clip", self.grad_clip, "a number >= 0 (0: no clipping)")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+                raise invalid(f"train.{name}", value, "an integer in [0, 2**63)")
         if self.cuda_graph not in (None, True, False):
             raise invalid("train.cuda_graph", self.cuda_graph, "true, false or null (auto)")
         if not isinstance(self.deterministic, bool):
@@ -192,12 +206,43 @@ class CheckpointMismatch(ValueError):
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        torch.save(state, f)
-    os.replace(f.name, path)  # atomic: a crash leaves the previous checkpoint intact
+        try:
+            torch.save(state, f)
+            f.close()
+            os.replace(f.name, path)  # atomic: a crash leaves the previous checkpoint intact
+        except BaseException:  # a full disk, Ctrl-C mid-write: no stray temporary file
+            Path(f.name).unlink(missing_ok=True)
+            raise
 
 
 def _run_identity(model_config: ModelConfig, config: TrainConfig, data: TokenData) -> dict:
-    return {"model": model_config.to_dict(), "train": config.recipe(), "data": data.key}
+    """What a checkpoint must match to be resumed: the model, the data and what is trained;
+    not how often the run logs, evaluates or saves, nor how much it evaluates (a run stopped
+    may be resumed saving more often)."""
+    return {"model": model_config.to_dict(), "train": _trained(config.recipe()), "data": data.key}
+
+
+def _trained(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in REPORTING_SETTINGS}
+
+
+def _differences(saved: dict[str, Any], identity: dict[str, Any]) -> str:
+    """`section.key: saved -> now` for the first settings that differ (a checkpoint of an
+    earlier version also carried the reporting settings, which do not count)."""
+    saved = {**saved, "train": _trained(saved.get("train", {}))}
+    changed = []
+    for section in identity:
+        old, new = saved.get(section), identity[section]
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(old.keys() | new.keys())
+            changed += [
+                f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in keys
+                if old.get(k) != new.get(k)
+            ]
+        elif old != new:
+            changed.append(f"{section}: {old!r} -> {new!r}")
+    return "; ".join(changed[:4]) + (f" (and {len(changed) - 4} more)" if len(changed) > 4 else "")
 
 
 def train(
@@ -252,12 +297,22 @@ def _train(
     )
     identity = _run_identity(model_config, config, data)
     step, elapsed_before, curve, done = 0, 0.0, [], False
+    if checkpoint is not None and checkpoint.is_dir():
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is a folder; allowed: a file path")
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["identity"] != identity:
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=False)
+            saved = state["identity"]
+            same = {**saved, "train": _trained(saved["train"])} == identity
+        except Exception as error:  # not a checkpoint of this project (or truncated)
+            raise CheckpointMismatch(
+                f"checkpoint {str(checkpoint)!r} cannot be read ({type(error).__name__}: "
+                f"{error}); move it away"
+            ) from None
+        if not same:
             raise CheckpointMismatch(
                 f"checkpoint {str(checkpoint)!r} belongs to a different run "
-                "(model, training config or data differ); move it away"
+                f"({_differences(saved, identity)}); move it away"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -268,6 +323,9 @@ def _train(
             state["curve"],
             state["done"],
         )
+        if progress:
+            finished = ": finished, not trained again" if done else ""
+            tqdm.write(f"resuming {checkpoint} at step {step}{finished}")
 
     def save(finished: bool) -> None:
         if checkpoint is not None:
@@ -328,7 +386,11 @@ def _train(
                 saving = step % config.checkpoint_every == 0
             else:
                 saving = checkpoint is not None and elapsed - saved_at >= checkpoint_interval_s
-            evaluating = bool(config.eval_every) and step % config.eval_every == 0
+            evaluating = (  # not at the last step, which the final evaluation scores
+                bool(config.eval_every)
+                and step % config.eval_every == 0
+                and config.progress(step, elapsed) < 1
+            )
             if reporting or saving or evaluating:  # nothing is logged or saved unchecked
                 loss_value, grad_value = unread.read()
                 unread = None

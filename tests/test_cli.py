@@ -80,6 +80,15 @@ def test_bad_values_exit_2_with_the_reason(capsys):
     assert "mamba3.headdim=48 is invalid" in capsys.readouterr().err
     assert main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "oops"]) == 2
     assert "LAYER.FIELD=VALUE" in capsys.readouterr().err
+    assert (
+        main(["describe", "--pattern", "M*", "--d-model", "64", "--set", "attention.rope=maybe"])
+        == 2
+    )
+    assert "attention.rope='maybe' is invalid; allowed: true or false" in capsys.readouterr().err
+    assert main(["data", "--corpus", ""]) == 2
+    assert "corpus='' is invalid" in capsys.readouterr().err
+    assert main(["data", "--corpus", "shakespeare", "--hub-config", "x"]) == 2
+    assert "hub_config='x' is invalid for corpus 'shakespeare'" in capsys.readouterr().err
     train = ["train", "--pattern", "M-", "--d-model", "64", "--steps", "1"]
     with pytest.raises(SystemExit) as exit_info:
         main([*train, "--deterministic", "maybe"])
@@ -88,6 +97,14 @@ def test_bad_values_exit_2_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         main([*train, "--cuda-graph", "maybe"])
     assert "'maybe' is not one of true, false, auto" in capsys.readouterr().err
+    for flag in ("--batch", "--context", "--prompt-len"):
+        with pytest.raises(SystemExit):
+            main(["bench", "model", "--pattern", "M-", "--d-model", "64", flag, "0"])
+        assert f"argument {flag}: '0' is invalid; allowed: a positive integer" in (
+            capsys.readouterr().err
+        )
+    assert main([*train, "--corpus", "shakespeare", "--metrics-json", "."]) == 2
+    assert "--metrics-json '.' is a folder" in capsys.readouterr().err
 
 
 def test_bad_devices_gpus_and_corpora_exit_2_with_the_reason(tmp_path, capsys, monkeypatch):
@@ -289,3 +306,21 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
     assert _device("cuda:1") == torch.device("cuda:1")
     assert _device("cpu") == torch.device("cpu")
     assert made_current == [torch.device("cuda:1")]
+
+
+def test_a_stopped_command_says_what_it_left_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C's farewell fits the command: a training run names its checkpoint, or says that
+    nothing was saved; only a search speaks of resuming a search."""
+    import hybrid.cli as cli
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", stop)
+    train = ["train", "--pattern", "M-", "--d-model", "64", "--steps", "1", "--corpus",
+             "shakespeare", "--seq-len", "32"]  # fmt: skip
+    assert main(train) == 130
+    assert "hybrid: interrupted (nothing was saved: --checkpoint PATH" in capsys.readouterr().err
+    assert main([*train, "--checkpoint", str(tmp_path / "r.pt")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (the same command resumes from" in err and "search" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import greedy_by_forwards, rel_err
@@ -82,6 +84,25 @@ def test_generate_equals_greedy_decoding_through_full_forwards(mamba3):
     assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
     # on the CPU a graphed generation runs eagerly, with the same result
     assert torch.equal(model.generate(prompt, 12, temperature=0, cuda_graph=True), expected)
+
+
+def test_decoding_records_no_autograd_history_and_checks_its_arguments():
+    """prefill and step outside inference mode: the cache's in-place updates would chain
+    every token's graph to the next (memory grew without bound)."""
+    model = _model("M-*-", MAMBA_MIMO)
+    logits, cache = model.prefill(torch.randint(0, 97, (2, 5)))
+    logits = model.step(logits[:, -1].argmax(-1), cache)
+    assert not logits.requires_grad
+    layers = [layer for layer in cache.layers if layer is not None]  # MLPs keep none
+    states = [getattr(layer, f.name) for layer in layers for f in dataclasses.fields(layer)]
+    assert all(t.grad_fn is None for t in states if isinstance(t, torch.Tensor))
+    prompt = torch.randint(0, 97, (1, 3))
+    with pytest.raises(ValueError, match="max_new_tokens=-1 is invalid"):
+        model.generate(prompt, -1)
+    with pytest.raises(ValueError, match="top_k=0 is invalid"):
+        model.generate(prompt, 2, top_k=0)
+    with pytest.raises(ValueError, match="graphed_step needs a model on CUDA"):
+        model.graphed_step(cache, 2)
 
 
 def test_reset_empties_the_cache_in_place():

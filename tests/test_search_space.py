@@ -63,7 +63,8 @@ def _set(path: str, value):
 BAD = [
     (
         _set("model.mamba3.d_stat", 8),
-        "model.mamba3.d_stat: Extra inputs are not permitted (got 8); allowed keys: d_state, ",
+        "model.mamba3.d_stat: Extra inputs are not permitted (got 8); did you mean 'd_state'?; "
+        "allowed keys: d_state, ",
     ),
     (_set("train.learning_rate", 1.0), "train.learning_rate: Extra inputs are not permitted"),
     (_set("model.attention.n_heads", "four"), "model.attention.n_heads: Input should be a valid"),
@@ -73,7 +74,7 @@ BAD = [
     ),
     (
         _set("model.layout.attention_ratio", {"low": 0.6, "high": 0.5}),
-        "model.layout.attention_ratio: Value error, low=0.6 > high=0.5",
+        "model.layout.attention_ratio: low=0.6 > high=0.5",
     ),
     (
         _set("model.layout.attention_ratio", {"choices": [0.0, 1.5]}),
@@ -95,17 +96,59 @@ BAD = [
     (_set("constraints", {"max_params": 1000}), "constraints: no point of the space meets them"),
     (
         _set("model.mamba3.headdim", {"choices": [16, 48]}),
-        "model: mamba3.headdim=48 is invalid; allowed: a divisor of d_inner",
+        "model.mamba3.headdim=48 is invalid; allowed: a divisor of d_inner",
     ),
     (
         _set("search.seed_designs", ["transformer"]),
         "search.seed_designs[0]: 'transformer': needs 4 attention mixer(s) of 4",
     ),
-    (_set("model.n_mixers", 0), "model: model.n_mixers=0 is invalid; allowed: an integer >= 1"),
+    (_set("model.n_mixers", 0), "model.n_mixers=0 is invalid; allowed: an integer >= 1"),
     (_set("search.sampler", "cmaes"), "search.sampler: Input should be 'tpe'"),
-    (_set("train.steps", None), "train: train.tokens/steps/seconds=None is invalid"),
+    (_set("train.steps", None), "train.tokens/steps/seconds=None is invalid"),
     (_set("model.mamba3.mimo_rank", {"lo": 1}), "model.mamba3.mimo_rank.low: Field required"),
     (_set("train.cuda_graph", "sometimes"), "train.cuda_graph: Input should be a valid boolean"),
+    (_set("model.layout", {"patterns": []}), "model.layout.patterns: List should have at least 1"),
+    (
+        _set("model.layout", {"patterns": ["M-*-"], "placement": "front"}),
+        "model.layout.placement: not used with model.layout.patterns",
+    ),
+    (_set("seed", -1), "seed: Input should be greater than or equal to 0"),
+    (_set("search.hv_reference", [1.0]), "search.hv_reference: 1 value(s) for 2 objectives"),
+    (
+        _set("search.storage", "journal:/no/such/folder/x.log"),
+        "search.storage: 'journal:/no/such/folder/x.log': folder '/no/such/folder' does not exist",
+    ),
+    (
+        _set("search.storage", "redis://x"),
+        "search.storage: 'redis://x' is invalid; allowed: journal",
+    ),
+    (
+        _set("tracking", {"uri": "foo://bar"}),
+        "tracking.uri: 'foo://bar' is invalid; allowed: sqlite",
+    ),
+    (_set("search.study_name", ""), "search.study_name: String should have at least 1 character"),
+    (_set("data.tokenizer", "bpe:0"), "data.tokenizer: tokenizer='bpe:0' is invalid"),
+    (_set("data.hub_config", "en"), "data: hub_config='en' is invalid for corpus 'shakespeare'"),
+    (_set("data.max_documents", 1), "data.max_documents: Input should be greater than or equal"),
+    (_set("train.grad_clip", -1.0), "train.grad_clip=-1.0 is invalid; allowed: a number >= 0"),
+    (_set("train.beta1", 1.5), "train.beta1=1.5 is invalid; allowed: a number in [0, 1)"),
+    (_set("train.weight_decay", -0.1), "train.weight_decay=-0.1 is invalid"),
+    (_set("train.data_seed", -1), "train.data_seed=-1 is invalid"),
+    (_set("model.mlp.hidden", 0), "model.mlp.hidden=0 is invalid; allowed: a positive integer"),
+    (_set("model.mamba3.dt_max", -0.1), "model.mamba3.dt_max=-0.1 is invalid"),
+    (
+        _set("model.mamba3.pregate_norm", {"low": 0, "high": 1}),
+        "model.mamba3.pregate_norm: a range is not allowed here",
+    ),
+    (
+        _set("model.d_model", {"choice": [32, 64]}),
+        "model.d_model.choice: Extra inputs are not "
+        "permitted (got [32, 64]); did you mean 'choices'?",
+    ),
+    (
+        _set("model.d_model", {"low": 32, "high": 72, "step": 32}),
+        "model.d_model: step=32 does not divide high - low = 40",
+    ),
 ]
 
 
@@ -113,6 +156,45 @@ BAD = [
 def test_each_problem_names_its_yaml_path(mutate, expected):
     problems = _problems(mutate)
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_a_key_invalid_at_many_values_is_one_line():
+    problems = _problems(_set("model.mamba3.rope_fraction", {"low": 0.5, "high": 1.0}))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("model.mamba3.rope_fraction=")
+    assert "more of its values in the space" in problems[0]
+
+
+def test_a_key_given_twice_is_refused():
+    text = _text().replace("name: t\n", "name: t\nname: u\n", 1)
+    with pytest.raises(SpaceError, match="key 'name' given twice"):
+        parse_space(text)
+
+
+def test_a_float_step_meant_to_divide_the_range_holds_its_last_value():
+    """0.0833 for twelfths: the range keeps its 7 values (Optuna would cut high to 0.4998 with
+    a warning mid-search; here high is 6 whole steps, which Optuna accepts silently)."""
+    import warnings
+
+    import optuna
+
+    space = parse_space(_text(_set("model.layout.attention_ratio",
+                                   {"low": 0.0, "high": 0.5, "step": 0.0833})))  # fmt: skip
+    ratio = space.dimensions["model.layout.attention_ratio"]
+    assert ratio.high == pytest.approx(6 * 0.0833) and len(ratio.grid(limit=100)) == 7
+    study = optuna.create_study()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratio.suggest(study.ask())
+
+
+def test_cuda_graph_on_a_cpu_is_refused_before_the_study():
+    import torch
+
+    space = parse_space(_text(_set("train.cuda_graph", {"choices": [False, True]})))
+    with pytest.raises(ValueError, match=r"train\.cuda_graph=True is invalid"):
+        space.check_device(torch.device("cpu"))
+    parse_space(_text(_set("train.cuda_graph", False))).check_device(torch.device("cpu"))
 
 
 def test_all_problems_are_reported_together():

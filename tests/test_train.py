@@ -79,15 +79,30 @@ def test_interrupted_run_resumes_to_the_same_result(shakespeare, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(TINY, shakespeare, config, progress=False, checkpoint=ckpt, callbacks=[crash_at_25])
     assert torch.load(ckpt, weights_only=False)["step"] == 20
-    # the resumed run may issue its steps differently: cuda_graph is not part of the identity
-    eager = dataclasses.replace(config, cuda_graph=False)
+    # the resumed run may issue its steps differently (cuda_graph) and report and save on
+    # another cadence: neither is part of the identity
+    eager = dataclasses.replace(config, cuda_graph=False, checkpoint_every=3, eval_every=7)
     resumed = train(TINY, shakespeare, eager, progress=False, checkpoint=ckpt)
     assert resumed.metrics["val_loss"] == reference.metrics["val_loss"]
     assert [e["loss"] for e in resumed.curve] == [e["loss"] for e in reference.curve]
     finished = train(TINY, shakespeare, config, progress=False, checkpoint=ckpt)
     assert finished.metrics["val_loss"] == reference.metrics["val_loss"]  # no retraining
-    with pytest.raises(ValueError, match="belongs to a different run"):
+    with pytest.raises(ValueError, match=r"belongs to a different run \(train.steps: 40 -> 41\)"):
         train(TINY, shakespeare, _config(steps=41), progress=False, checkpoint=ckpt)
+    ckpt.write_text("garbage\n")  # not a checkpoint: named, not a parser's message alone
+    with pytest.raises(ValueError, match=r"checkpoint '.*run.pt' cannot be read \("):
+        train(TINY, shakespeare, config, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="is a folder"):
+        train(TINY, shakespeare, config, progress=False, checkpoint=tmp_path)
+
+
+def test_the_last_step_is_evaluated_once(shakespeare):
+    """With eval_every dividing the steps, the final evaluation scores the last step: no
+    periodic one before it (it cost a second full evaluation)."""
+    events = []
+    train(TINY, shakespeare, _config(steps=12, eval_every=4, log_every=4), progress=False,
+          callbacks=[lambda event, values: events.append((event, values["step"]))])  # fmt: skip
+    assert [step for event, step in events if event == "eval"] == [4, 8, 12]
 
 
 def test_a_checkpoint_interval_in_seconds_replaces_the_step_cadence(shakespeare, tmp_path,
@@ -137,6 +152,10 @@ def test_budgets():
         ({"steps": 5, "schedule": "linear"}, "train.schedule='linear'"),
         ({"steps": 5, "lr": float("nan")}, "train.lr=nan"),
         ({"steps": 0}, "train.steps=0"),
+        ({"seconds": float("inf")}, "train.seconds=inf"),
+        ({"steps": 5, "beta2": 1.0}, "train.beta2=1.0"),
+        ({"steps": 5, "grad_clip": -1.0}, "train.grad_clip=-1.0"),
+        ({"steps": 5, "seed": -3}, "train.seed=-3"),
         ({"steps": 5, "batch_size": 0}, "train.batch_size=0"),
         ({"steps": 5, "warmup": 2.0}, "train.warmup=2.0"),
     ],
@@ -174,7 +193,7 @@ def test_cli_train_prints_the_curve_and_writes_metrics(tmp_path, capsys):
     corpus.mkdir()
     for i in range(6):
         (corpus / f"{i}.txt").write_text(f"Document {i}. " + "All the world's a stage. " * 60)
-    out = tmp_path / "m.json"
+    out = tmp_path / "new" / "m.json"  # its folder is made before training
     code = main(
         [
             "train",
@@ -191,6 +210,8 @@ def test_cli_train_prints_the_curve_and_writes_metrics(tmp_path, capsys):
             "10",
             "--eval-tokens",
             "256",
+            "--eval-every",
+            "10",
             "--val-fraction",
             "0.2",
             "--metrics-json",
@@ -202,6 +223,7 @@ def test_cli_train_prints_the_curve_and_writes_metrics(tmp_path, capsys):
     assert "step     10" in printed and "final: val_loss" in printed
     saved = json.loads(out.read_text())
     assert saved["metrics"]["steps"] == 20 and len(saved["curve"]) == 2
+    assert [e["step"] for e in saved["evals"]] == [10, 20]  # the periodic one and the final
     assert (
         main(
             [

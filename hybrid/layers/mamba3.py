@@ -124,14 +124,13 @@ class Mamba3Config:
             raise invalid("mamba3.chunk_size", self.chunk_size, "a positive integer")
         if self.a_activation not in A_ACTIVATIONS:
             raise invalid("mamba3.a_activation", self.a_activation, str(A_ACTIVATIONS))
+        if not self.dt_max > 0:
+            raise invalid("mamba3.dt_max", self.dt_max, "a positive number")
         if not 0 < self.dt_min <= self.dt_max:
             raise invalid("mamba3.dt_min", self.dt_min, f"0 < dt_min <= dt_max={self.dt_max}")
-        if self.dt_init_floor <= 0 or self.a_floor <= 0:
-            raise invalid(
-                "mamba3.dt_init_floor/a_floor",
-                (self.dt_init_floor, self.a_floor),
-                "positive numbers",
-            )
+        for name in ("dt_init_floor", "a_floor"):
+            if not getattr(self, name) > 0:
+                raise invalid(f"mamba3.{name}", getattr(self, name), "a positive number")
         if self.backend not in SCAN_BACKENDS:
             raise invalid("mamba3.backend", self.backend, str(SCAN_BACKENDS))
         if self.decode_backend not in DECODE_BACKENDS:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from hybrid.config import ModelConfig
 from hybrid.corpora import cache_dir
@@ -41,18 +42,28 @@ def bench_rows(
     itemsize = torch.empty(
         (), dtype=DTYPES[dtype] if device.type == "cuda" else torch.float32
     ).element_size()
-    rows = []
+    rows, configs = [], list(configs)
+    bar = tqdm(  # a sweep measures for minutes before its table: say how far it is
+        total=len(configs) * len(batches) * (1 + len(contexts)),
+        desc="bench",
+        unit="measurement",
+        disable=len(configs) * len(batches) * len(contexts) <= 1,
+        dynamic_ncols=True,
+    )
     for label, config in configs:
         meta = HybridLM(config, device="meta")
         weights = sum(p.numel() for p in meta.parameters()) * itemsize
         for batch in batches:
+            bar.set_postfix_str(f"{label[:40]} B={batch}", refresh=False)
             prefill = measure(
                 config, LatencyRequest("prefill", batch, prompt_len, dtype), device, cache=cache
             )
+            bar.update(1)
             for context in contexts:
                 decode = measure(
                     config, LatencyRequest("decode", batch, context, dtype), device, cache=cache
                 )
+                bar.update(1)
                 state = meta.state_bytes(context, DTYPES[dtype]) * batch
                 rows.append(
                     {
@@ -77,6 +88,7 @@ def bench_rows(
                         "prefill_record": asdict(prefill),
                     }
                 )
+    bar.close()
     return rows
 
 

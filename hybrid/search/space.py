@@ -10,6 +10,8 @@ pattern), deterministically.
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import difflib
 import hashlib
 import itertools
 import json
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_type_hints
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -34,12 +37,16 @@ from pydantic import (
 )
 
 from hybrid.config import ModelConfig, parse_pattern
+from hybrid.data import CorpusSpec
 from hybrid.layers import entry
 from hybrid.layers.attention import AttentionConfig
 from hybrid.layers.mamba3 import Mamba3Config
 from hybrid.layers.swiglu import SwiGLUConfig
 from hybrid.model import HybridLM
+from hybrid.search.stores import check_storage, check_tracking_uri
+from hybrid.tokenizer import check_tokenizer_spec
 from hybrid.train import TrainConfig
+from hybrid.train_step import use_cuda_graph
 
 PLACEMENTS = ("even", "front", "back", "middle")
 METRICS = (
@@ -60,6 +67,14 @@ SEED_DESIGNS = {  # name: attention ratio over mixers, evenly placed
     "nemotron_h": 1 / 12,
 }
 MAX_CHECKED_POINTS = 512
+# a model configuration's names (hybrid.config, the layers) -> the search file's keys
+CONFIG_PATHS = (
+    ("swiglu.", "model.mlp."),
+    ("mamba3.", "model.mamba3."),
+    ("attention.", "model.attention."),
+    ("d_model=", "model.d_model="),
+)
+STEP_SLACK = 0.01  # a float range's step may miss dividing it by this fraction of a step
 T = TypeVar("T")
 
 
@@ -95,7 +110,26 @@ class Range(_Model, Generic[T]):
             raise ValueError(f"log needs low > 0 (got {self.low})")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"step must be > 0 (got {self.step})")
+        exact = all(isinstance(v, int) for v in (self.low, self.high, self.step))
+        slack = 0 if exact else STEP_SLACK
+        if self.step is not None and abs(_steps(self) - round(_steps(self))) > slack:
+            whole = math.floor(_steps(self) + STEP_SLACK)
+            raise ValueError(
+                f"step={self.step} does not divide high - low = {self.high - self.low} "
+                f"({_steps(self):.4g} steps: the last value would be "
+                f"{self.low + whole * self.step:.6g}, not high); allowed: a step that divides "
+                "the range"
+            )
         return self
+
+
+def _steps(r: Range) -> float:
+    """(high - low) / step in decimal arithmetic, as Optuna checks a stepped range."""
+    return float((_decimal(r.high) - _decimal(r.low)) / _decimal(r.step))
+
+
+def _decimal(value: float) -> decimal.Decimal:
+    return decimal.Decimal(str(value))
 
 
 def _kind_of(value: Any) -> str:
@@ -147,7 +181,7 @@ class LayoutSection(_Model):
 
     attention_ratio: dim(float, float) | None = None
     placement: dim(Literal[PLACEMENTS]) = "even"
-    patterns: list[str] | None = None
+    patterns: list[str] | None = Field(None, min_length=1)
     mlp: bool = True
 
     @model_validator(mode="after")
@@ -175,7 +209,7 @@ class DataSection(_Model):
     hub_config: str | None = None
     hub_split: str = "train"
     streaming: bool = False
-    max_documents: int | None = None
+    max_documents: int | None = Field(None, ge=2)  # a train and a validation document
 
 
 class ObjectiveSection(_Model):
@@ -200,7 +234,7 @@ class SearchSection(_Model):
     n_trials: int | None = Field(32, ge=1)
     timeout: float | None = Field(None, gt=0)
     storage: str | None = None
-    study_name: str | None = None
+    study_name: str | None = Field(None, min_length=1)
     seed_designs: list[str] = []
     hv_reference: list[float] | None = None
     heartbeat_interval: float = Field(30.0, gt=0)
@@ -221,12 +255,12 @@ class SearchSection(_Model):
 
 class TrackingSection(_Model):
     uri: str = "sqlite:///mlflow.db"
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1)
 
 
 class SpaceFile(_Model):
     name: str = Field(min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Optuna's samplers' seed range
     model: ModelSection
     data: DataSection
     train: TrainSection = TrainSection()
@@ -237,7 +271,19 @@ class SpaceFile(_Model):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with `2e6`-style floats (PyYAML reads them as strings)."""
+    """YAML with `2e6`-style floats (PyYAML reads them as strings), refusing a key given twice
+    in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -351,7 +397,12 @@ def _dimension(path: str, value: Any, integer: bool) -> Dimension | None:
         return Dimension(path, "categorical", tuple(value.choices))
     if isinstance(value, Range):
         kind = "int" if integer else "float"
-        return Dimension(path, kind, low=value.low, high=value.high, step=value.step, log=value.log)
+        high = value.high
+        if value.step is not None and not integer:
+            # the whole number of steps the range was meant to hold (a step written as
+            # 0.0833 for twelfths): Optuna would otherwise cut high, warning mid-search
+            high = float(_decimal(value.low) + round(_steps(value)) * _decimal(value.step))
+        return Dimension(path, kind, low=value.low, high=high, step=value.step, log=value.log)
     return None
 
 
@@ -507,6 +558,13 @@ class SearchSpace:
         for combo in combos:
             yield {**base, **dict(zip(grids, combo, strict=True))}
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise ValueError if a setting of the file cannot run on `device` (train.cuda_graph:
+        true off CUDA), before a study is opened rather than in every trial."""
+        graph = self.dimensions.get("train.cuda_graph")
+        for value in graph.choices if graph else [self.fixed["train.cuda_graph"]]:
+            use_cuda_graph(value, device)
+
     def check(self) -> list[str]:
         """Problems that only show across the space: invalid training settings or model
         combinations, constraints no point meets, seed designs outside the space."""
@@ -522,8 +580,8 @@ class SearchSpace:
                         if f.name != "seq_len"
                     },
                 )
-            except ValueError as error:
-                return [f"train: {error}"]
+            except ValueError as error:  # it names its train.KEY
+                return [str(error)]
         invalid: dict[str, tuple[int, str]] = {}  # message -> (count, first point)
         feasible, smallest, checked = 0, None, 0
         c = self.spec.constraints
@@ -560,10 +618,15 @@ class SearchSpace:
                 and (c.min_params is None or params >= c.min_params)
                 and (c.max_state_bytes is None or state <= c.max_state_bytes)
             )
-        problems = [
-            f"model: {message} (at {count} of {checked} checked points, e.g. {first})"
-            for message, (count, first) in invalid.items()
-        ]
+        problems = []
+        for messages in _by_key(invalid).values():  # one line per key, not per bad value
+            message, (count, first) = messages[0]
+            line = _yaml_message(message)
+            if len(messages) > 1:
+                line += f" (and {len(messages) - 1} more of its values in the space)"
+            elif count < checked:  # where adds nothing to a fixed value's error
+                line += f" (at {count} of {checked} checked points, e.g. {first})"
+            problems.append(line)
         if seen and not problems and feasible == 0:
             problems.append(
                 f"constraints: no point of the space meets them (checked {len(seen)} "
@@ -577,11 +640,33 @@ class SearchSpace:
         return problems
 
 
+def _by_key(invalid: dict[str, Any]) -> dict[str, list[tuple[str, Any]]]:
+    """Errors grouped by what they are about: `KEY=VALUE is invalid; ALLOWED` by KEY and
+    ALLOWED (a range over an option of few allowed values fails once per value), any other
+    message by itself."""
+    groups: dict[str, list[tuple[str, Any]]] = {}
+    for message, where in invalid.items():
+        match = re.match(r"(\S+?)=.* is invalid;(.*)$", message)
+        key = f"{match.group(1)};{match.group(2)}" if match else message
+        groups.setdefault(key, []).append((message, where))
+    return groups
+
+
+def _yaml_message(message: str) -> str:
+    """A model configuration's error as a line of the file: its layer-kind names (`swiglu.`,
+    `mamba3.`, ...) become the YAML paths (`model.mlp.`, ...); other messages get `model: `."""
+    for name, path in CONFIG_PATHS:
+        if message.startswith(name):
+            return path + message[len(name) :]
+    return message if message.startswith("model.") else f"model: {message}"
+
+
 def _matched_mlp_hidden(
     pattern: str, d_model: int, mamba3: dict[str, Any], hidden: int | None
 ) -> int:
     """Shrink the MLP so the model has the parameters of its SISO (rank 1) twin, as the
     paper does for MIMO: the extra Mamba-3 parameters come out of the MLPs, in steps of 16."""
+    SwiGLUConfig(hidden=hidden).validate(d_model)  # its own error before a narrowing one
     siso = ModelConfig.from_pattern(pattern, d_model=d_model, mamba3={**mamba3, "mimo_rank": 1})
     mimo = ModelConfig.from_pattern(pattern, d_model=d_model, mamba3=mamba3)
     extra = HybridLM(mimo, device="meta").num_params() - HybridLM(siso, device="meta").num_params()
@@ -619,9 +704,18 @@ def _describe(error: Any) -> str:
     where = _format_loc(error["loc"])
     if error["type"] == "missing":
         return f"{where}: {error['msg']}"
-    line = f"{where}: {error['msg']} (got {error.get('input')!r})"
-    if error["type"] == "extra_forbidden" and (keys := _section_keys(error["loc"])):
-        line += f"; allowed keys: {', '.join(keys)}"
+    if error["type"] == "union_tag_invalid":  # a range where only values can be
+        return (
+            f"{where}: a range is not allowed here (got {error.get('input')!r}); allowed: "
+            "a value or {choices: [...]}"
+        )
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
+    line = f"{where}: {message} (got {error.get('input')!r})"
+    if error["type"] == "extra_forbidden":
+        keys = _section_keys(error["loc"]) or list(Range.model_fields)
+        close = difflib.get_close_matches(str(error["loc"][-1]), [*keys, "choices"], n=1)
+        line += f"; did you mean {close[0]!r}?" if close else ""
+        line += f"; allowed keys: {', '.join(keys)}" if _section_keys(error["loc"]) else ""
     return line
 
 
@@ -641,7 +735,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def _pattern_problems(spec: SpaceFile) -> list[str]:
+def _file_problems(spec: SpaceFile) -> list[str]:
+    """Problems between keys, or in values only a parser can check, each with its YAML path."""
     problems = []
     for i, pattern in enumerate(spec.model.layout.patterns or []):
         try:
@@ -662,11 +757,34 @@ def _pattern_problems(spec: SpaceFile) -> list[str]:
             f"model.layout.attention_ratio: {values} must lie in [0, 1] "
             "(attention mixers / all mixers)"
         )
-    if spec.model.layout.attention_ratio is not None and spec.model.n_mixers is None:
+    layout = spec.model.layout
+    if layout.attention_ratio is not None and spec.model.n_mixers is None:
         problems.append("model.n_mixers: required with model.layout.attention_ratio")
+    if layout.patterns is not None:  # each pattern sets its own mixers and their places
+        if spec.model.n_mixers is not None:
+            problems.append("model.n_mixers: not used with model.layout.patterns: drop it")
+        if "placement" in layout.model_fields_set:
+            problems.append("model.layout.placement: not used with model.layout.patterns: drop it")
     metrics = [o.metric for o in spec.objectives]
     if len(set(metrics)) != len(metrics):
         problems.append(f"objectives: each metric at most once (got {metrics})")
+    reference = spec.search.hv_reference
+    if reference is not None and len(reference) != len(metrics):
+        problems.append(
+            f"search.hv_reference: {len(reference)} value(s) for {len(metrics)} objectives; "
+            "allowed: one per objective, in their order"
+        )
+    for path, value, check in (
+        ("data", spec.data, CorpusSpec.from_settings),  # options of another kind of corpus
+        ("data.tokenizer", spec.data.tokenizer, check_tokenizer_spec),
+        ("search.storage", spec.search.storage, check_storage),
+        ("tracking.uri", spec.tracking.uri, check_tracking_uri),
+    ):
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as error:
+            problems.append(f"{path}: {error}")
     return problems
 
 
@@ -690,7 +808,7 @@ def parse_space(text: str, origin: str = "<string>") -> SearchSpace:
         spec = SpaceFile.model_validate(raw)
     except ValidationError as error:
         raise SpaceError([_describe(e) for e in error.errors()]) from None
-    problems = _pattern_problems(spec)
+    problems = _file_problems(spec)
     if problems:
         raise SpaceError(problems)
     space = SearchSpace(spec, text)

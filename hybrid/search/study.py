@@ -30,10 +30,10 @@ from hybrid.search.latency import device_name
 from hybrid.search.objectives import CHECKPOINT_TOKEN
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
 from hybrid.search.space import SearchSpace, vocab_for
+from hybrid.search.stores import check_storage, check_tracking_uri
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import prepare_data
 
-STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
 LATENCY_METRICS = ("prefill_latency_ms", "decode_latency_ms", "peak_memory_bytes")
 FIGURE_INTERVAL_S = 10.0  # the Pareto figures are redrawn at most this often per worker
 # what a trial's results depend on: a study resumes only with these sections unchanged, but
@@ -50,14 +50,16 @@ def storage_url(url: str) -> str:
     """The SQLAlchemy URL of an RDB storage (`sqlite:///`, `postgresql://`, ...)."""
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
         return "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3
-    if url.startswith(("sqlite:///", "postgresql+", "mysql")):
-        return url
-    raise ValueError(f"search.storage={url!r} is invalid; allowed: {', '.join(STORAGE_SCHEMES)}")
+    return url
 
 
 def open_storage(url: str) -> Any:
     """`journal:PATH` (file journal, default), or an RDB URL; a database that cannot be
     reached (or refuses the login) is one line, not SQLAlchemy's traceback."""
+    try:
+        check_storage(url)
+    except ValueError as error:
+        raise ValueError(f"search.storage: {error}") from None
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -70,6 +72,14 @@ def open_storage(url: str) -> Any:
     except OperationalError as error:
         detail = str(error.orig or error).strip().splitlines()[0]
         raise ValueError(f"search.storage={url!r} cannot be opened: {detail}") from None
+
+
+def check_tracking(uri: str) -> None:
+    """`check_tracking_uri` for the file's tracking.uri or a --tracking-uri."""
+    try:
+        check_tracking_uri(uri)
+    except ValueError as error:
+        raise ValueError(f"tracking.uri (or --tracking-uri): {error}") from None
 
 
 def check_shared_storage(storage: str, users: str) -> None:
@@ -364,6 +374,7 @@ def initialise_study(
     """Create (or resume) the study, its MLflow parent run and its seed designs, once,
     before any worker starts: concurrent first-time set-up of one database is a known crash."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_tracking(tracking_uri or space.spec.tracking.uri)  # before the study is created
     study = optuna.create_study(
         storage=open_storage(storage),
         study_name=study_name_of(space),
@@ -413,6 +424,7 @@ def join_study(
     space: SearchSpace, storage: str, tracking_uri: str | None
 ) -> tuple[optuna.Study, StudyTracker]:
     """Open a study that `initialise_study` created (a worker never creates one)."""
+    check_tracking(tracking_uri or space.spec.tracking.uri)
     study = load_existing_study(
         space,
         storage,
@@ -446,6 +458,7 @@ def run_search(
     from hybrid.search.worker import TooManyFailures, work
 
     device = resolve_device(device)
+    space.check_device(device)
     data = load_data(space)
     storage = storage or default_storage(space)
     study, tracker = initialise_study(space, storage, tracking_uri)
