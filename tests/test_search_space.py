@@ -129,6 +129,7 @@ BAD = [
     (_set("search.study_name", ""), "search.study_name: String should have at least 1 character"),
     (_set("data.tokenizer", "bpe:0"), "data.tokenizer: tokenizer='bpe:0' is invalid"),
     (_set("data.hub_config", "en"), "data: hub_config='en' is invalid for corpus 'shakespeare'"),
+    (_set("model.d_model", True), "model.d_model: a number is needed, not true"),
     (_set("data.max_documents", 1), "data.max_documents: Input should be greater than or equal"),
     (_set("train.grad_clip", -1.0), "train.grad_clip=-1.0 is invalid; allowed: a number >= 0"),
     (_set("train.beta1", 1.5), "train.beta1=1.5 is invalid; allowed: a number in [0, 1)"),

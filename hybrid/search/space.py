@@ -27,6 +27,7 @@ import torch
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -142,12 +143,30 @@ def _kind_of(value: Any) -> str:
     return "value"
 
 
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError(f"a number is needed, not {str(value).lower()}")
+    return value
+
+
+def _no_bools(annotation: Any) -> Any:
+    """int / float (optional or not) refusing YAML's true and false."""
+    for numeric in (int, float):
+        number = Annotated[numeric, BeforeValidator(_refuse_bool)]
+        if annotation is numeric:
+            return number
+        if annotation == numeric | None:
+            return number | None
+    return annotation
+
+
 def dim(value_type: Any, range_type: Any = None) -> Any:
     """A field that is a value, `{choices: [...]}`, or (with a range_type)
     `{low, high[, step][, log]}`."""
+    value_type = _no_bools(value_type)
     members = [Annotated[value_type, Tag("value")], Annotated[Choices[value_type], Tag("choices")]]
     if range_type is not None:
-        members.append(Annotated[Range[range_type], Tag("range")])
+        members.append(Annotated[Range[_no_bools(range_type)], Tag("range")])
     return Annotated[Union[tuple(members)], Discriminator(_kind_of)]  # noqa: UP007
 
 
