@@ -193,6 +193,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def _print_data(data: TokenData) -> None:
     corpus = data.corpus
+    asked = data.tokenizer.name.removeprefix("bpe")
+    if asked.isdigit() and int(asked) > data.tokenizer.vocab_size:  # a corpus too small for it
+        tqdm.write(
+            f"note: {data.tokenizer.name} learned {data.tokenizer.vocab_size} tokens: the corpus "
+            "holds no more merges than that (the model's vocabulary is that size)"
+        )
     print(
         f"corpus {corpus.name}: {len(corpus.train)} train / {len(corpus.val)} val documents, "
         f"{corpus.train_chars:,} / {corpus.val_chars:,} characters, "

@@ -165,13 +165,16 @@ class ModelConfig:
             )
             for item in data["layers"]
         )
-        return cls(
+        config = cls(
             d_model=data["d_model"],
             layers=layers,
             vocab_size=data.get("vocab_size", 256),
             norm_eps=data.get("norm_eps", 1e-5),
             tie_embeddings=data.get("tie_embeddings", True),
         )
+        if "pattern" in data and data["pattern"] != config.pattern:  # a hand-edited file
+            raise invalid("pattern", data["pattern"], f"{config.pattern!r}, as its layers say")
+        return config
 
 
 def parse_pattern(pattern: str) -> list[str]:

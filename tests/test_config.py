@@ -43,6 +43,11 @@ def test_per_layer_configs_survive_to_dict():
     again = ModelConfig.from_dict(config.to_dict())
     assert again.layers[0].config.mimo_rank == 4 and again.layers[1].config.d_state == 64
     assert again.layers[2].config.rope is False
+    edited = {**config.to_dict(), "pattern": "MMM"}  # a file whose pattern contradicts its layers
+    with pytest.raises(ValueError, match="pattern='MMM' is invalid; allowed: 'MM\\*'"):
+        ModelConfig.from_dict(edited)
+    with pytest.raises(ValueError, match=r"attention\.rope='no' is invalid; allowed: true or"):
+        ModelConfig.from_pattern("M*", d_model=128, attention={"n_heads": 2, "rope": "no"})
 
 
 BAD = [
