@@ -38,14 +38,19 @@ if TYPE_CHECKING:
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """`mamba3.d_state=64` -> {"mamba3": {"d_state": 64}} (values parsed as YAML scalars)."""
+    """`mamba3.d_state=64` -> {"mamba3": {"d_state": 64}} (values parsed as YAML scalars,
+    `1e-3` as a number)."""
     options: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         layer, dot, field = key.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set {item!r} is invalid; allowed: LAYER.FIELD=VALUE")
-        options.setdefault(layer, {})[field] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        options.setdefault(layer, {})[field] = parsed
     return options
 
 
@@ -745,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hybrid: error: {error}", file=sys.stderr)
         return 4
+    except BrokenPipeError:  # `hybrid describe ... | head`: the reader left, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as stop:
         how = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"hybrid: {how}{_after_interrupt(args)}", file=sys.stderr)

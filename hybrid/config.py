@@ -8,6 +8,7 @@ one attention), each followed by an MLP. The attention ratio counts mixers only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,14 +43,33 @@ def layer_config(kind: str, options: Any = None) -> Any:
     for key in options:
         if key not in known:
             raise invalid(f"{kind}.{key}", options[key], f"one of the keys {known}")
-    hints = typing.get_type_hints(cls)
-    for key, value in options.items():  # the layers check their numbers, not their switches
-        nullable = hints[key] == bool | None
-        if (hints[key] is bool or nullable) and not (
-            isinstance(value, bool) or (nullable and value is None)
-        ):
-            raise invalid(f"{kind}.{key}", value, "true or false" + (" or null" * nullable))
     return cls(**options)
+
+
+_KINDS = {  # a field's type -> (what a value must be, how the error says it)
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_field_types(kind: str, config: Any) -> None:
+    """Raise ValueError for a layer option of the wrong type (`true` as a head count, a
+    string as a number, `"no"` as a switch, which is truthy), before the layer's own range
+    checks compare it with anything."""
+    for f in dataclasses.fields(config):
+        hint = typing.get_type_hints(type(config))[f.name]
+        nullable = hint in (bool | None, int | None, float | None, str | None)
+        base = typing.get_args(hint)[0] if nullable else hint
+        value = getattr(config, f.name)
+        if base in _KINDS and not (value is None and nullable):
+            ok, allowed = _KINDS[base]
+            if not ok(value):
+                raise invalid(f"{kind}.{f.name}", value, allowed + (" or null" * nullable))
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -80,6 +100,7 @@ class ModelConfig:
             entry = registry.entry(spec.kind)
             if not isinstance(spec.config, entry.config_cls):
                 raise invalid(f"{spec.kind} config", spec.config, f"a {entry.config_cls.__name__}")
+            check_field_types(spec.kind, spec.config)
             spec.config.validate(self.d_model)
 
     @classmethod
@@ -95,8 +116,10 @@ class ModelConfig:
     ) -> ModelConfig:
         """Every layer of one kind shares the options given under its name, e.g.
         `mamba3={"d_state": 64}` or `attention=AttentionConfig(n_heads=4)`."""
-        for name in layer_options:
-            registry.entry(name)
+        for name, options in layer_options.items():
+            # a kind the pattern lacks: its keys and their types are still checked (a typo is
+            # refused), not its fit to d_model (a search passes every kind's section)
+            check_field_types(name, layer_config(name, options))
         configs = {name: layer_config(name, layer_options.get(name)) for name in set(layer_types)}
         layers = tuple(LayerSpec(name, configs[name]) for name in layer_types)
         return cls(d_model, layers, vocab_size, norm_eps, tie_embeddings)

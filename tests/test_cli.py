@@ -85,6 +85,10 @@ def test_bad_values_exit_2_with_the_reason(capsys):
         == 2
     )
     assert "attention.rope='maybe' is invalid; allowed: true or false" in capsys.readouterr().err
+    assert (
+        main(["describe", "--pattern", "M-", "--d-model", "64", "--set", "mamba3.dt_min=1e-3"]) == 0
+    )
+    assert "params (total)" in capsys.readouterr().out  # 1e-3 is a number (YAML 1.1: a string)
     assert main(["data", "--corpus", ""]) == 2
     assert "corpus='' is invalid" in capsys.readouterr().err
     assert main(["data", "--corpus", "shakespeare", "--hub-config", "x"]) == 2

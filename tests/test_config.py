@@ -72,7 +72,24 @@ BAD = [
     ({"swiglu": {"hidden": -3}}, ["swiglu.hidden=-3", "positive"]),
     ({"d_model": 0}, ["d_model=0", "positive integer"]),
     ({"vocab_size": 2.5}, ["vocab_size=2.5", "positive integer"]),
+    ({"mamba3": {"d_state": 2}}, ["mamba3.d_state=2", ">= 4 at rope_fraction=0.5"]),
+    ({"attention": {"n_heads": True}}, ["attention.n_heads=True", "an integer"]),
+    (
+        {"attention": {"n_heads": 4, "rope_theta": float("inf")}},
+        ["attention.rope_theta=inf", "a finite number"],
+    ),
+    ({"mamba3": {"dt_min": "1e-3"}}, ["mamba3.dt_min='1e-3'", "a finite number"]),
+    ({"mamba3": {"pregate_norm": "no"}}, ["mamba3.pregate_norm='no'", "true or false"]),
+    ({"swiglu": {"hidden": True}}, ["swiglu.hidden=True", "an integer or null"]),
 ]
+
+
+def test_options_of_a_kind_the_pattern_lacks_are_still_checked():
+    """A typo or a wrong type under a kind the pattern does not use is refused, not ignored
+    (its fit to d_model is not: a search passes every kind's section)."""
+    with pytest.raises(ValueError, match=r"mamba3\.foo=1 is invalid"):
+        ModelConfig.from_pattern("*-", d_model=64, attention={"n_heads": 4}, mamba3={"foo": 1})
+    ModelConfig.from_pattern("*-", d_model=64, attention={"n_heads": 4}, mamba3={"headdim": 48})
 
 
 @pytest.mark.parametrize(("kwargs", "fragments"), BAD, ids=[str(b[0]) for b in BAD])

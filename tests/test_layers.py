@@ -212,7 +212,7 @@ def test_attention_backend_on_cpu_is_sdpa_and_logged_once(caplog):
             layer(torch.randn(1, 5, D_MODEL))
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["attention backend: sdpa (device is cpu)"]
-    with pytest.raises(RuntimeError, match="fa4"):
+    with pytest.raises(ValueError, match="fa4"):
         select_backend("fa4", torch.device("cpu"), torch.bfloat16)
 
 

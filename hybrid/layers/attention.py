@@ -118,7 +118,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     else:
         choice = ("sdpa", f"no usable flash-attn for sm{major}x")
     if requested not in ("auto", choice[0]):
-        raise RuntimeError(f"attention.backend={requested!r} is unavailable here: {choice[1]}")
+        raise ValueError(f"attention.backend={requested!r} is unavailable here: {choice[1]}")
     log.info("attention backend: %s (%s)", *choice)
     return choice
 

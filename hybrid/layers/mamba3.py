@@ -120,6 +120,14 @@ class Mamba3Config:
             raise invalid("mamba3.mimo_rank", self.mimo_rank, "an integer >= 1 (1 is SISO)")
         if self.rope_fraction not in ROPE_FRACTIONS:
             raise invalid("mamba3.rope_fraction", self.rope_fraction, str(ROPE_FRACTIONS))
+        if int(self.d_state * self.rope_fraction) < 2:  # no rotary angle: the RoPE part is gone
+            smallest = math.ceil(2 / self.rope_fraction / 2) * 2
+            raise invalid(
+                "mamba3.d_state",
+                self.d_state,
+                f"an even integer >= {smallest} at rope_fraction={self.rope_fraction} (one "
+                "rotary angle at least)",
+            )
         if not _is_positive_int(self.chunk_size):
             raise invalid("mamba3.chunk_size", self.chunk_size, "a positive integer")
         if self.a_activation not in A_ACTIVATIONS:

@@ -39,9 +39,8 @@ def bench_rows(
     """One row per (architecture, batch, context): prefill and decode latency, peak memory,
     and the decode step's bytes (every weight and cache byte once) per second."""
     cache = FileLatencyCache(cache_dir() / "latency.json") if use_cache else None
-    itemsize = torch.empty(
-        (), dtype=DTYPES[dtype] if device.type == "cuda" else torch.float32
-    ).element_size()
+    measured = DTYPES[dtype] if device.type == "cuda" else torch.float32  # the CPU: float32
+    itemsize = torch.empty((), dtype=measured).element_size()
     rows, configs = [], list(configs)
     bar = tqdm(  # a sweep measures for minutes before its table: say how far it is
         total=len(configs) * len(batches) * (1 + len(contexts)),
@@ -64,7 +63,7 @@ def bench_rows(
                     config, LatencyRequest("decode", batch, context, dtype), device, cache=cache
                 )
                 bar.update(1)
-                state = meta.state_bytes(context, DTYPES[dtype]) * batch
+                state = meta.state_bytes(context, measured) * batch
                 rows.append(
                     {
                         "model": label,
