@@ -74,6 +74,15 @@ def test_forcing_triton_on_a_shape_it_cannot_take_names_the_reason():
         mamba3_scan(inputs, weights, Mamba3Options(), backend="triton")
 
 
+def test_forcing_triton_on_the_cpu_names_the_device(monkeypatch):
+    """Not Triton's "0 active drivers" from deep in its launcher."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = random_inputs(headdim=16, dtype=torch.float32)
+    weights = random_weights(headdim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"does not take tensors on cpu \(it runs on CUDA\)"):
+        mamba3_scan(inputs, weights, Mamba3Options(), backend="triton")
+
+
 def test_chunked_varlen_equals_each_sequence_on_its_own():
     lengths = [7, 30, 1]
     inputs = random_inputs(batch=1, length=sum(lengths))

@@ -109,7 +109,7 @@ def mamba3_prefill(
 
     check_update_state(state, final_state, update_state)
     reason = inputs_unsupported_reason(inputs, chunk_size)
-    if not inputs.x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if reason is None and not inputs.x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"tensors on {inputs.x.device} (it runs on CUDA)"  # not Triton's driver error
     if reason is not None:
         raise ValueError(f"the Triton prefill does not take {reason}")
