@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy
 
 from hybrid.errors import invalid
 from hybrid.layers import registry
@@ -46,14 +49,16 @@ def layer_config(kind: str, options: Any = None) -> Any:
     return cls(**options)
 
 
-_KINDS = {  # a field's type -> (what a value must be, how the error says it)
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    float: (
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-        "a finite number",
-    ),
-    str: (lambda v: isinstance(v, str), "a string"),
+def _number(value: Any) -> bool:
+    """A Python or numpy number that is not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | numpy.bool_)
+
+
+_KINDS = {  # a field's type -> (what a value must be, how the error says it, its Python type)
+    bool: (lambda v: isinstance(v, bool | numpy.bool_), "true or false", bool),
+    int: (lambda v: _number(v) and isinstance(v, numbers.Integral), "an integer", int),
+    float: (lambda v: _number(v) and math.isfinite(v), "a finite number", float),
+    str: (lambda v: isinstance(v, str), "a string", str),
 }
 
 
@@ -67,9 +72,11 @@ def check_field_types(kind: str, config: Any) -> None:
         base = typing.get_args(hint)[0] if nullable else hint
         value = getattr(config, f.name)
         if base in _KINDS and not (value is None and nullable):
-            ok, allowed = _KINDS[base]
+            ok, allowed, python = _KINDS[base]
             if not ok(value):
                 raise invalid(f"{kind}.{f.name}", value, allowed + (" or null" * nullable))
+            # numpy scalars as Python ones: configs go to JSON, YAML and MLflow
+            object.__setattr__(config, f.name, python(value))
 
 
 def _positive_int(name: str, value: Any) -> None:

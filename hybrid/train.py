@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -101,12 +102,14 @@ class TrainConfig:
                 raise invalid(f"train.{name}", getattr(self, name), "a number in [0, 1)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise invalid("train.weight_decay", self.weight_decay, "a finite number >= 0")
-        if not self.grad_clip >= 0:  # a negative norm would flip the gradients' sign
+        if self.grad_clip is not None and not self.grad_clip >= 0:  # < 0 flips the gradients
             raise invalid("train.grad_clip", self.grad_clip, "a number >= 0 (0: no clipping)")
         for name in ("seed", "data_seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not integral or not 0 <= value < 2**63:
                 raise invalid(f"train.{name}", value, "an integer in [0, 2**63)")
+            object.__setattr__(self, name, int(value))  # a numpy integer as JSON can hold it
         if self.cuda_graph not in (None, True, False):
             raise invalid("train.cuda_graph", self.cuda_graph, "true, false or null (auto)")
         if not isinstance(self.deterministic, bool):
@@ -304,6 +307,8 @@ def _train(
             state = torch.load(checkpoint, map_location=device, weights_only=False)
             saved = state["identity"]
             same = {**saved, "train": _trained(saved["train"])} == identity
+        except (OSError, torch.OutOfMemoryError):  # the file may be sound: the trial fails, a
+            raise  # retry resumes it (a search replaces a CheckpointMismatch's file)
         except Exception as error:  # not a checkpoint of this project (or truncated)
             raise CheckpointMismatch(
                 f"checkpoint {str(checkpoint)!r} cannot be read ({type(error).__name__}: "

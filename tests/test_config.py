@@ -84,6 +84,18 @@ BAD = [
 ]
 
 
+def test_numpy_scalars_are_taken_as_python_numbers():
+    import json
+
+    import numpy as np
+
+    config = ModelConfig.from_pattern("M-*-", d_model=64, attention={"n_heads": np.int64(4)},
+                                      mamba3={"dt_min": np.float32(1e-3)})  # fmt: skip
+    assert type(config.layers[2].config.n_heads) is int
+    assert type(config.layers[0].config.dt_min) is float
+    json.dumps(config.to_dict())
+
+
 def test_options_of_a_kind_the_pattern_lacks_are_still_checked():
     """A typo or a wrong type under a kind the pattern does not use is refused, not ignored
     (its fit to d_model is not: a search passes every kind's section)."""

@@ -419,10 +419,30 @@ def test_a_lost_trial_whose_retry_has_finished_leaves_no_checkpoint(tmp_path, ca
                               search={"checkpoint_interval": 1e-3}))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     outcome = run_search(space, storage=storage, device="cpu", progress=False)
-    assert "dropped; its retry has run" in capsys.readouterr().out
+    assert "dropped (its retry has run" in capsys.readouterr().out
     assert outcome.study.trials[stalled[0]].state == TrialState.FAIL
     assert len(outcome.study.get_trials(states=(TrialState.COMPLETE,))) == 2
     assert not list((tmp_path / "late.checkpoints").glob("*.pt"))
+
+
+def test_a_lost_trial_counts_its_retry_as_coming_until_it_has_none_left(tmp_path):
+    """`fail_stale_trials` fails a trial, then enqueues its retry: a lost trial that looks in
+    between sees no retry yet and must not take the checkpoint its retry will resume."""
+    from hybrid.search.heartbeat import MAX_RETRIES, lineage_pending, requeue
+
+    study = optuna.create_study()
+    first = study.ask()
+    study.tell(first, state=TrialState.FAIL)
+    assert lineage_pending(study, first)  # failed, its retry not queued yet
+    assert requeue(study, first) and lineage_pending(study, first)  # queued
+    retry = study.ask()
+    assert retry.user_attrs["lineage"] == first.number and lineage_pending(study, first)
+    study.tell(retry, 1.0)
+    assert not lineage_pending(study, first)  # its retry has run
+    last = study.ask()  # a lineage's last try, lost: nothing will resume its checkpoint
+    last.set_user_attr("retries", MAX_RETRIES)
+    study.tell(last, state=TrialState.FAIL)
+    assert not lineage_pending(study, study.trials[last.number])
 
 
 class _FailingTracker:

@@ -67,13 +67,18 @@ def lineage_of(trial: FrozenTrial | optuna.Trial) -> int:
 
 
 def lineage_pending(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
-    """Whether another trial of this trial's lineage is queued or running: it may resume the
-    lineage's checkpoint."""
+    """Whether a later trial of this (lost) trial's lineage may still resume the lineage's
+    checkpoint: one queued or running, or its retry about to be queued (`fail_stale_trials`
+    fails a trial, then enqueues its retry) while it has retries left."""
     lineage = lineage_of(trial)
-    return any(
-        t.number != trial.number and lineage_of(t) == lineage
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-    )
+    others = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if lineage_of(t) == lineage and t.number != trial.number
+    ]
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in others):
+        return True
+    return retries_of(trial) < MAX_RETRIES and not any(t.number > trial.number for t in others)
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:

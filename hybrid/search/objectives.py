@@ -137,7 +137,11 @@ class TrialRunner:
                     f"trial {trial.number} finished here after another worker had failed it "
                     "for want of heartbeats (was this worker stalled, or the storage "
                     "unreachable, for longer than search.grace_period?): its result is "
-                    + ("dropped and its retry runs it" if pending else "dropped; its retry has run")
+                    + (
+                        "dropped and its retry runs it"
+                        if pending
+                        else "dropped (its retry has run, or it has none left)"
+                    )
                 ) from None
             reason = failure_reason(error)
             with contextlib.suppress(UpdateFinishedTrialError):  # closed under us meanwhile

@@ -18,8 +18,10 @@ import json
 import math
 import random
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_type_hints
 
@@ -75,7 +77,7 @@ CONFIG_PATHS = (
     ("attention.", "model.attention."),
     ("d_model=", "model.d_model="),
 )
-STEP_SLACK = 0.01  # a float range's step may miss dividing it by this fraction of a step
+STEP_SLACK = 0.01  # a float step written short of dividing its range by this many steps
 T = TypeVar("T")
 
 
@@ -111,22 +113,28 @@ class Range(_Model, Generic[T]):
             raise ValueError(f"log needs low > 0 (got {self.low})")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"step must be > 0 (got {self.step})")
-        exact = all(isinstance(v, int) for v in (self.low, self.high, self.step))
-        slack = 0 if exact else STEP_SLACK
-        if self.step is not None and abs(_steps(self) - round(_steps(self))) > slack:
-            whole = math.floor(_steps(self) + STEP_SLACK)
-            raise ValueError(
-                f"step={self.step} does not divide high - low = {self.high - self.low} "
-                f"({_steps(self):.4g} steps: the last value would be "
-                f"{self.low + whole * self.step:.6g}, not high); allowed: a step that divides "
-                "the range"
-            )
         return self
 
 
-def _steps(r: Range) -> float:
-    """(high - low) / step in decimal arithmetic, as Optuna checks a stepped range."""
-    return float((_decimal(r.high) - _decimal(r.low)) / _decimal(r.step))
+def stepped_high(path: str, r: Range) -> float:
+    """The last value of a stepped range: low + n·step for the whole steps n that fit, in
+    decimal arithmetic as Optuna checks it (given that high, Optuna does not cut it again
+    with a warning in the middle of a search). A step written a little short of dividing the
+    range (`0.0833` for twelfths of 0.5: within STEP_SLACK of a step) ends there silently;
+    a step that leaves high out is said once, here."""
+    span = _decimal(r.high) - _decimal(r.low)
+    steps = span / _decimal(r.step)
+    whole = int(steps)  # floor: the last value never passes high
+    last = _decimal(r.low) + whole * _decimal(r.step)
+    exact = all(isinstance(v, int) for v in (r.low, r.high, r.step))
+    if steps != whole and (exact or steps - whole > decimal.Decimal(str(STEP_SLACK))):
+        warnings.warn(
+            f"{path}: step={r.step} does not divide high - low = {span} ({float(steps):.4g} "
+            f"steps): its last value is {last}, not {r.high}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return int(last) if exact else float(last)
 
 
 def _decimal(value: float) -> decimal.Decimal:
@@ -416,11 +424,7 @@ def _dimension(path: str, value: Any, integer: bool) -> Dimension | None:
         return Dimension(path, "categorical", tuple(value.choices))
     if isinstance(value, Range):
         kind = "int" if integer else "float"
-        high = value.high
-        if value.step is not None and not integer:
-            # the whole number of steps the range was meant to hold (a step written as
-            # 0.0833 for twelfths): Optuna would otherwise cut high, warning mid-search
-            high = float(_decimal(value.low) + round(_steps(value)) * _decimal(value.step))
+        high = value.high if value.step is None else stepped_high(path, value)
         return Dimension(path, kind, low=value.low, high=high, step=value.step, log=value.log)
     return None
 
@@ -796,8 +800,10 @@ def _file_problems(spec: SpaceFile) -> list[str]:
     for path, value, check in (
         ("data", spec.data, CorpusSpec.from_settings),  # options of another kind of corpus
         ("data.tokenizer", spec.data.tokenizer, check_tokenizer_spec),
-        ("search.storage", spec.search.storage, check_storage),
-        ("tracking.uri", spec.tracking.uri, check_tracking_uri),
+        # schemes only: the folders are those of the addresses in force (a --storage or
+        # --tracking-uri may replace these), checked where they are opened
+        ("search.storage", spec.search.storage, partial(check_storage, folders=False)),
+        ("tracking.uri", spec.tracking.uri, partial(check_tracking_uri, folders=False)),
     ):
         try:
             if value is not None:

@@ -1,6 +1,7 @@
-"""Checks of the two store addresses a search file names (`search.storage`, `tracking.uri`),
-made when the file is read: a typo there otherwise surfaces as a storage or MLflow traceback
-after a study was created, or after minutes of retries."""
+"""Checks of the two store addresses a search file names (`search.storage`, `tracking.uri`):
+the scheme when the file is read (a typo there otherwise surfaces as a storage or MLflow
+traceback after a study was created, or after minutes of retries), and a local file's folder
+where the address in force (the file's, or --storage / --tracking-uri) is opened."""
 
 from __future__ import annotations
 
@@ -8,37 +9,53 @@ from pathlib import Path
 
 STORAGE_SCHEMES = ("journal:PATH", "sqlite:///PATH", "postgresql://...")
 TRACKING_SCHEMES = ("sqlite:///PATH", "postgresql://...", "mysql://...", "a folder or file:PATH",
-                    "http(s)://HOST:PORT (a tracking server)")  # fmt: skip
+                    "http(s)://HOST:PORT (a tracking server)", "databricks[://PROFILE]",
+                    "a scheme of an installed MLflow plugin")  # fmt: skip
+# MLflow's own tracking-store schemes (its registry adds those of installed plugins)
+_MLFLOW_SCHEMES = {"file", "http", "https", "postgresql", "mysql", "mssql", "databricks",
+                   "databricks-uc", "uc"}  # fmt: skip
 
 
-def check_storage(url: str) -> None:
-    """Raise ValueError unless `url` is an Optuna storage this project opens, in a folder that
-    exists where it is a local file."""
-    if url.startswith("journal:"):
-        _check_folder(url, url.removeprefix("journal:"))
-    elif url.startswith("sqlite:///"):
-        _check_folder(url, url.removeprefix("sqlite:///"))
-    elif not url.startswith(("postgresql://", "postgresql+", "mysql")):
+def check_storage(url: str, folders: bool = True) -> None:
+    """Raise ValueError unless `url` is an Optuna storage this project opens (and, with
+    `folders`, a local file's folder exists)."""
+    for prefix in ("journal:", "sqlite:///"):
+        if url.startswith(prefix):
+            _check_path(url, url.removeprefix(prefix), folders)
+            return
+    if not url.startswith(("postgresql://", "postgresql+", "mysql")):
         raise ValueError(f"{url!r} is invalid; allowed: {', '.join(STORAGE_SCHEMES)}")
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Raise ValueError unless MLflow can keep runs at `uri` (a database URL, a local folder or
-    `file:` URI, or a tracking server), in a folder that exists where it is a local database."""
+def check_tracking_uri(uri: str, folders: bool = True) -> None:
+    """Raise ValueError unless MLflow can keep runs at `uri` (and, with `folders`, a local
+    SQLite database's folder exists)."""
     scheme, colon, _ = uri.partition(":")
     if not colon or len(scheme) == 1:  # a plain path (or a Windows drive): a file store
         return
     if uri.startswith("sqlite:///"):
-        _check_folder(uri, uri.removeprefix("sqlite:///"))
+        _check_path(uri, uri.removeprefix("sqlite:///"), folders)
         return
-    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql", "file", "http", "https"):
+    base = scheme.split("+")[0]
+    if base != "sqlite" and (base in _MLFLOW_SCHEMES or {base, "*"} & _plugin_schemes()):
         return
     raise ValueError(f"{uri!r} is invalid; allowed: {', '.join(TRACKING_SCHEMES)}")
 
 
-def _check_folder(url: str, path: str) -> None:
+def _plugin_schemes() -> set[str]:
+    """The schemes MLflow's tracking-store registry knows (plugins included); all of them
+    where that private registry moved (MLflow then judges the URI itself)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return {"*"}
+
+
+def _check_path(url: str, path: str, folders: bool) -> None:
     if not path:
         raise ValueError(f"{url!r} names no file")
     folder = Path(path).expanduser().parent
-    if not folder.is_dir():
+    if folders and not folder.is_dir():
         raise ValueError(f"{url!r}: folder {str(folder)!r} does not exist")

@@ -64,7 +64,8 @@ def open_storage(url: str) -> Any:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = Path(url.removeprefix("journal:")).expanduser()  # as check_storage reads it
+        return JournalStorage(JournalFileBackend(str(path)))
     from sqlalchemy.exc import OperationalError
 
     try:
