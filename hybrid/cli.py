@@ -228,8 +228,7 @@ def _output_file(path: Path | None, flag: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    _output_file(args.metrics_json, "--metrics-json")
-    _output_file(args.checkpoint, "--checkpoint")
+    _output_file(args.metrics_json, "--metrics-json")  # train() checks --checkpoint's path
     corpus = CorpusSpec.from_settings(args)
     train_config = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}

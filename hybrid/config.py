@@ -8,6 +8,7 @@ one attention), each followed by an MLP. The attention ratio counts mixers only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import typing
@@ -62,12 +63,19 @@ _KINDS = {  # a field's type -> (what a value must be, how the error says it, it
 }
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A config class's field types, resolved once (every model built checks its layers)."""
+    return typing.get_type_hints(cls)
+
+
 def check_field_types(kind: str, config: Any) -> None:
     """Raise ValueError for a layer option of the wrong type (`true` as a head count, a
     string as a number, `"no"` as a switch, which is truthy), before the layer's own range
     checks compare it with anything."""
+    hints = _type_hints(type(config))
     for f in dataclasses.fields(config):
-        hint = typing.get_type_hints(type(config))[f.name]
+        hint = hints[f.name]
         nullable = hint in (bool | None, int | None, float | None, str | None)
         base = typing.get_args(hint)[0] if nullable else hint
         value = getattr(config, f.name)
@@ -123,11 +131,13 @@ class ModelConfig:
     ) -> ModelConfig:
         """Every layer of one kind shares the options given under its name, e.g.
         `mamba3={"d_state": 64}` or `attention=AttentionConfig(n_heads=4)`."""
-        for name, options in layer_options.items():
+        given = {name: layer_config(name, options) for name, options in layer_options.items()}
+        for name in given.keys() - set(layer_types):
             # a kind the pattern lacks: its keys and their types are still checked (a typo is
-            # refused), not its fit to d_model (a search passes every kind's section)
-            check_field_types(name, layer_config(name, options))
-        configs = {name: layer_config(name, layer_options.get(name)) for name in set(layer_types)}
+            # refused), not its fit to d_model (a search passes every kind's section); the
+            # pattern's kinds are checked with the model
+            check_field_types(name, given[name])
+        configs = {name: given.get(name) or layer_config(name) for name in set(layer_types)}
         layers = tuple(LayerSpec(name, configs[name]) for name in layer_types)
         return cls(d_model, layers, vocab_size, norm_eps, tie_embeddings)
 

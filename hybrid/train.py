@@ -230,9 +230,7 @@ def _trained(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _differences(saved: dict[str, Any], identity: dict[str, Any]) -> str:
-    """`section.key: saved -> now` for the first settings that differ (a checkpoint of an
-    earlier version also carried the reporting settings, which do not count)."""
-    saved = {**saved, "train": _trained(saved.get("train", {}))}
+    """`section.key: saved -> now` for the first settings that differ."""
     changed = []
     for section in identity:
         old, new = saved.get(section), identity[section]
@@ -305,8 +303,8 @@ def _train(
     if checkpoint is not None and checkpoint.is_file():
         try:
             state = torch.load(checkpoint, map_location=device, weights_only=False)
-            saved = state["identity"]
-            same = {**saved, "train": _trained(saved["train"])} == identity
+            # a checkpoint of an earlier version also carried the reporting settings
+            saved = {**state["identity"], "train": _trained(state["identity"]["train"])}
         except (OSError, torch.OutOfMemoryError):  # the file may be sound: the trial fails, a
             raise  # retry resumes it (a search replaces a CheckpointMismatch's file)
         except Exception as error:  # not a checkpoint of this project (or truncated)
@@ -314,7 +312,7 @@ def _train(
                 f"checkpoint {str(checkpoint)!r} cannot be read ({type(error).__name__}: "
                 f"{error}); move it away"
             ) from None
-        if not same:
+        if saved != identity:
             raise CheckpointMismatch(
                 f"checkpoint {str(checkpoint)!r} belongs to a different run "
                 f"({_differences(saved, identity)}); move it away"

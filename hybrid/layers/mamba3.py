@@ -120,8 +120,8 @@ class Mamba3Config:
             raise invalid("mamba3.mimo_rank", self.mimo_rank, "an integer >= 1 (1 is SISO)")
         if self.rope_fraction not in ROPE_FRACTIONS:
             raise invalid("mamba3.rope_fraction", self.rope_fraction, str(ROPE_FRACTIONS))
-        if int(self.d_state * self.rope_fraction) < 2:  # no rotary angle: the RoPE part is gone
-            smallest = math.ceil(2 / self.rope_fraction / 2) * 2
+        if n_rope_angles(self.d_state, self.rope_fraction) < 1:  # the RoPE part would be gone
+            smallest = math.ceil(2 / self.rope_fraction)
             raise invalid(
                 "mamba3.d_state",
                 self.d_state,

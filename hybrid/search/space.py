@@ -735,10 +735,11 @@ def _describe(error: Any) -> str:
     message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
     line = f"{where}: {message} (got {error.get('input')!r})"
     if error["type"] == "extra_forbidden":
-        keys = _section_keys(error["loc"]) or list(Range.model_fields)
+        section = _section_keys(error["loc"])  # None inside a dimension ({low, high, ...})
+        keys = section or list(Range.model_fields)
         close = difflib.get_close_matches(str(error["loc"][-1]), [*keys, "choices"], n=1)
         line += f"; did you mean {close[0]!r}?" if close else ""
-        line += f"; allowed keys: {', '.join(keys)}" if _section_keys(error["loc"]) else ""
+        line += f"; allowed keys: {', '.join(keys)}" if section else ""
     return line
 
 

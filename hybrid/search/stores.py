@@ -16,14 +16,21 @@ _MLFLOW_SCHEMES = {"file", "http", "https", "postgresql", "mysql", "mssql", "dat
                    "databricks-uc", "uc"}  # fmt: skip
 
 
+def local_file(url: str) -> Path | None:
+    """The file of a `journal:` or `sqlite:///` address, `~` expanded (every reader of the
+    address uses this one reading); None for a database server."""
+    for prefix in ("journal:", "sqlite:///"):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix)).expanduser()
+    return None
+
+
 def check_storage(url: str, folders: bool = True) -> None:
     """Raise ValueError unless `url` is an Optuna storage this project opens (and, with
     `folders`, a local file's folder exists)."""
-    for prefix in ("journal:", "sqlite:///"):
-        if url.startswith(prefix):
-            _check_path(url, url.removeprefix(prefix), folders)
-            return
-    if not url.startswith(("postgresql://", "postgresql+", "mysql")):
+    if local_file(url) is not None:
+        _check_path(url, folders)
+    elif not url.startswith(("postgresql://", "postgresql+", "mysql")):
         raise ValueError(f"{url!r} is invalid; allowed: {', '.join(STORAGE_SCHEMES)}")
 
 
@@ -34,7 +41,7 @@ def check_tracking_uri(uri: str, folders: bool = True) -> None:
     if not colon or len(scheme) == 1:  # a plain path (or a Windows drive): a file store
         return
     if uri.startswith("sqlite:///"):
-        _check_path(uri, uri.removeprefix("sqlite:///"), folders)
+        _check_path(uri, folders)
         return
     base = scheme.split("+")[0]
     if base != "sqlite" and (base in _MLFLOW_SCHEMES or {base, "*"} & _plugin_schemes()):
@@ -53,9 +60,9 @@ def _plugin_schemes() -> set[str]:
         return {"*"}
 
 
-def _check_path(url: str, path: str, folders: bool) -> None:
-    if not path:
+def _check_path(url: str, folders: bool) -> None:
+    if url in ("journal:", "sqlite:///"):
         raise ValueError(f"{url!r} names no file")
-    folder = Path(path).expanduser().parent
+    folder = local_file(url).parent
     if folders and not folder.is_dir():
         raise ValueError(f"{url!r}: folder {str(folder)!r} does not exist")

@@ -16,7 +16,6 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,7 +29,7 @@ from hybrid.search.latency import device_name
 from hybrid.search.objectives import CHECKPOINT_TOKEN
 from hybrid.search.pareto import hypervolume, pareto_ranks, to_minimisation
 from hybrid.search.space import SearchSpace, vocab_for
-from hybrid.search.stores import check_storage, check_tracking_uri
+from hybrid.search.stores import check_storage, check_tracking_uri, local_file
 from hybrid.search.tracking import StudyTracker
 from hybrid.token_cache import prepare_data
 
@@ -64,8 +63,7 @@ def open_storage(url: str) -> Any:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url.removeprefix("journal:")).expanduser()  # as check_storage reads it
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(local_file(url))))
     from sqlalchemy.exc import OperationalError
 
     try:
@@ -212,7 +210,7 @@ class FrontUpdater:
         self.figure_interval_s = figure_interval_s
         self.tagged: dict[str, str] = {}
         self.drawn_at = -math.inf
-        self.undrawn_step: int | None = None  # a trial whose front the figures do not show
+        self.undrawn = False  # a trial came in whose front the figures do not show
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         front = compute_front(study, self.space)
@@ -229,7 +227,7 @@ class FrontUpdater:
 
     def finish(self, study: optuna.Study) -> None:
         """Draw the study's front as it stands if a trial came in since the last figures."""
-        if self.tracker is not None and self.undrawn_step is not None:
+        if self.tracker is not None and self.undrawn:
             self._log(compute_front(study, self.space), None, draw=True)
 
     def _log(self, front: Front, step: int | None, draw: bool) -> None:
@@ -246,7 +244,7 @@ class FrontUpdater:
             args = (front.rows, self.space.metric_names, self.space.directions, title)
             figures = {"pareto.png": pareto_png(*args), "pareto.html": pareto_html(*args)}
             self.drawn_at = time.monotonic()
-        self.undrawn_step = None if draw else step
+        self.undrawn = not draw
         self.tracker.log_front(front.rows, front.hypervolume if step is not None else None,
                                step, figures)  # fmt: skip
 
@@ -410,9 +408,9 @@ def load_existing_study(
     (a local journal or SQLite file that does not exist is not created)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     missing = ValueError(f"study {study_name_of(space)!r} does not exist in {storage}: {remedy}")
-    for scheme in ("journal:", "sqlite:///"):
-        if storage.startswith(scheme) and not Path(storage.removeprefix(scheme)).exists():
-            raise missing
+    path = local_file(storage)
+    if path is not None and not path.exists():
+        raise missing
     try:
         return optuna.load_study(
             study_name=study_name_of(space), storage=open_storage(storage), sampler=sampler

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial
 from hybrid.search.heartbeat import lost_reason
 from hybrid.search.latency import package_versions
 from hybrid.search.space import SearchSpace, TrialPlan
+from hybrid.search.stores import local_file
 
 PARENT_TAG = "hybrid.study"
 MAX_BATCH = 900  # MLflow accepts up to 1000 entries per log_batch
@@ -33,7 +34,7 @@ MAX_BATCH = 900  # MLflow accepts up to 1000 entries per log_batch
 def local_artifact_root(tracking_uri: str) -> str | None:
     """Keep artifacts beside a local SQLite store (MLflow's default is the working dir)."""
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+        db = local_file(tracking_uri).resolve()
         return (db.parent / "mlartifacts").as_uri()
     return None
 

@@ -32,6 +32,7 @@ from hybrid.devices import visible_devices_for
 from hybrid.search.heartbeat import Heartbeat, fail_stale_trials, requeue
 from hybrid.search.objectives import TrialLost, TrialRunner, failure_reason, still_running
 from hybrid.search.space import SearchSpace
+from hybrid.search.stores import local_file
 from hybrid.search.study import (
     Front,
     FrontUpdater,
@@ -52,7 +53,7 @@ def front_lock(storage: str, study_name: str) -> Iterator[None]:
     where the database URL may differ by host alias or driver); SQLite has one process
     anyway."""
     if storage.startswith("journal:"):
-        path = Path(storage.removeprefix("journal:") + ".front.lock")
+        path = Path(f"{local_file(storage)}.front.lock")
         with path.open("a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
